@@ -1,0 +1,282 @@
+//! Caller authentication and per-caller limits.
+//!
+//! `api_key`: the key comes as `Authorization: Bearer KEY` or `x-api-key: KEY`; only its
+//! SHA-256 is configured. The presented key's digest is compared with every configured
+//! digest in constant time (no early exit), so timing reveals neither a prefix nor which
+//! entry matched. `none`: everyone is the anonymous caller (warned about at start-up).
+
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{CallerMode, CallersSettings};
+use crate::error::ProxyError;
+use crate::routes::{Kind, SessionKey};
+
+/// Who is calling and what they may read.
+#[derive(Debug)]
+pub struct Caller {
+    /// For logs and metrics; never the key.
+    pub name: Arc<str>,
+    /// `None` = every kind.
+    kinds: Option<Vec<Kind>>,
+    /// `None` = every event; entries are exact ids or `*@<tenant>`.
+    events: Option<Vec<String>>,
+}
+
+impl Caller {
+    /// 403 unless this caller may read `key`.
+    pub fn authorize(&self, key: &SessionKey) -> Result<(), ProxyError> {
+        if let Some(kinds) = &self.kinds {
+            if !kinds.contains(&key.kind) {
+                return Err(ProxyError::Forbidden {
+                    caller: self.name.to_string(),
+                    what: "this kind of event",
+                });
+            }
+        }
+        if let Some(events) = &self.events {
+            if !events
+                .iter()
+                .any(|pattern| event_matches(pattern, &key.event))
+            {
+                return Err(ProxyError::Forbidden {
+                    caller: self.name.to_string(),
+                    what: "this event",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `pattern` is an exact event id, or `*@<tenant>` for every event organised in a tenant
+/// (event ids look like `{guid}@{tenant guid}`). GUIDs compare case-insensitively.
+fn event_matches(pattern: &str, event: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) if suffix.starts_with('@') => {
+            event.len() > suffix.len()
+                && event.is_char_boundary(event.len() - suffix.len())
+                && event[event.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        }
+        _ => pattern.eq_ignore_ascii_case(event),
+    }
+}
+
+struct KeyEntry {
+    digest: [u8; 32],
+    caller: Arc<Caller>,
+}
+
+pub struct Callers {
+    mode: CallerMode,
+    keys: Vec<KeyEntry>,
+    anonymous: Arc<Caller>,
+}
+
+impl Callers {
+    pub fn new(settings: &CallersSettings) -> Callers {
+        let keys = settings
+            .api_keys
+            .iter()
+            .filter_map(|k| {
+                let mut digest = [0u8; 32];
+                // validate() checked the hex; skip rather than panic if it did not.
+                hex::decode_to_slice(k.sha256.to_ascii_lowercase(), &mut digest).ok()?;
+                Some(KeyEntry {
+                    digest,
+                    caller: Arc::new(Caller {
+                        name: k.name.as_str().into(),
+                        kinds: k.kinds.clone(),
+                        events: k.events.clone(),
+                    }),
+                })
+            })
+            .collect();
+        Callers {
+            mode: settings.mode,
+            keys,
+            anonymous: Arc::new(Caller {
+                name: "anonymous".into(),
+                kinds: None,
+                events: None,
+            }),
+        }
+    }
+
+    pub fn mode(&self) -> CallerMode {
+        self.mode
+    }
+
+    /// Who sent these headers, or 400/401.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Caller>, ProxyError> {
+        match self.mode {
+            CallerMode::None => Ok(self.anonymous.clone()),
+            // validate() refuses jwt until it is implemented; refuse here too.
+            CallerMode::Jwt => Err(ProxyError::Unauthenticated("JWT callers are not supported")),
+            CallerMode::ApiKey => {
+                let presented = presented_key(headers)?;
+                let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+                let mut found: Option<&Arc<Caller>> = None;
+                for entry in &self.keys {
+                    if bool::from(entry.digest.ct_eq(&digest)) {
+                        found = Some(&entry.caller);
+                    }
+                }
+                found
+                    .cloned()
+                    .ok_or(ProxyError::Unauthenticated("unknown API key"))
+            }
+        }
+    }
+}
+
+/// The API key from `Authorization: Bearer` or `x-api-key`. Repeated or conflicting
+/// credentials are a bad request rather than a guess.
+fn presented_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
+    let mut bearer = None;
+    let mut auths = headers.get_all(AUTHORIZATION).iter();
+    if let Some(value) = auths.next() {
+        if auths.next().is_some() {
+            return Err(ProxyError::InvalidRequest(
+                "more than one Authorization header",
+            ));
+        }
+        let value = value
+            .to_str()
+            .map_err(|_| ProxyError::Unauthenticated("malformed Authorization header"))?;
+        let (scheme, token) = value.split_once(' ').ok_or(ProxyError::Unauthenticated(
+            "Authorization must be: Bearer <API key>",
+        ))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(ProxyError::Unauthenticated(
+                "Authorization must be: Bearer <API key>",
+            ));
+        }
+        bearer = Some(token.trim());
+    }
+    let mut api_keys = headers.get_all("x-api-key").iter();
+    let header_key = match api_keys.next() {
+        Some(value) => {
+            if api_keys.next().is_some() {
+                return Err(ProxyError::InvalidRequest("more than one x-api-key header"));
+            }
+            Some(
+                value
+                    .to_str()
+                    .map_err(|_| ProxyError::Unauthenticated("malformed x-api-key header"))?
+                    .trim(),
+            )
+        }
+        None => None,
+    };
+    match (bearer, header_key) {
+        (Some(a), Some(b)) if a != b => Err(ProxyError::InvalidRequest(
+            "Authorization and x-api-key carry different keys",
+        )),
+        (Some(key), _) | (None, Some(key)) if !key.is_empty() => Ok(key),
+        _ => Err(ProxyError::Unauthenticated(
+            "an API key is required: Authorization: Bearer <key> or x-api-key: <key>",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ApiKeySettings;
+
+    fn callers() -> Callers {
+        let digest = hex::encode(Sha256::digest(b"key-one"));
+        Callers::new(&CallersSettings {
+            mode: CallerMode::ApiKey,
+            api_keys: vec![
+                ApiKeySettings {
+                    name: "one".into(),
+                    sha256: digest.to_uppercase(),
+                    kinds: None,
+                    events: None,
+                },
+                ApiKeySettings {
+                    name: "limited".into(),
+                    sha256: hex::encode(Sha256::digest(b"key-two")),
+                    kinds: Some(vec![Kind::Townhalls]),
+                    events: Some(vec!["*@TENANT-A".into(), "exact-event".into()]),
+                },
+            ],
+            jwt: None,
+        })
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn keys_by_either_header() {
+        let c = callers();
+        let a = c
+            .authenticate(&headers(&[("authorization", "Bearer key-one")]))
+            .unwrap();
+        assert_eq!(&*a.name, "one");
+        let b = c
+            .authenticate(&headers(&[("x-api-key", "key-two")]))
+            .unwrap();
+        assert_eq!(&*b.name, "limited");
+        let same = c
+            .authenticate(&headers(&[
+                ("authorization", "bearer key-one"),
+                ("x-api-key", "key-one"),
+            ]))
+            .unwrap();
+        assert_eq!(&*same.name, "one");
+    }
+
+    #[test]
+    fn refusals() {
+        let c = callers();
+        for h in [
+            headers(&[]),
+            headers(&[("authorization", "Bearer wrong")]),
+            headers(&[("authorization", "Basic a2V5LW9uZQ==")]),
+            headers(&[("authorization", "Bearer ")]),
+            headers(&[("x-api-key", "key-one "), ("x-api-key", "x")]),
+        ] {
+            assert!(c.authenticate(&h).is_err(), "{h:?}");
+        }
+        let conflicting = headers(&[
+            ("authorization", "Bearer key-one"),
+            ("x-api-key", "key-two"),
+        ]);
+        assert!(matches!(
+            c.authenticate(&conflicting),
+            Err(ProxyError::InvalidRequest(_))
+        ));
+    }
+
+    #[test]
+    fn limits() {
+        let c = callers();
+        let limited = c
+            .authenticate(&headers(&[("x-api-key", "key-two")]))
+            .unwrap();
+        let th = |event: &str| SessionKey::new(Kind::Townhalls, event, "s").unwrap();
+        assert!(limited.authorize(&th("guid@tenant-a")).is_ok());
+        assert!(limited.authorize(&th("exact-event")).is_ok());
+        assert!(limited.authorize(&th("guid@tenant-b")).is_err());
+        assert!(limited.authorize(&th("@tenant-a")).is_err());
+        assert!(limited
+            .authorize(&SessionKey::new(Kind::Webinars, "guid@tenant-a", "s").unwrap())
+            .is_err());
+    }
+}

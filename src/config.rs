@@ -1,0 +1,749 @@
+//! Settings: one TOML file plus `GSP__SECTION__KEY` environment overrides.
+//!
+//! Loading goes file -> environment -> `serde_path_to_error` (so a type error names the
+//! key, e.g. `cache.ttl`) -> [`Settings::validate`] (so a bad value names the key and the
+//! reason). Unknown keys are errors everywhere: a typo must never silently fall back to a
+//! default. Secrets are [`SecretString`]s; neither `Debug` nor [`Settings::redacted_toml`]
+//! ever shows them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::routes::Kind;
+
+/// Why a configuration could not be used. Every variant names the offending key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[source] config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("configuration key `{key}`: cannot read {path}: {source}")]
+    File {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration; see `config/graph-session-proxy.toml` for every key.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub graph: GraphSettings,
+    pub auth: AuthSettings,
+    pub cache: CacheSettings,
+    pub callers: CallersSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub max_concurrent_requests: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(20),
+            max_concurrent_requests: 10_000,
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+/// Microsoft cloud instance: decides the Graph root, the token host and the default scope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cloud {
+    #[default]
+    Global,
+    Usgov,
+    Dod,
+    China,
+}
+
+impl Cloud {
+    /// Graph root without a trailing slash (reference/graph-facts.md, national clouds).
+    pub fn graph_root(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://graph.microsoft.com",
+            Cloud::Usgov => "https://graph.microsoft.us",
+            Cloud::Dod => "https://dod-graph.microsoft.us",
+            Cloud::China => "https://microsoftgraph.chinacloudapi.cn",
+        }
+    }
+
+    /// Host of the identity platform's token endpoint.
+    pub fn login_host(self) -> &'static str {
+        match self {
+            Cloud::Global => "login.microsoftonline.com",
+            Cloud::Usgov | Cloud::Dod => "login.microsoftonline.us",
+            Cloud::China => "login.chinacloudapi.cn",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ApiVersion {
+    #[default]
+    #[serde(rename = "v1.0")]
+    V1,
+    #[serde(rename = "beta")]
+    Beta,
+}
+
+impl ApiVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiVersion::V1 => "v1.0",
+            ApiVersion::Beta => "beta",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GraphSettings {
+    pub cloud: Cloud,
+    pub api_version: ApiVersion,
+    /// Override of the Graph root (tests, egress proxies); default from `cloud`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Per attempt.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub max_retries: u32,
+}
+
+impl Default for GraphSettings {
+    fn default() -> Self {
+        GraphSettings {
+            cloud: Cloud::Global,
+            api_version: ApiVersion::V1,
+            base_url: None,
+            timeout: Duration::from_secs(10),
+            max_retries: 3,
+        }
+    }
+}
+
+impl GraphSettings {
+    /// Graph root in effect, without a trailing slash.
+    pub fn root(&self) -> String {
+        match &self.base_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => self.cloud.graph_root().to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    pub tenant_id: Option<String>,
+    pub client_id: Option<String>,
+    #[serde(
+        deserialize_with = "lenient_secret",
+        serialize_with = "redact",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_secret: Option<SecretString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key_file: Option<PathBuf>,
+    /// `{tenant}` is replaced by `tenant_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub refresh_before_expiry: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            tenant_id: None,
+            client_id: None,
+            client_secret: None,
+            client_secret_file: None,
+            certificate_file: None,
+            private_key_file: None,
+            token_url: None,
+            scope: None,
+            refresh_before_expiry: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSettings {
+    /// How long a Graph answer is fresh.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long a Graph 404 is remembered.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// After `ttl`: serve the stale entry at once and refresh it in the background.
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// After `ttl`: serve the stale entry instead of an error while Graph or the token
+    /// endpoint fail.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    /// Bound on the bytes held by the cache (bodies, keys and per-entry overhead).
+    pub max_bytes: ByteSize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            ttl: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(30),
+            stale_while_revalidate: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(3600),
+            max_bytes: ByteSize::mib(256),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallerMode {
+    #[default]
+    ApiKey,
+    Jwt,
+    None,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallersSettings {
+    pub mode: CallerMode,
+    pub api_keys: Vec<ApiKeySettings>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySettings {
+    /// Appears in logs as the caller.
+    pub name: String,
+    /// Hex SHA-256 of the key; keys are never stored in clear.
+    pub sha256: String,
+    /// Optional limit to these kinds; absent = all kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<Kind>>,
+    /// Optional limit to these event ids, exact or `*@<tenant id>`; absent = all events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<String>>,
+}
+
+/// `[callers.jwt]`: accepted so that files written against DESIGN.md parse; JWT callers
+/// are not implemented yet, so `validate()` refuses `mode = "jwt"`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtSettings {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub jwks_url: Option<String>,
+    pub required_roles: Vec<String>,
+    pub apps: Vec<JwtAppSettings>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtAppSettings {
+    pub client_id: String,
+    pub kinds: Option<Vec<Kind>>,
+    pub events: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG`, when set, wins.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// Environment values arrive as strings, and `try_parsing` turns an all-digit secret into
+/// a number: accept both so that such a secret is not refused.
+fn lenient_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Int(i64),
+        Float(f64),
+    }
+    Ok(Option::<Raw>::deserialize(d)?.map(|raw| {
+        let text = match raw {
+            Raw::Text(s) => s,
+            Raw::Int(n) => n.to_string(),
+            Raw::Float(f) => f.to_string(),
+        };
+        SecretString::from(text)
+    }))
+}
+
+fn redact<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
+}
+
+/// What `validate` must check beyond the shape of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `serve` and `check-config`: the proxy's Graph identity is required.
+    Serve,
+    /// `demo` and tests: the identity may be filled in afterwards.
+    Embedded,
+}
+
+impl Settings {
+    /// Reads `path` (TOML), applies `GSP__SECTION__KEY` overrides, and validates.
+    pub fn load(path: &Path, purpose: Purpose) -> Result<Settings, ConfigError> {
+        let source = config::File::from(path).format(config::FileFormat::Toml);
+        Self::build(source, purpose)
+    }
+
+    /// Same as [`Settings::load`] for TOML text (the embedded demo configuration).
+    pub fn from_toml(text: &str, purpose: Purpose) -> Result<Settings, ConfigError> {
+        let source = config::File::from_str(text, config::FileFormat::Toml);
+        Self::build(source, purpose)
+    }
+
+    fn build<S>(source: S, purpose: Purpose) -> Result<Settings, ConfigError>
+    where
+        S: config::Source + Send + Sync + 'static,
+    {
+        let raw = config::Config::builder()
+            .add_source(source)
+            .add_source(
+                config::Environment::with_prefix("GSP")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(ConfigError::Load)?;
+        // Through serde_json so that serde_path_to_error can name the failing key.
+        let value: serde_json::Value = raw.try_deserialize().map_err(ConfigError::Load)?;
+        let mut settings: Settings = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                key,
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        settings.validate(purpose)?;
+        settings.read_secret_file()?;
+        Ok(settings)
+    }
+
+    /// Reads `auth.client_secret_file` once, at start-up.
+    fn read_secret_file(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.auth.client_secret_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                key: "auth.client_secret_file",
+                path: path.clone(),
+                source,
+            })?;
+            let secret = text.trim_end_matches(['\r', '\n']).to_string();
+            if secret.is_empty() {
+                return Err(ConfigError::invalid(
+                    "auth.client_secret_file",
+                    "the file is empty",
+                ));
+            }
+            self.auth.client_secret = Some(SecretString::from(secret));
+        }
+        Ok(())
+    }
+
+    /// Checks values the types cannot: names the key and the reason.
+    pub fn validate(&self, purpose: Purpose) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_concurrent_requests == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_concurrent_requests",
+                "must be at least 1",
+            ));
+        }
+        positive("server.request_timeout", s.request_timeout)?;
+        if s.tls_cert_file.is_some() || s.tls_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "server.tls_cert_file",
+                "TLS on the caller listener is not supported by this version; terminate TLS in front of the proxy",
+            ));
+        }
+
+        let g = &self.graph;
+        positive("graph.timeout", g.timeout)?;
+        if g.max_retries > 10 {
+            return Err(ConfigError::invalid("graph.max_retries", "at most 10"));
+        }
+        if let Some(url) = &g.base_url {
+            check_http_url("graph.base_url", url)?;
+        }
+
+        let a = &self.auth;
+        if a.certificate_file.is_some() || a.private_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "auth.certificate_file",
+                "certificate credentials are not supported by this version; use client_secret or client_secret_file",
+            ));
+        }
+        if a.client_secret.is_some() && a.client_secret_file.is_some() {
+            return Err(ConfigError::invalid(
+                "auth.client_secret_file",
+                "set either auth.client_secret or auth.client_secret_file, not both",
+            ));
+        }
+        if let Some(url) = &a.token_url {
+            check_http_url("auth.token_url", url)?;
+        }
+        if let Some(scope) = &a.scope {
+            if scope.trim().is_empty() || scope.contains(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    "auth.scope",
+                    "must be one scope such as https://graph.microsoft.com/.default",
+                ));
+            }
+        }
+        match &a.tenant_id {
+            Some(t) => check_tenant(t)?,
+            None if purpose == Purpose::Serve => {
+                return Err(ConfigError::invalid(
+                    "auth.tenant_id",
+                    "required: the directory (tenant) id of the proxy's app registration",
+                ));
+            }
+            None => {}
+        }
+        match &a.client_id {
+            Some(c) if c.trim().is_empty() => {
+                return Err(ConfigError::invalid("auth.client_id", "must not be empty"));
+            }
+            None if purpose == Purpose::Serve => {
+                return Err(ConfigError::invalid(
+                    "auth.client_id",
+                    "required: the application (client) id of the proxy's app registration",
+                ));
+            }
+            _ => {}
+        }
+        if purpose == Purpose::Serve && a.client_secret.is_none() && a.client_secret_file.is_none()
+        {
+            return Err(ConfigError::invalid(
+                "auth.client_secret",
+                "required: set auth.client_secret (or GSP__AUTH__CLIENT_SECRET) or auth.client_secret_file",
+            ));
+        }
+        if let Some(secret) = &a.client_secret {
+            if secret.expose_secret().is_empty() {
+                return Err(ConfigError::invalid(
+                    "auth.client_secret",
+                    "must not be empty",
+                ));
+            }
+        }
+
+        let c = &self.cache;
+        positive("cache.ttl", c.ttl)?;
+        if c.max_bytes.as_u64() < 64 * 1024 {
+            return Err(ConfigError::invalid(
+                "cache.max_bytes",
+                "must be at least 64KiB",
+            ));
+        }
+
+        let callers = &self.callers;
+        match callers.mode {
+            CallerMode::Jwt => {
+                return Err(ConfigError::invalid(
+                    "callers.mode",
+                    "\"jwt\" is not supported by this version; use \"api_key\"",
+                ));
+            }
+            CallerMode::ApiKey if callers.api_keys.is_empty() => {
+                return Err(ConfigError::invalid(
+                    "callers.api_keys",
+                    "mode \"api_key\" needs at least one [[callers.api_keys]] entry",
+                ));
+            }
+            CallerMode::ApiKey | CallerMode::None => {}
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, key) in callers.api_keys.iter().enumerate() {
+            if key.name.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    &format!("callers.api_keys[{i}].name"),
+                    "must not be empty",
+                ));
+            }
+            if !names.insert(key.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    &format!("callers.api_keys[{i}].name"),
+                    format!("duplicate caller name {:?}", key.name),
+                ));
+            }
+            let hex_ok =
+                key.sha256.len() == 64 && key.sha256.chars().all(|c| c.is_ascii_hexdigit());
+            if !hex_ok {
+                return Err(ConfigError::invalid(
+                    &format!("callers.api_keys[{i}].sha256"),
+                    "must be 64 hex characters: printf %s \"$KEY\" | sha256sum",
+                ));
+            }
+            if let Some(events) = &key.events {
+                for event in events {
+                    if event.is_empty() || event.contains(['/', '?', '#']) {
+                        return Err(ConfigError::invalid(
+                            &format!("callers.api_keys[{i}].events"),
+                            format!("{event:?} is not an event id or *@<tenant id>"),
+                        ));
+                    }
+                }
+            }
+        }
+
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                "not a valid filter such as \"info\" or \"graph_session_proxy=debug\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Token endpoint in effect.
+    pub fn token_url(&self) -> String {
+        let tenant = self.auth.tenant_id.as_deref().unwrap_or("{tenant}");
+        match &self.auth.token_url {
+            Some(url) => url.replace("{tenant}", tenant),
+            None => format!(
+                "https://{}/{tenant}/oauth2/v2.0/token",
+                self.graph.cloud.login_host()
+            ),
+        }
+    }
+
+    /// Scope in effect: `{graph root}/.default` unless overridden.
+    pub fn scope(&self) -> String {
+        match &self.auth.scope {
+            Some(scope) => scope.clone(),
+            None => format!("{}/.default", self.graph.cloud.graph_root()),
+        }
+    }
+
+    /// The effective configuration as TOML, secrets replaced by `[redacted]`, with the
+    /// derived endpoints added as comments.
+    pub fn redacted_toml(&self) -> String {
+        let body = toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"));
+        format!(
+            "# effective configuration (secrets redacted)\n# graph root:  {}\n# token url:   {}\n# scope:       {}\n\n{body}",
+            self.graph.root(),
+            self.token_url(),
+            self.scope()
+        )
+    }
+}
+
+fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::invalid(key, "must be longer than 0s"));
+    }
+    Ok(())
+}
+
+fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ConfigError::invalid(key, format!("not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ConfigError::invalid(key, "must be an http or https URL"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(ConfigError::invalid(
+            key,
+            "must not carry a query or fragment",
+        ));
+    }
+    Ok(())
+}
+
+fn check_tenant(tenant: &str) -> Result<(), ConfigError> {
+    if matches!(
+        tenant.to_ascii_lowercase().as_str(),
+        "common" | "organizations" | "consumers"
+    ) {
+        return Err(ConfigError::invalid(
+            "auth.tenant_id",
+            "the client-credentials grant needs a real tenant id, not common/organizations/consumers",
+        ));
+    }
+    let ok = !tenant.is_empty()
+        && tenant.len() <= 256
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !ok {
+        return Err(ConfigError::invalid(
+            "auth.tenant_id",
+            "must be a tenant GUID or domain name",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [auth]
+        tenant_id = "11111111-2222-3333-4444-555555555555"
+        client_id = "app"
+        client_secret = "s3cret-value"
+        [callers]
+        mode = "none"
+    "#;
+
+    #[test]
+    fn defaults_match_design() {
+        let s = Settings::from_toml(MINIMAL, Purpose::Serve).unwrap();
+        assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(s.server.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(s.cache.ttl, Duration::from_secs(300));
+        assert_eq!(s.cache.max_bytes, ByteSize::mib(256));
+        assert_eq!(s.graph.api_version, ApiVersion::V1);
+        assert_eq!(s.scope(), "https://graph.microsoft.com/.default");
+        assert_eq!(
+            s.token_url(),
+            "https://login.microsoftonline.com/11111111-2222-3333-4444-555555555555/oauth2/v2.0/token"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = format!("{MINIMAL}\n[cache]\nttll = \"5m\"\n");
+        let err = Settings::from_toml(&text, Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache") && err.contains("ttll"), "{err}");
+    }
+
+    #[test]
+    fn malformed_duration_is_named() {
+        let text = format!("{MINIMAL}\n[cache]\nttl = \"five minutes\"\n");
+        let err = Settings::from_toml(&text, Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.ttl"), "{err}");
+    }
+
+    #[test]
+    fn missing_tenant_is_named() {
+        let text = MINIMAL.replace("tenant_id = \"11111111-2222-3333-4444-555555555555\"", "");
+        let err = Settings::from_toml(&text, Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth.tenant_id"), "{err}");
+        // The demo fills the identity in itself.
+        assert!(Settings::from_toml(&text, Purpose::Embedded).is_ok());
+    }
+
+    #[test]
+    fn common_tenant_is_refused() {
+        let text = MINIMAL.replace("11111111-2222-3333-4444-555555555555", "common");
+        let err = Settings::from_toml(&text, Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth.tenant_id"), "{err}");
+    }
+
+    #[test]
+    fn api_key_hash_must_be_hex() {
+        let text = MINIMAL.replace(
+            "mode = \"none\"",
+            "mode = \"api_key\"\n[[callers.api_keys]]\nname = \"a\"\nsha256 = \"xyz\"\n",
+        );
+        let err = Settings::from_toml(&text, Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("callers.api_keys[0].sha256"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Settings::from_toml(MINIMAL, Purpose::Serve).unwrap();
+        assert!(!format!("{s:?}").contains("s3cret-value"));
+        let shown = s.redacted_toml();
+        assert!(!shown.contains("s3cret-value"), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+    }
+
+    #[test]
+    fn clouds_have_their_hosts() {
+        assert_eq!(Cloud::Usgov.graph_root(), "https://graph.microsoft.us");
+        assert_eq!(Cloud::Dod.login_host(), "login.microsoftonline.us");
+        assert_eq!(Cloud::China.login_host(), "login.chinacloudapi.cn");
+    }
+}

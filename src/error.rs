@@ -1,0 +1,233 @@
+//! [`ProxyError`] and its one mapping to an HTTP answer.
+//!
+//! Classified by who is at fault: the caller (4xx), Graph or the identity platform (5xx
+//! with an `upstream*` / `tokenUnavailable` code), or the proxy itself (500). Callers get a
+//! short, fixed text; the whole `#[source]` chain goes to the log only.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::token::TokenError;
+
+/// Everything that can stop a request from getting its session.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("invalid request: {0}")]
+    InvalidRequest(&'static str),
+    #[error("invalid {0}")]
+    InvalidId(&'static str),
+    #[error("caller not authenticated: {0}")]
+    Unauthenticated(&'static str),
+    #[error("caller {caller} may not read {what}")]
+    Forbidden { caller: String, what: &'static str },
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("Graph has no such session")]
+    SessionNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("only-if-cached and nothing is cached")]
+    NotCached,
+    #[error("Graph answered {status} {code}")]
+    Upstream { status: u16, code: String },
+    #[error("Graph refused the application (403 {code})")]
+    UpstreamForbidden { code: String },
+    #[error("Graph could not be reached")]
+    UpstreamUnreachable(#[source] reqwest::Error),
+    #[error("Graph is throttling (retry in {retry_after:?})")]
+    Throttled { retry_after: Duration },
+    #[error("Graph did not answer in time")]
+    UpstreamTimeout,
+    #[error("no access token")]
+    Token(#[source] TokenError),
+    #[error("too many concurrent requests")]
+    Overloaded,
+    #[error("shutting down")]
+    Draining,
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+/// How an error is answered.
+struct Answer {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// The one header this status needs, if any.
+    header: Option<(http::HeaderName, HeaderValue)>,
+}
+
+fn answer(status: StatusCode, code: &'static str, message: impl Into<String>) -> Answer {
+    Answer {
+        status,
+        code,
+        message: message.into(),
+        header: None,
+    }
+}
+
+impl ProxyError {
+    /// Exhaustive on purpose: a new variant must be classified here before the crate
+    /// compiles.
+    fn classify(&self) -> Answer {
+        use ProxyError as E;
+        match self {
+            E::InvalidRequest(why) => answer(StatusCode::BAD_REQUEST, "invalidRequest", *why),
+            E::InvalidId(what) => answer(
+                StatusCode::BAD_REQUEST,
+                "invalidRequest",
+                format!("malformed {what}: 1 to 256 characters from A-Z a-z 0-9 - _ . @ = + after one percent-decoding, not . or .."),
+            ),
+            E::Unauthenticated(why) => Answer {
+                header: Some((
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"graph-session-proxy\""),
+                )),
+                ..answer(StatusCode::UNAUTHORIZED, "unauthenticated", *why)
+            },
+            E::Forbidden { what, .. } => answer(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this caller may not read {what}"),
+            ),
+            E::RouteNotFound => answer(
+                StatusCode::NOT_FOUND,
+                "notFound",
+                "no such route: use GET /sessions/{webinars|townhalls}/{event}/{session}",
+            ),
+            E::SessionNotFound => answer(StatusCode::NOT_FOUND, "notFound", "Graph has no such session"),
+            E::MethodNotAllowed => Answer {
+                header: Some((ALLOW, HeaderValue::from_static("GET, HEAD"))),
+                ..answer(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "methodNotAllowed",
+                    "only GET and HEAD are allowed",
+                )
+            },
+            E::NotCached => answer(
+                StatusCode::GATEWAY_TIMEOUT,
+                "notCached",
+                "only-if-cached was requested and this session is not cached",
+            ),
+            E::Upstream { status, code } => answer(
+                StatusCode::BAD_GATEWAY,
+                "upstreamError",
+                format!("Graph answered {status} {code}"),
+            ),
+            E::UpstreamForbidden { code } => answer(
+                StatusCode::BAD_GATEWAY,
+                "upstreamForbidden",
+                format!(
+                    "Graph refused the proxy's application ({code}). Grant it the VirtualEvent.Read.All application permission and an application access policy for the event organizer: New-CsApplicationAccessPolicy -Identity NAME -AppIds APPID; Grant-CsApplicationAccessPolicy -PolicyName NAME -Identity ORGANIZER (or -Global); allow up to 30 minutes"
+                ),
+            ),
+            E::UpstreamUnreachable(_) => answer(
+                StatusCode::BAD_GATEWAY,
+                "upstreamError",
+                "Graph could not be reached",
+            ),
+            E::Throttled { retry_after } => Answer {
+                header: Some((RETRY_AFTER, retry_after_value(*retry_after))),
+                ..answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstreamThrottled",
+                    "Graph is throttling the proxy and this session is not cached; retry after the Retry-After delay",
+                )
+            },
+            E::UpstreamTimeout => answer(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstreamTimeout",
+                "Graph did not answer in time",
+            ),
+            E::Token(e) => Answer {
+                header: e.retry_after().map(|wait| (RETRY_AFTER, retry_after_value(wait))),
+                ..answer(StatusCode::BAD_GATEWAY, "tokenUnavailable", e.caller_message())
+            },
+            E::Overloaded => answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many concurrent requests; retry shortly",
+            ),
+            E::Draining => answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "the proxy is shutting down; retry on another instance",
+            ),
+            E::Internal(_) => answer(StatusCode::INTERNAL_SERVER_ERROR, "internalError", "internal error"),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.classify().status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.classify().code
+    }
+
+    /// The error as DESIGN.md's JSON body, with the header its status needs.
+    pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
+        let a = self.classify();
+        let mut response = error_response(a.status, a.code, &a.message, request_id);
+        if let Some((name, value)) = a.header {
+            response.headers_mut().insert(name, value);
+        }
+        response
+    }
+}
+
+/// Whole seconds, rounded up, at least 1.
+fn retry_after_value(wait: Duration) -> HeaderValue {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
+/// A JSON error body; also used for refusals that happen before a request is routed.
+pub fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
+    let body = json!({"error": {"code": code, "message": message, "requestId": request_id}});
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn errors_are_json_with_request_id() {
+        let r = ProxyError::MethodNotAllowed.to_response("req-1");
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()[ALLOW], "GET, HEAD");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "methodNotAllowed");
+        assert_eq!(v["error"]["requestId"], "req-1");
+    }
+
+    #[test]
+    fn throttled_rounds_retry_after_up() {
+        let r = ProxyError::Throttled {
+            retry_after: Duration::from_millis(2128),
+        }
+        .to_response("x");
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[RETRY_AFTER], "3");
+        let r = ProxyError::Unauthenticated("no key").to_response("x");
+        assert!(r.headers().contains_key(WWW_AUTHENTICATE));
+    }
+}

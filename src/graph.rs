@@ -1,0 +1,365 @@
+//! [`GraphClient`]: one session from Microsoft Graph, with retries and classification.
+//!
+//! The URL is `{graph root}/{api version}` + [`SessionKey::graph_path`], nothing else: the
+//! key's ids were validated by `routes` and are encoded again as single segments there.
+//! Every attempt carries a fresh `client-request-id` so Microsoft support can trace it.
+//! 429/503/504, timeouts and connection errors are retried (`Retry-After` honoured, else
+//! exponential backoff with jitter) within `graph.max_retries` and the caller's deadline;
+//! a 401 `InvalidAuthenticationToken` drops the token and is retried once with a new one.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::StatusCode;
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
+use crate::routes::SessionKey;
+use crate::token::TokenProvider;
+
+/// Largest body accepted from Graph; sessions are a few KiB.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+/// First backoff step without `Retry-After` (Microsoft's SDK uses 3 s; a proxy whose
+/// caller is waiting retries sooner and leaves long waits to the throttle answer).
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// What Graph said about a session.
+#[derive(Debug, Clone)]
+pub enum Fetched {
+    /// The session object, unwrapped from a `{"value": {...}}` envelope if Graph sent one.
+    Found(Bytes),
+    /// Graph 404: the session does not exist (cached for `negative_ttl`).
+    NotFound,
+}
+
+#[derive(Debug, Clone)]
+pub struct GraphAnswer {
+    pub fetched: Fetched,
+    /// Graph's `request-id` header.
+    pub graph_request_id: Option<String>,
+    /// Graph's HTTP status.
+    pub status: u16,
+}
+
+pub struct GraphClient {
+    http: reqwest::Client,
+    /// `{graph root}/{api version}`, no trailing slash.
+    base: String,
+    tokens: Arc<TokenProvider>,
+    timeout: Duration,
+    max_retries: u32,
+}
+
+/// Outbound HTTP client for Graph and the token endpoint: rustls, pooled, no redirects
+/// (a redirect could carry the bearer token, or the secret, somewhere else).
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("graph-session-proxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+impl GraphClient {
+    pub fn new(
+        http: reqwest::Client,
+        root: &str,
+        api_version: &str,
+        tokens: Arc<TokenProvider>,
+        timeout: Duration,
+        max_retries: u32,
+    ) -> GraphClient {
+        GraphClient {
+            http,
+            base: format!("{}/{api_version}", root.trim_end_matches('/')),
+            tokens,
+            timeout,
+            max_retries,
+        }
+    }
+
+    pub fn url(&self, key: &SessionKey) -> String {
+        format!("{}{}", self.base, key.graph_path())
+    }
+
+    /// Fetches `key`, giving up at `deadline`.
+    pub async fn fetch(
+        &self,
+        key: &SessionKey,
+        deadline: Instant,
+    ) -> Result<GraphAnswer, ProxyError> {
+        let url = self.url(key);
+        let mut retries = 0u32;
+        let mut renewed_token = false;
+        loop {
+            let token = self.tokens.token().await.map_err(ProxyError::Token)?;
+            let client_request_id = uuid::Uuid::new_v4().to_string();
+            let mut request = self
+                .http
+                .get(&url)
+                .bearer_auth(token.bearer())
+                .header("client-request-id", &client_request_id)
+                .header(http::header::ACCEPT, "application/json");
+            if retries > 0 {
+                request = request.header("Retry-Attempt", retries.to_string());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt_timeout = self.timeout.min(left);
+            if attempt_timeout.is_zero() {
+                return Err(ProxyError::UpstreamTimeout);
+            }
+            let outcome = tokio::time::timeout(attempt_timeout, async {
+                let response = request.send().await?;
+                let status = response.status();
+                let headers = response.headers().clone();
+                let body = read_limited(response).await?;
+                Ok::<_, reqwest::Error>((status, headers, body))
+            })
+            .await;
+
+            let retry_wait = match outcome {
+                Err(_elapsed) => {
+                    tracing::warn!(%url, client_request_id, "Graph attempt timed out");
+                    Retry::After(None, ProxyError::UpstreamTimeout)
+                }
+                Ok(Err(e)) if e.is_timeout() => Retry::After(None, ProxyError::UpstreamTimeout),
+                Ok(Err(e)) => {
+                    tracing::warn!(%url, client_request_id, error = %e, "Graph request failed");
+                    Retry::After(None, ProxyError::UpstreamUnreachable(e))
+                }
+                Ok(Ok((status, headers, body))) => {
+                    let graph_request_id = headers
+                        .get("request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    match status {
+                        StatusCode::OK => {
+                            let session =
+                                unwrap_envelope(body).ok_or_else(|| ProxyError::Upstream {
+                                    status: 200,
+                                    code: "invalidJson".to_string(),
+                                })?;
+                            return Ok(GraphAnswer {
+                                fetched: Fetched::Found(session),
+                                graph_request_id,
+                                status: 200,
+                            });
+                        }
+                        StatusCode::NOT_FOUND => {
+                            return Ok(GraphAnswer {
+                                fetched: Fetched::NotFound,
+                                graph_request_id,
+                                status: 404,
+                            });
+                        }
+                        _ => {}
+                    }
+                    let code = graph_error_code(&body);
+                    tracing::warn!(
+                        %url,
+                        client_request_id,
+                        graph_request_id = graph_request_id.as_deref().unwrap_or(""),
+                        status = status.as_u16(),
+                        code,
+                        "Graph answered with an error"
+                    );
+                    let retry_after = headers
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                    match status.as_u16() {
+                        401 if code == "InvalidAuthenticationToken" && !renewed_token => {
+                            self.tokens.invalidate(&token);
+                            renewed_token = true;
+                            continue;
+                        }
+                        403 => return Err(ProxyError::UpstreamForbidden { code }),
+                        429 => Retry::After(
+                            retry_after,
+                            ProxyError::Throttled {
+                                retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+                            },
+                        ),
+                        503 | 504 => Retry::After(
+                            retry_after,
+                            ProxyError::Upstream {
+                                status: status.as_u16(),
+                                code,
+                            },
+                        ),
+                        other => {
+                            return Err(ProxyError::Upstream {
+                                status: other,
+                                code,
+                            })
+                        }
+                    }
+                }
+            };
+            let Retry::After(retry_after, error) = retry_wait;
+            if retries >= self.max_retries {
+                return Err(error);
+            }
+            let wait = retry_after.unwrap_or_else(|| backoff(retries));
+            if Instant::now() + wait >= deadline {
+                // Waiting would outlast the caller: answer now.
+                return Err(error);
+            }
+            tokio::time::sleep(wait).await;
+            retries += 1;
+        }
+    }
+}
+
+enum Retry {
+    /// Retry after the server's `Retry-After` (or backoff), or fail with the error.
+    After(Option<Duration>, ProxyError),
+}
+
+/// Exponential backoff with up to 50% jitter.
+fn backoff(retries: u32) -> Duration {
+    let base = BACKOFF_BASE
+        .saturating_mul(1 << retries.min(16))
+        .min(BACKOFF_CAP);
+    let jitter = rand::rng().random_range(0.0..0.5);
+    base.mul_f64(1.0 + jitter)
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    let mut body = Vec::with_capacity(
+        response
+            .content_length()
+            .unwrap_or(2048)
+            .min(MAX_BODY as u64) as usize,
+    );
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_BODY {
+            break; // truncated: fails JSON validation and becomes upstreamError
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+/// Graph's `error.code`, or `unknown` when the body is not Graph's error shape.
+fn graph_error_code(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        code: String,
+    }
+    serde_json::from_slice::<Envelope>(body)
+        .ok()
+        .map(|e| e.error.code)
+        .filter(|c| {
+            !c.is_empty()
+                && c.len() <= 100
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The body to cache: Graph's bytes unchanged, or, when Graph wrapped the object as
+/// `{"value": {...}}`, the inner object's bytes. `None` when the body is not a JSON object.
+pub fn unwrap_envelope(body: Bytes) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow, default)]
+        value: Option<&'a RawValue>,
+        #[serde(default)]
+        id: Option<serde::de::IgnoredAny>,
+    }
+    let probe: Probe = serde_json::from_slice(&body).ok()?;
+    if body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_none_or(|b| *b != b'{')
+    {
+        return None;
+    }
+    match probe.value {
+        Some(inner) if probe.id.is_none() && inner.get().starts_with('{') => {
+            let start = inner.get().as_ptr() as usize - body.as_ptr() as usize;
+            Some(body.slice(start..start + inner.get().len()))
+        }
+        _ => Some(body),
+    }
+}
+
+/// `Retry-After` as seconds (`30`), fractional seconds (`2.128`) or an HTTP date. Garbage,
+/// negative and absurd values give `None` (the caller then backs off exponentially).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        if secs.is_finite() && (0.0..=86_400.0).contains(&secs) {
+            return Some(Duration::from_secs_f64(secs));
+        }
+        return None;
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+        .filter(|d| *d <= Duration::from_secs(86_400))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("30", now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(" 2.128 ", now),
+            Some(Duration::from_millis(2128))
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(90)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        for garbage in ["", "soon", "-5", "NaN", "inf", "1e9", "Mon, 99 Foo"] {
+            assert_eq!(parse_retry_after(garbage, now), None, "{garbage}");
+        }
+    }
+
+    #[test]
+    fn envelope_is_unwrapped_byte_for_byte() {
+        let inner = r#"{ "id":"s1", "subject":"x\u00e9",  "n":1.50 }"#;
+        let wrapped = Bytes::from(format!("{{\"value\": {inner} }}"));
+        assert_eq!(unwrap_envelope(wrapped).unwrap(), inner.as_bytes());
+        let bare = Bytes::from_static(br#"{"@odata.context":"c","id":"s1","n":1.50}"#);
+        assert_eq!(unwrap_envelope(bare.clone()).unwrap(), bare);
+        assert!(unwrap_envelope(Bytes::from_static(b"[1,2]")).is_none());
+        assert!(unwrap_envelope(Bytes::from_static(b"not json")).is_none());
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert!(backoff(0) >= BACKOFF_BASE && backoff(0) < BACKOFF_BASE * 2);
+        assert!(backoff(2) >= BACKOFF_BASE * 4);
+        assert!(backoff(30) <= BACKOFF_CAP.mul_f64(1.5));
+    }
+
+    #[test]
+    fn graph_codes() {
+        assert_eq!(
+            graph_error_code(br#"{"error":{"code":"Forbidden","message":"m"}}"#),
+            "Forbidden"
+        );
+        assert_eq!(graph_error_code(b"<html>"), "unknown");
+        assert_eq!(
+            graph_error_code(br#"{"error":{"code":"a b<script>"}}"#),
+            "unknown"
+        );
+    }
+}

@@ -1,0 +1,35 @@
+//! graph-session-proxy: a caching, authenticating reverse proxy for Microsoft Graph
+//! `virtualEventSession` objects.
+//!
+//! The path of one request:
+//!
+//! ```text
+//! listener (server)                 accept, HTTP/1.1 or HTTP/2, graceful shutdown
+//!   -> tower-http layers (server)   sensitive headers, request id, panic -> JSON 500
+//!   -> handler (server)             draining? concurrency permit, request timeout
+//!   -> routes::route                /sessions/{kind}/{event}/{session} -> SessionKey, or 4xx
+//!   -> callers                      API key -> Caller, then its kind/event limits
+//!   -> cache::SessionCache          fresh entry? -> answer (Graph untouched)
+//!        miss: one shared task per key
+//!   -> graph::GraphClient           {root}/{version}/solutions/virtualEvents/..., retries
+//!   -> token::TokenProvider         client-credentials token, cached, one refresh at a time
+//! ```
+//!
+//! Every refusal or failure is an [`error::ProxyError`], turned into the JSON error body in
+//! exactly one place. `sim` is an independent stand-in for the identity platform and
+//! Graph, used by the demo, the tests and the benchmarks.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cache;
+pub mod callers;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod graph;
+pub mod routes;
+pub mod server;
+pub mod sim;
+pub mod telemetry;
+pub mod token;

@@ -1,0 +1,200 @@
+//! Command line: parse, load configuration, run. All the work is in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use graph_session_proxy::clock::Clock;
+use graph_session_proxy::config::{ConfigError, Purpose, Settings};
+use graph_session_proxy::server::Proxy;
+use graph_session_proxy::sim::{self, SimConfig, Simulator};
+use graph_session_proxy::telemetry;
+use tokio::net::TcpListener;
+
+const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+const DEFAULT_CONFIG: &str = "config/graph-session-proxy.toml";
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Caching, authenticating proxy for Microsoft Graph virtual event sessions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve callers (the default).
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Simulated Graph + proxy on 127.0.0.1:8080; prints curl lines to try.
+    Demo,
+    /// The simulated identity platform and Graph alone.
+    Sim {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
+    /// Validate a configuration and print it, secrets redacted.
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve {
+        config: PathBuf::from(DEFAULT_CONFIG),
+    });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            Command::Serve { config } => serve(Settings::load(&config, Purpose::Serve)).await,
+            Command::Demo => demo().await,
+            Command::Sim { listen } => run_sim(listen).await,
+            Command::CheckConfig { config } => check_config(&config),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    let settings = Settings::load(path, Purpose::Serve)?;
+    print!("{}", settings.redacted_toml());
+    Ok(())
+}
+
+async fn serve(settings: Result<Settings, ConfigError>) -> anyhow::Result<()> {
+    let settings = settings?;
+    telemetry::init(&settings.log);
+    let listener = TcpListener::bind(settings.server.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.listen)",
+                settings.server.listen
+            )
+        })?;
+    let admin = TcpListener::bind(settings.server.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.admin_listen)",
+                settings.server.admin_listen
+            )
+        })?;
+    let proxy = Proxy::build(&settings, Clock::new())?;
+    tracing::info!(listen = %settings.server.listen, admin = %settings.server.admin_listen, graph = %settings.graph.root(), "graph-session-proxy started");
+    proxy.serve(listener, admin, shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn demo() -> anyhow::Result<()> {
+    let mut settings = Settings::from_toml(DEMO_CONFIG, Purpose::Embedded)?;
+    telemetry::init(&settings.log);
+    let sim_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let sim_addr = sim_listener.local_addr()?;
+    let simulator = Simulator::new(SimConfig::default(), Clock::new());
+    tokio::spawn(simulator.serve(sim_listener, std::future::pending()));
+    settings.graph.base_url = Some(format!("http://{sim_addr}"));
+    settings.auth.token_url = Some(format!("http://{sim_addr}/{{tenant}}/oauth2/v2.0/token"));
+
+    let listener = TcpListener::bind(settings.server.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another demo running?)",
+                settings.server.listen
+            )
+        })?;
+    let admin = TcpListener::bind(settings.server.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another demo running?)",
+                settings.server.admin_listen
+            )
+        })?;
+    let proxy = Proxy::build(&settings, Clock::new())?;
+    let base = format!("http://{}", settings.server.listen);
+    println!(
+        "\ngraph-session-proxy demo: proxy on {base}, simulated Graph on http://{sim_addr}, admin on http://{admin}\n\
+         Try (Ctrl-C stops the demo):\n\n\
+         \x20 # a webinar session (the Graph docs' example); run it twice: fwd=miss, then hit\n\
+         \x20 curl -si -H 'Authorization: Bearer demo-key' '{base}/sessions/webinars/{event}/{session}'\n\n\
+         \x20 # a town hall session, key in x-api-key\n\
+         \x20 curl -si -H 'x-api-key: demo-key' '{base}/sessions/townhalls/{th_event}/{th_session}'\n\n\
+         \x20 # no key: 401 with a JSON error\n\
+         \x20 curl -si '{base}/sessions/webinars/{event}/{session}'\n\n\
+         \x20 # what the simulated Graph was asked\n\
+         \x20 curl -s 'http://{sim_addr}/_sim/stats'\n",
+        admin = settings.server.admin_listen,
+        event = sim::SEED_EVENT,
+        session = sim::SEED_SESSION,
+        th_event = sim::TOWNHALL_EVENT,
+        th_session = sim::TOWNHALL_SESSION,
+    );
+    proxy.serve(listener, admin, shutdown_signal()).await;
+    Ok(())
+}
+
+async fn run_sim(listen: SocketAddr) -> anyhow::Result<()> {
+    telemetry::init(&Default::default());
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let config = SimConfig::default();
+    println!(
+        "simulated identity platform + Graph on http://{listen}\n  tenant {}\n  client id {}\n  client secret {}\n  stats: GET /_sim/stats, faults: POST /_sim/faults",
+        config.tenant, config.client_id, config.client_secret
+    );
+    Simulator::new(config, Clock::new())
+        .serve(listener, shutdown_signal())
+        .await;
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,255 @@
+//! Request path -> typed [`SessionKey`], or a refusal. The allow-list lives here.
+//!
+//! Only `/sessions/{webinars|townhalls}/{event}/{session}` exists. Each id is
+//! percent-decoded exactly once and must then consist of 1 to 256 characters from
+//! `A-Z a-z 0-9 - _ . @ = +`, and be neither `.` nor `..`. Because `%` itself is not
+//! allowed after decoding, a double-encoded slash (`%252F`) is refused as surely as an
+//! encoded one (`%2F`): nothing a caller sends can add a segment to the Graph URL, which
+//! [`SessionKey::graph_path`] builds by percent-encoding each id as one segment again.
+
+use std::fmt;
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProxyError;
+
+/// Longest id accepted, after decoding.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Characters encoded when an id becomes a Graph path segment: everything except
+/// unreserved characters. `@`, `=` and `+` are encoded as the Graph SDKs do (RFC 6570
+/// simple expansion); `.` stays literal so `%2E` tricks cannot form a dot segment.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// The two kinds of virtual event Graph serves sessions for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Webinars,
+    Townhalls,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Webinars => "webinars",
+            Kind::Townhalls => "townhalls",
+        }
+    }
+
+    fn from_segment(segment: &str) -> Option<Kind> {
+        match segment {
+            "webinars" => Some(Kind::Webinars),
+            "townhalls" => Some(Kind::Townhalls),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One Graph session, identified by validated, decoded ids.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub kind: Kind,
+    pub event: Box<str>,
+    pub session: Box<str>,
+}
+
+impl SessionKey {
+    /// Builds a key from decoded ids, validating them.
+    pub fn new(kind: Kind, event: &str, session: &str) -> Result<SessionKey, ProxyError> {
+        validate_id(event, "event id")?;
+        validate_id(session, "session id")?;
+        Ok(SessionKey {
+            kind,
+            event: event.into(),
+            session: session.into(),
+        })
+    }
+
+    /// `/solutions/virtualEvents/{kind}/{event}/sessions/{session}`, each id encoded as a
+    /// single segment. Append it to `{graph root}/{api version}`.
+    pub fn graph_path(&self) -> String {
+        format!(
+            "/solutions/virtualEvents/{}/{}/sessions/{}",
+            self.kind,
+            utf8_percent_encode(&self.event, SEGMENT),
+            utf8_percent_encode(&self.session, SEGMENT)
+        )
+    }
+}
+
+impl fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.kind, self.event, self.session)
+    }
+}
+
+/// Maps a request to the session it names. `path` is the raw (still encoded) path and
+/// `query` the raw query, if the request line had a `?`.
+pub fn route(
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<SessionKey, ProxyError> {
+    if query.is_some() {
+        return Err(ProxyError::InvalidRequest(
+            "query strings are not accepted: Graph's session endpoint takes none",
+        ));
+    }
+    let Some(rest) = path.strip_prefix("/sessions/") else {
+        return Err(ProxyError::RouteNotFound);
+    };
+    let mut segments = rest.split('/');
+    let (Some(kind), Some(event), Some(session), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return Err(ProxyError::RouteNotFound);
+    };
+    let kind = Kind::from_segment(kind).ok_or(ProxyError::RouteNotFound)?;
+    if method != http::Method::GET && method != http::Method::HEAD {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let event = decode_id(event, "event id")?;
+    let session = decode_id(session, "session id")?;
+    SessionKey::new(kind, &event, &session)
+}
+
+/// One percent-decoding; anything that is not UTF-8 afterwards is refused.
+fn decode_id(raw: &str, what: &'static str) -> Result<String, ProxyError> {
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| ProxyError::InvalidId(what))
+}
+
+fn validate_id(id: &str, what: &'static str) -> Result<(), ProxyError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id != "."
+        && id != ".."
+        && id.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'=' | b'+')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ProxyError::InvalidId(what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    const EVENT: &str = "f8ce2a5f-0e6a-4186-aa90-1f64bc023566@5466a424-aadf-425c-9b24-034ca28d4bdd";
+    const SESSION: &str = "8d62dd52-4dff-4c75-96a9-f905cc3ff942";
+
+    fn get(path: &str) -> Result<SessionKey, ProxyError> {
+        route(&Method::GET, path, None)
+    }
+
+    #[test]
+    fn seed_ids_route_and_encode() {
+        let key = get(&format!("/sessions/webinars/{EVENT}/{SESSION}")).unwrap();
+        assert_eq!(key.kind, Kind::Webinars);
+        assert_eq!(
+            key.graph_path(),
+            "/solutions/virtualEvents/webinars/f8ce2a5f-0e6a-4186-aa90-1f64bc023566%405466a424-aadf-425c-9b24-034ca28d4bdd/sessions/8d62dd52-4dff-4c75-96a9-f905cc3ff942"
+        );
+    }
+
+    #[test]
+    fn encoded_at_sign_decodes_once() {
+        let key = get("/sessions/townhalls/a%40b/MSpk%3D%2B").unwrap();
+        assert_eq!(&*key.event, "a@b");
+        assert_eq!(&*key.session, "MSpk=+");
+        assert_eq!(
+            key.graph_path(),
+            "/solutions/virtualEvents/townhalls/a%40b/sessions/MSpk%3D%2B"
+        );
+    }
+
+    #[test]
+    fn hostile_ids_are_bad_requests() {
+        for path in [
+            "/sessions/webinars/a%2Fb/c",
+            "/sessions/webinars/a%252Fb/c",
+            "/sessions/webinars/%2E%2E/c",
+            "/sessions/webinars/./c",
+            "/sessions/webinars/../c",
+            "/sessions/webinars/a%00/c",
+            "/sessions/webinars/a%0A/c",
+            "/sessions/webinars/%C3%A9/c",
+            "/sessions/webinars/%FF/c",
+            "/sessions/webinars/a%3Fb/c",
+            "/sessions/webinars/a%23b/c",
+            "/sessions/webinars/a%zz/c",
+            "/sessions/webinars/a%20b/c",
+            "/sessions/webinars/a/%5C",
+        ] {
+            assert!(matches!(get(path), Err(ProxyError::InvalidId(_))), "{path}");
+        }
+        let long = "a".repeat(MAX_ID_LEN + 1);
+        assert!(get(&format!("/sessions/webinars/{long}/c")).is_err());
+        let longest = "a".repeat(MAX_ID_LEN);
+        assert!(get(&format!("/sessions/webinars/{longest}/c")).is_ok());
+    }
+
+    #[test]
+    fn other_shapes_are_not_found() {
+        for path in [
+            "/",
+            "/sessions",
+            "/sessions/",
+            "/sessions/webinars/a",
+            "/sessions/webinars/a/b/",
+            "/sessions/webinars/a/b/c",
+            "/sessions/meetings/a/b",
+            "/sessions/Webinars/a/b",
+            "/sessions/webinars//b",
+            "/solutions/virtualEvents/webinars/a/sessions/b",
+        ] {
+            let r = get(path);
+            assert!(
+                matches!(
+                    r,
+                    Err(ProxyError::RouteNotFound) | Err(ProxyError::InvalidId(_))
+                ),
+                "{path}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn methods_and_queries() {
+        let p = "/sessions/webinars/a/b";
+        assert!(route(&Method::HEAD, p, None).is_ok());
+        assert!(matches!(
+            route(&Method::POST, p, None),
+            Err(ProxyError::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            route(&Method::GET, p, Some("")),
+            Err(ProxyError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            route(&Method::GET, p, Some("$select=id")),
+            Err(ProxyError::InvalidRequest(_))
+        ));
+    }
+}

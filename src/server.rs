@@ -1,0 +1,511 @@
+//! Listeners, the tower stack, the request handler and graceful shutdown.
+//!
+//! [`Proxy::build`] wires config into the parts (token provider, Graph client, cache,
+//! callers); [`Proxy::serve`] takes already-bound listeners and a shutdown future, so
+//! tests run it on `127.0.0.1:0` and stop it at will.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    HeaderName, HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG,
+    IF_NONE_MATCH, PRAGMA, TRANSFER_ENCODING,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::{Service, ServiceBuilder};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::admin;
+use crate::cache::{Directives, Lookup, Outcome, SessionCache};
+use crate::callers::Callers;
+use crate::clock::Clock;
+use crate::config::{CallerMode, Settings};
+use crate::error::{error_response, ProxyError};
+use crate::graph::{http_client, GraphClient};
+use crate::routes;
+use crate::token::TokenProvider;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_GRAPH_REQUEST_ID: HeaderName = HeaderName::from_static("x-graph-request-id");
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// Why the proxy could not be put together.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot build the HTTP client")]
+    Http(#[source] reqwest::Error),
+    #[error("auth.token_url is not a valid URL")]
+    TokenUrl(#[source] oauth2::url::ParseError),
+    #[error("configuration key `{0}` is required")]
+    Missing(&'static str),
+}
+
+/// Shared by every request.
+pub struct AppState {
+    pub callers: Callers,
+    pub cache: Arc<SessionCache>,
+    pub tokens: Arc<TokenProvider>,
+    /// Permits for requests in progress; none left -> 503 overloaded at once.
+    limit: Arc<Semaphore>,
+    request_timeout: Duration,
+    /// False until the listener is up; false again once shutdown begins.
+    pub ready: AtomicBool,
+    pub draining: AtomicBool,
+}
+
+pub struct Proxy {
+    pub state: Arc<AppState>,
+    shutdown_grace: Duration,
+}
+
+impl Proxy {
+    pub fn build(settings: &Settings, clock: Clock) -> Result<Proxy, BuildError> {
+        let http = http_client(settings.graph.timeout).map_err(BuildError::Http)?;
+        let client_id = settings
+            .auth
+            .client_id
+            .as_deref()
+            .ok_or(BuildError::Missing("auth.client_id"))?;
+        let secret = settings
+            .auth
+            .client_secret
+            .clone()
+            .ok_or(BuildError::Missing("auth.client_secret"))?;
+        let tokens = Arc::new(
+            TokenProvider::new(
+                http.clone(),
+                client_id,
+                secret,
+                &settings.token_url(),
+                &settings.scope(),
+                settings.auth.refresh_before_expiry,
+                clock.clone(),
+            )
+            .map_err(BuildError::TokenUrl)?,
+        );
+        let graph = Arc::new(GraphClient::new(
+            http,
+            &settings.graph.root(),
+            settings.graph.api_version.as_str(),
+            tokens.clone(),
+            settings.graph.timeout,
+            settings.graph.max_retries,
+        ));
+        let cache = SessionCache::new(
+            &settings.cache,
+            graph,
+            settings.server.request_timeout,
+            clock,
+        );
+        let callers = Callers::new(&settings.callers);
+        if callers.mode() == CallerMode::None {
+            tracing::warn!(
+                "callers.mode = \"none\": every caller can read every session this proxy can reach"
+            );
+        }
+        Ok(Proxy {
+            state: Arc::new(AppState {
+                callers,
+                cache,
+                tokens,
+                limit: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
+                request_timeout: settings.server.request_timeout,
+                ready: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
+            }),
+            shutdown_grace: settings.server.shutdown_grace,
+        })
+    }
+
+    /// Serves callers on `listener` and operators on `admin_listener` until `shutdown`
+    /// completes, then drains for at most `server.shutdown_grace`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        admin_listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        let state = self.state.clone();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let callers = accept_loop(
+            listener,
+            caller_service(state.clone()),
+            stopped(stop_rx.clone()),
+            self.shutdown_grace,
+        );
+        let admin = accept_loop(
+            admin_listener,
+            admin::service(state.clone()),
+            stopped(stop_rx),
+            self.shutdown_grace,
+        );
+        state.ready.store(true, Ordering::SeqCst);
+        tracing::info!("ready");
+        let signal = async {
+            shutdown.await;
+            tracing::info!("shutting down: draining requests in flight");
+            state.ready.store(false, Ordering::SeqCst);
+            state.draining.store(true, Ordering::SeqCst);
+            let _ = stop_tx.send(true);
+        };
+        tokio::join!(callers, admin, signal);
+    }
+}
+
+/// The caller-facing stack. Order, outside in: credentials are marked sensitive before
+/// anything can log them; a request id is set (or the caller's kept) and copied to the
+/// response; a panic becomes a JSON 500 instead of a dropped connection.
+pub fn caller_service(
+    state: Arc<AppState>,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<
+        impl hyper::body::Body<
+                Data = Bytes,
+                Error = impl Into<Box<dyn std::error::Error + Send + Sync>>,
+            > + Send
+            + 'static,
+    >,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            AUTHORIZATION,
+            HeaderName::from_static("x-api-key"),
+        ]))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(CatchPanicLayer::custom(
+            |_panic: Box<dyn std::any::Any + Send>| {
+                tracing::error!("request handler panicked");
+                error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internalError",
+                    "internal error",
+                    "",
+                )
+            },
+        ))
+        .service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, req).await) }
+        })
+}
+
+/// What the access log line reports about one request.
+#[derive(Default)]
+struct AccessLog {
+    caller: Option<Arc<str>>,
+    kind: Option<&'static str>,
+    cache: Option<HeaderValue>,
+    graph_request_id: Option<HeaderValue>,
+}
+
+/// One request, start to finish: never fails, every refusal is DESIGN.md's JSON error.
+pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<Full<Bytes>> {
+    let started = std::time::Instant::now();
+    let request_id = req
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let mut log = AccessLog::default();
+    let response = match answer(state, &req, &mut log).await {
+        Ok(response) => response,
+        Err(error) => {
+            let status = error.status();
+            if status.is_server_error() {
+                tracing::warn!(request_id, error = %error, cause = ?std::error::Error::source(&*error), "request failed");
+            } else {
+                tracing::debug!(request_id, error = %error, "request refused");
+            }
+            let mut response = error.to_response(&request_id);
+            if let Some(cache) = &log.cache {
+                response.headers_mut().insert(CACHE_STATUS, cache.clone());
+            }
+            response
+        }
+    };
+    tracing::info!(
+        target: "graph_session_proxy::access",
+        request_id,
+        method = %req.method(),
+        caller = log.caller.as_deref().unwrap_or("-"),
+        kind = log.kind.unwrap_or("-"),
+        status = response.status().as_u16(),
+        cache = log.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        graph_request_id = log.graph_request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        "request"
+    );
+    response
+}
+
+async fn answer<B>(
+    state: &AppState,
+    req: &Request<B>,
+    log: &mut AccessLog,
+) -> Result<Response<Full<Bytes>>, Arc<ProxyError>> {
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(ProxyError::Draining.into());
+    }
+    let _permit = state
+        .limit
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::Overloaded)?;
+    let key = routes::route(req.method(), req.uri().path(), req.uri().query())?;
+    log.kind = Some(key.kind.as_str());
+    let headers = req.headers();
+    if has_body(headers) {
+        return Err(
+            ProxyError::InvalidRequest("GET and HEAD requests must not have a body").into(),
+        );
+    }
+    let caller = state.callers.authenticate(headers)?;
+    log.caller = Some(caller.name.clone());
+    caller.authorize(&key)?;
+    let directives = directives(headers);
+    let lookup = match tokio::time::timeout(
+        state.request_timeout,
+        state.cache.get(&key, directives),
+    )
+    .await
+    {
+        Ok(Ok(lookup)) => lookup,
+        Ok(Err(error)) => {
+            if !matches!(*error, ProxyError::NotCached) {
+                log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
+            }
+            return Err(error);
+        }
+        Err(_elapsed) => {
+            log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
+            return Err(ProxyError::UpstreamTimeout.into());
+        }
+    };
+    let now = state.cache.now();
+    let cache_status = cache_status(&lookup, now);
+    log.cache = Some(cache_status.clone());
+    log.graph_request_id = lookup.entry.graph_request_id.clone();
+    let entry = &lookup.entry;
+
+    let request_id = headers
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let mut response = match &entry.body {
+        None => ProxyError::SessionNotFound.to_response(request_id),
+        Some(body) if !if_none_match(headers, &entry.etag) => {
+            let mut response = Response::new(Full::new(body.clone()));
+            response.headers_mut().insert(CONTENT_TYPE, JSON);
+            response
+        }
+        Some(_) => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            response
+        }
+    };
+    let out = response.headers_mut();
+    out.insert(CACHE_STATUS, cache_status);
+    out.insert(AGE, HeaderValue::from(entry.age(now)));
+    if entry.body.is_some() {
+        out.insert(ETAG, entry.etag.clone());
+    }
+    if let Some(id) = &entry.graph_request_id {
+        out.insert(X_GRAPH_REQUEST_ID, id.clone());
+    }
+    Ok(response)
+}
+
+/// RFC 9211 `Cache-Status` for a served lookup.
+fn cache_status(lookup: &Lookup, now: tokio::time::Instant) -> HeaderValue {
+    let entry = &lookup.entry;
+    let fwd_status = if entry.body.is_some() { 200 } else { 404 };
+    let text = match lookup.outcome {
+        Outcome::Hit => format!("graph-session-proxy; hit; ttl={}", entry.ttl(now)),
+        Outcome::Miss => format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored"),
+        Outcome::Collapsed => {
+            format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored; collapsed")
+        }
+        Outcome::Revalidated => {
+            format!("graph-session-proxy; fwd=request; fwd-status={fwd_status}; stored")
+        }
+        Outcome::StaleIfError => format!(
+            "graph-session-proxy; fwd=stale; ttl={}; detail=stale-if-error",
+            entry.ttl(now)
+        ),
+    };
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("graph-session-proxy"))
+}
+
+/// A GET or HEAD that announces a body is refused rather than half-read.
+fn has_body(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|v| v.to_str().map(|s| s.trim() != "0").unwrap_or(true))
+}
+
+/// `Cache-Control` request directives (and the old `Pragma: no-cache`).
+fn directives(headers: &http::HeaderMap) -> Directives {
+    let mut d = Directives::default();
+    for value in headers.get_all(CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',') {
+            let directive = directive.trim().to_ascii_lowercase();
+            match directive.as_str() {
+                "no-cache" | "max-age=0" => d.no_cache = true,
+                "only-if-cached" => d.only_if_cached = true,
+                _ => {}
+            }
+        }
+    }
+    if headers
+        .get(PRAGMA)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("no-cache"))
+        && !headers.contains_key(CACHE_CONTROL)
+    {
+        d.no_cache = true;
+    }
+    d
+}
+
+/// `If-None-Match` with weak comparison (RFC 9110 13.1.2): `*` or any listed tag.
+fn if_none_match(headers: &http::HeaderMap, etag: &HeaderValue) -> bool {
+    let ours = etag.as_bytes();
+    headers.get_all(IF_NONE_MATCH).iter().any(|value| {
+        value.to_str().is_ok_and(|list| {
+            list.split(',').any(|tag| {
+                let tag = tag.trim();
+                tag == "*" || tag.strip_prefix("W/").unwrap_or(tag).as_bytes() == ours
+            })
+        })
+    })
+}
+
+/// Accepts connections on `listener`, serving each with a clone of `service` (HTTP/1.1 or
+/// HTTP/2), until `shutdown` completes; then stops accepting and gives connections in
+/// flight up to `grace` to finish.
+pub async fn accept_loop<S, B>(
+    listener: TcpListener,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed with connections still open"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn cache_control_directives() {
+        assert!(directives(&headers(&[("cache-control", "No-Cache")])).no_cache);
+        assert!(directives(&headers(&[("cache-control", "max-age=0")])).no_cache);
+        assert!(
+            directives(&headers(&[("cache-control", "public, only-if-cached")])).only_if_cached
+        );
+        assert!(directives(&headers(&[("pragma", "no-cache")])).no_cache);
+        assert!(!directives(&headers(&[("cache-control", "max-age=60")])).no_cache);
+    }
+
+    #[test]
+    fn if_none_match_lists() {
+        let etag = HeaderValue::from_static("\"abc\"");
+        assert!(if_none_match(
+            &headers(&[("if-none-match", "\"x\", \"abc\"")]),
+            &etag
+        ));
+        assert!(if_none_match(
+            &headers(&[("if-none-match", "W/\"abc\"")]),
+            &etag
+        ));
+        assert!(if_none_match(&headers(&[("if-none-match", "*")]), &etag));
+        assert!(!if_none_match(
+            &headers(&[("if-none-match", "\"abcd\"")]),
+            &etag
+        ));
+        assert!(!if_none_match(&headers(&[]), &etag));
+    }
+
+    #[test]
+    fn bodies_on_get_are_detected() {
+        assert!(has_body(&headers(&[("content-length", "5")])));
+        assert!(has_body(&headers(&[("transfer-encoding", "chunked")])));
+        assert!(!has_body(&headers(&[("content-length", "0")])));
+        assert!(!has_body(&headers(&[])));
+    }
+}

@@ -1,0 +1,600 @@
+//! A simulated identity platform and Microsoft Graph on one loopback port.
+//!
+//! Written without the proxy's routing or URL code, so a test cannot confirm a proxy bug
+//! against itself: it splits the raw request path on its own and records every request
+//! exactly as it arrived (`GET /_sim/stats`). It speaks Graph's error shapes and headers
+//! (reference/graph-facts.md) and can be told to misbehave (`POST /_sim/faults`).
+//!
+//! - `POST /{tenant}/oauth2/v2.0/token`: client credentials (secret in the form body); issues tokens with a configurable lifetime, Entra-style errors otherwise.
+//! - `GET /{v1.0|beta}/solutions/virtualEvents/{webinars|townhalls}/{event}/sessions/{session}`:
+//!   the seed page's example session, a small catalogue, and any session id starting with
+//!   `gen-` (generated on the fly); 404 `NotFound` for the rest; 401 without a valid token.
+//! - `GET /_sim/stats`, `POST /_sim/faults` (JSON, merged; `{"clear": true}` resets).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use percent_encoding::percent_decode_str;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+
+/// The seed page's example ids (reference/seed-get-virtualEventSession.txt).
+pub const SEED_EVENT: &str =
+    "f8ce2a5f-0e6a-4186-aa90-1f64bc023566@5466a424-aadf-425c-9b24-034ca28d4bdd";
+pub const SEED_SESSION: &str = "8d62dd52-4dff-4c75-96a9-f905cc3ff942";
+/// A town hall in the catalogue (bare guid id, as town halls may have).
+pub const TOWNHALL_EVENT: &str = "2c4f7d0e-3b1a-4e55-9a67-0d9e1f2a3b4c";
+pub const TOWNHALL_SESSION: &str = "6a0b1c2d-3e4f-4a5b-8c6d-7e8f9a0b1c2d";
+
+/// Who the simulated tenant knows.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub tenant: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub token_lifetime: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            tenant: "5466a424-aadf-425c-9b24-034ca28d4bdd".to_string(),
+            client_id: "00000000-0000-0000-0000-00000000c11e".to_string(),
+            client_secret: "sim-client-secret".to_string(),
+            token_lifetime: Duration::from_secs(3599),
+        }
+    }
+}
+
+/// Injected misbehaviour. Every field is optional in the JSON; a POST merges what it names.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added before every Graph answer.
+    pub graph_latency_ms: u64,
+    /// Added before every token answer.
+    pub token_latency_ms: u64,
+    /// Graph answers this status (Graph error shape) instead of the session...
+    pub graph_status: Option<u16>,
+    /// ...this many times (absent: until cleared).
+    pub graph_status_count: Option<u32>,
+    /// `Retry-After` value sent with `graph_status` and `token_status`.
+    pub retry_after: Option<String>,
+    /// Graph requests get their connection dropped without an answer.
+    pub graph_reset: bool,
+    /// Token requests get their connection dropped without an answer.
+    pub token_down: bool,
+    /// The token endpoint answers this status (Entra error shape).
+    pub token_status: Option<u16>,
+    /// The next N Graph requests with a valid token get 401 InvalidAuthenticationToken, and
+    /// their token is revoked.
+    pub reject_tokens: u32,
+    /// Lifetime of tokens issued from now on.
+    pub token_lifetime_secs: Option<u64>,
+    /// Send `expires_in` as a string, as Entra sometimes does.
+    pub expires_in_as_string: bool,
+}
+
+/// Counts of what the simulator was asked.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub token_requests: u64,
+    pub tokens_issued: u64,
+    /// Every request that was not for the token endpoint or `/_sim/...`.
+    pub graph_requests: u64,
+    /// Graph requests per raw path (and query), as received.
+    pub paths: BTreeMap<String, u64>,
+}
+
+struct Issued {
+    expires_at: Instant,
+    revoked: bool,
+}
+
+struct SimState {
+    config: SimConfig,
+    clock: Clock,
+    faults: Mutex<Faults>,
+    stats: Mutex<Stats>,
+    tokens: Mutex<HashMap<String, Issued>>,
+    /// (kind, event, session) -> body, for the catalogue and test-provided sessions.
+    sessions: Mutex<HashMap<(String, String, String), Bytes>>,
+}
+
+/// The simulator; cheap to clone, all clones share state.
+#[derive(Clone)]
+pub struct Simulator {
+    state: Arc<SimState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Simulator {
+    pub fn new(config: SimConfig, clock: Clock) -> Simulator {
+        let mut sessions = HashMap::new();
+        let seed = json!({
+            "value": seed_session(SEED_SESSION, "Session one")
+        });
+        sessions.insert(
+            (
+                "webinars".to_string(),
+                SEED_EVENT.to_string(),
+                SEED_SESSION.to_string(),
+            ),
+            Bytes::from(serde_json::to_vec_pretty(&seed).unwrap_or_default()),
+        );
+        sessions.insert(
+            (
+                "townhalls".to_string(),
+                TOWNHALL_EVENT.to_string(),
+                TOWNHALL_SESSION.to_string(),
+            ),
+            generated_body("townhalls", TOWNHALL_EVENT, TOWNHALL_SESSION),
+        );
+        Simulator {
+            state: Arc::new(SimState {
+                config,
+                clock,
+                faults: Mutex::new(Faults::default()),
+                stats: Mutex::new(Stats::default()),
+                tokens: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(sessions),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.state.config
+    }
+
+    pub fn stats(&self) -> Stats {
+        lock(&self.state.stats).clone()
+    }
+
+    /// Replaces the faults in force.
+    pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.state.faults) = faults;
+    }
+
+    /// Adds or replaces a session body.
+    pub fn put_session(&self, kind: &str, event: &str, session: &str, body: impl Into<Bytes>) {
+        lock(&self.state.sessions).insert(
+            (kind.to_string(), event.to_string(), session.to_string()),
+            body.into(),
+        );
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let service = tower::service_fn(move |req: Request<Incoming>| {
+            let sim = self.clone();
+            async move { sim.handle(req).await }
+        });
+        crate::server::accept_loop(listener, service, shutdown, Duration::from_secs(1)).await;
+    }
+
+    /// Binds `127.0.0.1:0`, serves in a task, returns the address.
+    pub async fn spawn(self) -> std::io::Result<std::net::SocketAddr> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(self.serve(listener, std::future::pending()));
+        Ok(addr)
+    }
+
+    /// `Err` drops the connection (the reset faults).
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, SimReset> {
+        let path = req.uri().path().to_string();
+        let segments: Vec<&str> = path.split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["", "_sim", "stats"]) => {
+                Ok(json_response(StatusCode::OK, &json!(self.stats())))
+            }
+            (&Method::POST, ["", "_sim", "faults"]) => {
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                Ok(self.merge_faults(&body))
+            }
+            (&Method::POST, ["", _tenant, "oauth2", "v2.0", "token"]) => {
+                let tenant = segments[1].to_string();
+                let basic = req.headers().get(http::header::AUTHORIZATION).cloned();
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                self.token(&tenant, basic, &body).await
+            }
+            _ => self.graph(req).await,
+        }
+    }
+
+    fn merge_faults(&self, body: &[u8]) -> Response<Full<Bytes>> {
+        let patch: serde_json::Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => {
+                return json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()}))
+            }
+        };
+        let mut faults = lock(&self.state.faults);
+        if patch.get("clear").and_then(|v| v.as_bool()) == Some(true) {
+            *faults = Faults::default();
+            return json_response(StatusCode::OK, &json!(*faults));
+        }
+        let mut current = serde_json::to_value(&*faults).unwrap_or_default();
+        if let (Some(current), Some(patch)) = (current.as_object_mut(), patch.as_object()) {
+            for (k, v) in patch {
+                current.insert(k.clone(), v.clone());
+            }
+        }
+        match serde_json::from_value::<Faults>(current) {
+            Ok(merged) => {
+                *faults = merged;
+                json_response(StatusCode::OK, &json!(*faults))
+            }
+            Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()})),
+        }
+    }
+
+    async fn token(
+        &self,
+        tenant: &str,
+        basic: Option<HeaderValue>,
+        body: &[u8],
+    ) -> Result<Response<Full<Bytes>>, SimReset> {
+        lock(&self.state.stats).token_requests += 1;
+        let faults = lock(&self.state.faults).clone();
+        if faults.token_latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.token_latency_ms)).await;
+        }
+        if faults.token_down {
+            return Err(SimReset);
+        }
+        if let Some(status) = faults.token_status {
+            let mut r = entra_error(
+                status,
+                "temporarily_unavailable",
+                0,
+                "AADSTS90000: injected failure",
+            );
+            if let Some(ra) = &faults.retry_after {
+                if let Ok(v) = HeaderValue::from_str(ra) {
+                    r.headers_mut().insert(http::header::RETRY_AFTER, v);
+                }
+            }
+            return Ok(r);
+        }
+        let form: HashMap<String, String> = serde_urlencoded::from_bytes(body).unwrap_or_default();
+        let config = &self.state.config;
+        if tenant != config.tenant {
+            return Ok(entra_error(
+                400,
+                "invalid_request",
+                90002,
+                "AADSTS90002: Tenant not found.",
+            ));
+        }
+        if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+            return Ok(entra_error(
+                400,
+                "unsupported_grant_type",
+                70003,
+                "AADSTS70003: The app requested an unsupported grant type.",
+            ));
+        }
+        // Microsoft documents the secret in the form body; that is what the proxy sends.
+        if basic.is_some() {
+            return Ok(entra_error(401, "invalid_client", 7000218, "AADSTS7000218: The request body must contain client_secret or client_assertion (the simulator does not take Basic credentials)."));
+        }
+        let (client_id, secret) = (
+            form.get("client_id").cloned(),
+            form.get("client_secret").cloned(),
+        );
+        if client_id.as_deref() != Some(config.client_id.as_str()) {
+            return Ok(entra_error(
+                400,
+                "unauthorized_client",
+                700016,
+                "AADSTS700016: Application was not found in the directory.",
+            ));
+        }
+        if secret.as_deref() != Some(config.client_secret.as_str()) {
+            return Ok(entra_error(
+                401,
+                "invalid_client",
+                7000215,
+                "AADSTS7000215: Invalid client secret provided.",
+            ));
+        }
+        if !form
+            .get("scope")
+            .is_some_and(|s| s.ends_with("/.default") && !s.contains(' '))
+        {
+            return Ok(entra_error(
+                400,
+                "invalid_scope",
+                70011,
+                "AADSTS70011: The provided value for the input parameter 'scope' is not valid.",
+            ));
+        }
+        let lifetime = faults
+            .token_lifetime_secs
+            .map(Duration::from_secs)
+            .unwrap_or(config.token_lifetime);
+        let token = format!("sim.{}", uuid::Uuid::new_v4().simple());
+        lock(&self.state.tokens).insert(
+            token.clone(),
+            Issued {
+                expires_at: self.state.clock.now() + lifetime,
+                revoked: false,
+            },
+        );
+        lock(&self.state.stats).tokens_issued += 1;
+        let secs = lifetime.as_secs();
+        let expires_in = if faults.expires_in_as_string {
+            json!(secs.to_string())
+        } else {
+            json!(secs)
+        };
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"token_type": "Bearer", "expires_in": expires_in, "ext_expires_in": expires_in, "access_token": token}),
+        ))
+    }
+
+    async fn graph(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, SimReset> {
+        let raw = req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str().to_string())
+            .unwrap_or_default();
+        {
+            let mut stats = lock(&self.state.stats);
+            stats.graph_requests += 1;
+            *stats.paths.entry(raw.clone()).or_default() += 1;
+        }
+        let client_request_id = req.headers().get("client-request-id").cloned();
+        let faults = lock(&self.state.faults).clone();
+        if faults.graph_latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.graph_latency_ms)).await;
+        }
+        if faults.graph_reset {
+            return Err(SimReset);
+        }
+        let mut response = self.graph_answer(&req, &faults);
+        let headers = response.headers_mut();
+        if let Ok(id) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+            headers.insert("request-id", id);
+        }
+        if let Some(id) = client_request_id {
+            headers.insert("client-request-id", id);
+        }
+        Ok(response)
+    }
+
+    fn graph_answer(&self, req: &Request<Incoming>, faults: &Faults) -> Response<Full<Bytes>> {
+        // Authentication first, as Graph does.
+        let token = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        let now = self.state.clock.now();
+        let valid = {
+            let tokens = lock(&self.state.tokens);
+            token
+                .as_ref()
+                .and_then(|t| tokens.get(t))
+                .is_some_and(|issued| !issued.revoked && now < issued.expires_at)
+        };
+        if !valid {
+            return graph_error(
+                401,
+                "InvalidAuthenticationToken",
+                "Access token has expired or is not yet valid.",
+            );
+        }
+        if faults.reject_tokens > 0 {
+            let mut f = lock(&self.state.faults);
+            f.reject_tokens = f.reject_tokens.saturating_sub(1);
+            if let Some(t) = token {
+                lock(&self.state.tokens).remove(&t);
+            }
+            return graph_error(
+                401,
+                "InvalidAuthenticationToken",
+                "Access token has expired or is not yet valid.",
+            );
+        }
+        if let Some(status) = faults.graph_status {
+            let mut f = lock(&self.state.faults);
+            match f.graph_status_count {
+                Some(0) => {}
+                Some(n) => {
+                    f.graph_status_count = Some(n - 1);
+                    drop(f);
+                    return injected_status(status, faults.retry_after.as_deref());
+                }
+                None => {
+                    drop(f);
+                    return injected_status(status, faults.retry_after.as_deref());
+                }
+            }
+        }
+        if req.uri().query().is_some() {
+            return graph_error(
+                400,
+                "BadRequest",
+                "This method doesn't support OData query parameters.",
+            );
+        }
+        let path = req.uri().path();
+        let segments: Vec<&str> = path.split('/').collect();
+        let ["", version, "solutions", "virtualEvents", kind, event, "sessions", session] =
+            segments.as_slice()
+        else {
+            return graph_error(
+                400,
+                "BadRequest",
+                &format!(
+                    "Resource not found for the segment '{}'.",
+                    segments.get(1).unwrap_or(&"")
+                ),
+            );
+        };
+        if !matches!(*version, "v1.0" | "beta") || !matches!(*kind, "webinars" | "townhalls") {
+            return graph_error(400, "BadRequest", "Resource not found for the segment.");
+        }
+        let (Ok(event), Ok(session)) = (
+            percent_decode_str(event).decode_utf8(),
+            percent_decode_str(session).decode_utf8(),
+        ) else {
+            return graph_error(400, "BadRequest", "Invalid segment.");
+        };
+        let known = lock(&self.state.sessions)
+            .get(&(kind.to_string(), event.to_string(), session.to_string()))
+            .cloned();
+        let body = match known {
+            Some(body) => body,
+            None if session.starts_with("gen-") => generated_body(kind, &event, &session),
+            None => return graph_error(404, "NotFound", "The requested session was not found."),
+        };
+        let mut r = Response::new(Full::new(body));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"),
+        );
+        r
+    }
+}
+
+/// Dropping the connection without an answer.
+#[derive(Debug)]
+struct SimReset;
+
+impl std::fmt::Display for SimReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("simulated connection reset")
+    }
+}
+
+impl std::error::Error for SimReset {}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Graph's error shape.
+fn graph_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let request_id = uuid::Uuid::new_v4().to_string();
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &json!({"error": {"code": code, "message": message, "innerError": {"date": now, "request-id": request_id, "client-request-id": request_id}}}),
+    )
+}
+
+fn injected_status(status: u16, retry_after: Option<&str>) -> Response<Full<Bytes>> {
+    let code = match status {
+        429 => "TooManyRequests",
+        403 => "Forbidden",
+        503 => "ServiceUnavailable",
+        504 => "GatewayTimeout",
+        _ => "InternalServerError",
+    };
+    let message = if status == 403 {
+        "No application access policy found for this app"
+    } else {
+        "Injected failure"
+    };
+    let mut r = graph_error(status, code, message);
+    if let Some(ra) = retry_after.and_then(|v| HeaderValue::from_str(v).ok()) {
+        r.headers_mut().insert(http::header::RETRY_AFTER, ra);
+    }
+    r
+}
+
+/// Entra's token error shape.
+fn entra_error(status: u16, error: &str, code: u32, description: &str) -> Response<Full<Bytes>> {
+    let trace = uuid::Uuid::new_v4().to_string();
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        &json!({
+            "error": error,
+            "error_description": format!("{description} Trace ID: {trace}"),
+            "error_codes": [code],
+            "timestamp": httpdate::fmt_http_date(std::time::SystemTime::now()),
+            "trace_id": trace,
+            "correlation_id": uuid::Uuid::new_v4().to_string(),
+        }),
+    )
+}
+
+fn seed_session(id: &str, subject: &str) -> serde_json::Value {
+    json!({
+        "@odata.type": "#microsoft.graph.virtualEventSession",
+        "id": id,
+        "startDateTime": "2023-08-08T12:30:00Z",
+        "endDateTime": "2023-08-09T22:00:00Z",
+        "joinWebUrl": "https://teams.microsoft.com/l/meetup-join/19%3ameeting_ZDVjNzk3OWEtYjc2NS00NTA1LTkyMzQtYTYzMGI5YmFmMjM5%40thread.v2/0?context=%7b%22Tid%22%3a%2272f988bf-86f1-41af-91ab-2d7cd011db47%22%2c%22Oid%22%3a%221cd068e4-5b08-4e75-a7f9-7b4e067a0820%22%7d",
+        "subject": subject,
+        "participants": {"@odata.type": "microsoft.graph.meetingParticipants"},
+        "isBroadcast": null,
+        "broadcastSettings": null,
+        "capabilities": [],
+        "audioConferencing": null,
+        "chatInfo": {
+            "threadId": "19:meeting_ZDVjNzk3OWEtYjc2NS00NTA1LTkyMzQtYTYzMGI5YmFmMjM5@thread.v2",
+            "messageId": "0",
+            "replyChainMessageId": null
+        },
+        "videoTeleconferenceId": null,
+        "externalId": null,
+        "joinMeetingIdSettings": null,
+        "lobbyBypassSettings": null,
+        "isEntryExitAnnounced": null,
+        "allowedPresenters": null,
+        "allowAttendeeToEnableMic": null,
+        "allowAttendeeToEnableCamera": null,
+        "allowMeetingChat": null,
+        "shareMeetingChatHistoryDefault": null,
+        "allowTeamworkReactions": null,
+        "recordAutomatically": null,
+        "watermarkProtection": null,
+        "allowParticipantsToChangeName": null
+    })
+}
+
+/// A bare session object with `@odata.context`, as Graph most likely really answers.
+pub fn generated_body(kind: &str, event: &str, session: &str) -> Bytes {
+    let mut object = seed_session(session, &format!("Generated session {session} of {event}"));
+    if let Some(map) = object.as_object_mut() {
+        map.insert(
+            "@odata.context".to_string(),
+            json!(format!("https://graph.microsoft.com/v1.0/$metadata#solutions/virtualEvents/{kind}('{event}')/sessions/$entity")),
+        );
+    }
+    Bytes::from(object.to_string())
+}

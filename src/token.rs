@@ -1,0 +1,432 @@
+//! [`TokenProvider`]: the app-only Graph token, by OAuth2 client credentials.
+//!
+//! One token serves every request. It is reused until a margin before its expiry
+//! (`auth.refresh_before_expiry`, but never more than a tenth of the token's lifetime,
+//! so short-lived tokens are not refreshed on every request), and only one refresh runs at
+//! a time: concurrent callers wait on the refresh lock and then find the new token. When
+//! Graph rejects a token, [`TokenProvider::invalidate`] drops exactly that token, so a
+//! burst of 401s leads to one refresh, not one per request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
+use oauth2::{
+    AccessToken, AuthType, Client, ClientId, ClientSecret, EndpointNotSet, EndpointSet,
+    RefreshToken, RequestTokenError, Scope, StandardRevocableToken, TokenResponse, TokenUrl,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize};
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+
+/// Entra's token response: the standard fields, with `expires_in` as a number or a string,
+/// and the Microsoft extras kept rather than dropped.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct EntraTokenResponse {
+    access_token: AccessToken,
+    #[serde(deserialize_with = "oauth2::helpers::deserialize_untagged_enum_case_insensitive")]
+    token_type: BasicTokenType,
+    #[serde(default, deserialize_with = "seconds")]
+    expires_in: Option<u64>,
+    #[serde(default, deserialize_with = "seconds")]
+    ext_expires_in: Option<u64>,
+    /// When MSAL would refresh in the background; the token stays valid until `expires_in`.
+    #[serde(default, deserialize_with = "seconds")]
+    refresh_in: Option<u64>,
+}
+
+impl TokenResponse for EntraTokenResponse {
+    type TokenType = BasicTokenType;
+
+    fn access_token(&self) -> &AccessToken {
+        &self.access_token
+    }
+    fn token_type(&self) -> &BasicTokenType {
+        &self.token_type
+    }
+    fn expires_in(&self) -> Option<Duration> {
+        self.expires_in.map(Duration::from_secs)
+    }
+    fn refresh_token(&self) -> Option<&RefreshToken> {
+        None
+    }
+    fn scopes(&self) -> Option<&Vec<Scope>> {
+        None
+    }
+}
+
+/// `3599` or `"3599"`.
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Number(n)) => Ok(Some(n)),
+        Some(Raw::Text(s)) => s.trim().parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+type EntraClient = Client<
+    BasicErrorResponse,
+    EntraTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// Why no token could be had. Never carries the secret or a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The identity platform answered with an OAuth error (bad secret, unknown app, ...).
+    #[error("token endpoint refused: {error} {description}")]
+    Refused {
+        /// OAuth error code, e.g. `invalid_client`.
+        error: String,
+        /// `AADSTS7000215` and the like, parsed from the description.
+        aadsts: Option<String>,
+        /// Entra's description; logged, not shown to callers.
+        description: String,
+    },
+    #[error("token endpoint is throttling (retry in {0:?})")]
+    Throttled(Duration),
+    #[error("token endpoint answered HTTP {0}")]
+    Status(u16),
+    #[error("token endpoint unreachable")]
+    Unreachable(#[source] reqwest::Error),
+    #[error("token endpoint answer not understood: {0}")]
+    Malformed(String),
+}
+
+impl TokenError {
+    /// The text a caller sees: which AADSTS code, never the secret or Entra's full text.
+    pub fn caller_message(&self) -> String {
+        match self {
+            TokenError::Refused { error, aadsts, .. } => match aadsts {
+                Some(code) => format!(
+                    "the identity platform refused the proxy's credentials: {code} ({error})"
+                ),
+                None => format!("the identity platform refused the proxy's credentials ({error})"),
+            },
+            TokenError::Throttled(_) => "the identity platform is throttling the proxy".to_string(),
+            TokenError::Status(status) => format!("the token endpoint answered HTTP {status}"),
+            TokenError::Unreachable(_) => "the token endpoint could not be reached".to_string(),
+            TokenError::Malformed(_) => {
+                "the token endpoint's answer was not understood".to_string()
+            }
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TokenError::Throttled(wait) => Some(*wait),
+            TokenError::Refused { .. }
+            | TokenError::Status(_)
+            | TokenError::Unreachable(_)
+            | TokenError::Malformed(_) => None,
+        }
+    }
+}
+
+/// `AADSTS7000215: Invalid client secret provided...` -> `AADSTS7000215`.
+fn aadsts_code(description: &str) -> Option<String> {
+    let start = description.find("AADSTS")?;
+    let digits: String = description[start + 6..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    (!digits.is_empty()).then(|| format!("AADSTS{digits}"))
+}
+
+/// A token and when to stop using it.
+pub struct CachedToken {
+    secret: SecretString,
+    /// From here on the next caller refreshes.
+    refresh_at: Instant,
+    /// Never sent after this.
+    expires_at: Instant,
+    /// Identifies the token for [`TokenProvider::invalidate`].
+    serial: u64,
+}
+
+impl CachedToken {
+    pub fn bearer(&self) -> &str {
+        self.secret.expose_secret()
+    }
+}
+
+impl std::fmt::Debug for CachedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedToken")
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the HTTP exchange saw besides the body, for classification.
+#[derive(Debug, Default, Clone)]
+struct Exchange {
+    status: u16,
+    retry_after: Option<Duration>,
+}
+
+pub struct TokenProvider {
+    oauth: EntraClient,
+    /// Shared with the Graph client: one pool, redirects off.
+    http: reqwest::Client,
+    scope: Scope,
+    refresh_before: Duration,
+    clock: Clock,
+    /// The token in use; a read lock on the hot path, written only by a refresh.
+    current: RwLock<Option<Arc<CachedToken>>>,
+    /// Held for the length of one token request, so only one runs at a time.
+    refresh_lock: tokio::sync::Mutex<()>,
+    /// Until then the token endpoint told us (429) not to ask again.
+    throttled_until: RwLock<Option<Instant>>,
+    serial: AtomicU64,
+}
+
+impl TokenProvider {
+    pub fn new(
+        http: reqwest::Client,
+        client_id: &str,
+        secret: SecretString,
+        token_url: &str,
+        scope: &str,
+        refresh_before: Duration,
+        clock: Clock,
+    ) -> Result<TokenProvider, oauth2::url::ParseError> {
+        let oauth = Client::new(ClientId::new(client_id.to_string()))
+            .set_client_secret(ClientSecret::new(secret.expose_secret().to_string()))
+            // Microsoft documents the secret in the form body.
+            .set_auth_type(AuthType::RequestBody)
+            .set_token_uri(TokenUrl::new(token_url.to_string())?);
+        Ok(TokenProvider {
+            oauth,
+            http,
+            scope: Scope::new(scope.to_string()),
+            refresh_before,
+            clock,
+            current: RwLock::new(None),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            throttled_until: RwLock::new(None),
+            serial: AtomicU64::new(0),
+        })
+    }
+
+    /// The token in use if it is not due for refresh.
+    fn usable(&self, now: Instant) -> Option<Arc<CachedToken>> {
+        let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().filter(|t| now < t.refresh_at).cloned()
+    }
+
+    /// A token valid now: the cached one, or a fresh one from the token endpoint.
+    pub async fn token(&self) -> Result<Arc<CachedToken>, TokenError> {
+        if let Some(token) = self.usable(self.clock.now()) {
+            return Ok(token);
+        }
+        let _one_refresh = self.refresh_lock.lock().await;
+        // Whoever held the lock before us may have refreshed already.
+        let now = self.clock.now();
+        if let Some(token) = self.usable(now) {
+            return Ok(token);
+        }
+        let still_valid = {
+            let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+            guard.as_ref().filter(|t| now < t.expires_at).cloned()
+        };
+        let throttled = *self
+            .throttled_until
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = throttled.filter(|until| now < *until) {
+            return still_valid.ok_or(TokenError::Throttled(until - now));
+        }
+        match self.fetch().await {
+            Ok(token) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+                Ok(token)
+            }
+            Err(e) => {
+                if let TokenError::Throttled(wait) = &e {
+                    *self
+                        .throttled_until
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(now + *wait);
+                }
+                // A token that is due for refresh but not expired still serves while the
+                // identity platform fails.
+                match still_valid {
+                    Some(token) => {
+                        tracing::warn!(error = %e, "token refresh failed; using the current token until it expires");
+                        Ok(token)
+                    }
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Graph rejected `token`: forget it (unless a newer one replaced it already).
+    pub fn invalidate(&self, token: &CachedToken) {
+        let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_some_and(|t| t.serial == token.serial) {
+            *guard = None;
+        }
+    }
+
+    /// Seconds the current token has left, for metrics and readiness.
+    pub fn remaining(&self) -> Option<Duration> {
+        let now = self.clock.now();
+        let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+        guard
+            .as_ref()
+            .map(|t| t.expires_at.saturating_duration_since(now))
+    }
+
+    async fn fetch(&self) -> Result<Arc<CachedToken>, TokenError> {
+        let exchange = Arc::new(std::sync::Mutex::new(Exchange::default()));
+        let seen = exchange.clone();
+        let http = self.http.clone();
+        // oauth2 only hands back the body on failure; this closure also records the
+        // status and Retry-After so a 429 can be told from a refusal.
+        let send = move |request: oauth2::HttpRequest| {
+            let http = http.clone();
+            let seen = seen.clone();
+            async move {
+                let request = reqwest::Request::try_from(request)?;
+                let response = http.execute(request).await?;
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| crate::graph::parse_retry_after(v, std::time::SystemTime::now()));
+                if let Ok(mut seen) = seen.lock() {
+                    *seen = Exchange {
+                        status: status.as_u16(),
+                        retry_after,
+                    };
+                }
+                let mut out = http::Response::builder().status(status);
+                for (name, value) in response.headers() {
+                    out = out.header(name, value);
+                }
+                let body = response.bytes().await?;
+                Ok::<_, reqwest::Error>(out.body(body.to_vec()).unwrap_or_default())
+            }
+        };
+        let started = self.clock.now();
+        let result = self
+            .oauth
+            .exchange_client_credentials()
+            .add_scope(self.scope.clone())
+            .request_async(&send)
+            .await;
+        let seen = exchange.lock().map(|e| e.clone()).unwrap_or_default();
+        let response = result.map_err(|e| classify(e, &seen))?;
+        let lifetime = response
+            .expires_in
+            .map(Duration::from_secs)
+            .ok_or_else(|| TokenError::Malformed("no expires_in".to_string()))?;
+        if lifetime.is_zero() {
+            return Err(TokenError::Malformed("expires_in is 0".to_string()));
+        }
+        let margin = self.refresh_before.min(lifetime / 10);
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(
+            lifetime_s = lifetime.as_secs(),
+            serial,
+            "obtained a Graph access token"
+        );
+        Ok(Arc::new(CachedToken {
+            secret: SecretString::from(response.access_token.secret().to_string()),
+            refresh_at: started + lifetime - margin,
+            expires_at: started + lifetime,
+            serial,
+        }))
+    }
+}
+
+fn classify(
+    e: RequestTokenError<reqwest::Error, BasicErrorResponse>,
+    seen: &Exchange,
+) -> TokenError {
+    if seen.status == 429 {
+        return TokenError::Throttled(seen.retry_after.unwrap_or(Duration::from_secs(60)));
+    }
+    match e {
+        RequestTokenError::ServerResponse(body) => {
+            let description = body.error_description().cloned().unwrap_or_default();
+            TokenError::Refused {
+                error: body.error().to_string(),
+                aadsts: aadsts_code(&description),
+                description,
+            }
+        }
+        RequestTokenError::Request(e) => TokenError::Unreachable(e),
+        RequestTokenError::Parse(e, _) if seen.status == 200 => {
+            TokenError::Malformed(e.to_string())
+        }
+        RequestTokenError::Parse(..) | RequestTokenError::Other(_) if seen.status != 200 => {
+            TokenError::Status(seen.status)
+        }
+        RequestTokenError::Parse(e, _) => TokenError::Malformed(e.to_string()),
+        RequestTokenError::Other(e) => TokenError::Malformed(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aadsts_codes_are_found() {
+        assert_eq!(
+            aadsts_code("AADSTS7000215: Invalid client secret provided.").as_deref(),
+            Some("AADSTS7000215")
+        );
+        assert_eq!(aadsts_code("no code here"), None);
+        assert_eq!(aadsts_code("AADSTS: none"), None);
+    }
+
+    #[test]
+    fn expires_in_as_number_or_string() {
+        let a: EntraTokenResponse = serde_json::from_str(
+            r#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(a.expires_in(), Some(Duration::from_secs(3599)));
+        let b: EntraTokenResponse = serde_json::from_str(
+            r#"{"token_type":"bearer","expires_in":"3599","refresh_in":"1799","access_token":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(b.expires_in(), Some(Duration::from_secs(3599)));
+        assert_eq!(b.refresh_in, Some(1799));
+    }
+
+    #[test]
+    fn refusal_message_names_code_not_description() {
+        let e = TokenError::Refused {
+            error: "invalid_client".into(),
+            aadsts: Some("AADSTS7000215".into()),
+            description: "AADSTS7000215: Invalid client secret provided. Secret hint: abc".into(),
+        };
+        let m = e.caller_message();
+        assert!(m.contains("AADSTS7000215") && !m.contains("hint"), "{m}");
+    }
+}
