@@ -75,12 +75,11 @@ impl Entry {
     }
 
     /// Whole seconds of freshness left (RFC 9211 `ttl`), negative once stale.
+    /// Computed from whole seconds of freshness and of age, so that `Age + ttl` always adds
+    /// up to the entry's freshness lifetime.
     pub fn ttl(&self, now: Instant) -> i64 {
-        if now < self.fresh_until {
-            (self.fresh_until - now).as_secs() as i64
-        } else {
-            -((now - self.fresh_until).as_secs() as i64)
-        }
+        let lifetime = (self.fresh_until - self.stored_at).as_secs();
+        lifetime as i64 - self.age(now) as i64
     }
 
     fn weight(&self, key: &SessionKey) -> u32 {

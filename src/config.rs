@@ -23,7 +23,7 @@ pub enum ConfigError {
     Load(#[source] config::ConfigError),
     #[error("configuration key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
-    #[error("configuration key `{key}`: cannot read {path}: {source}")]
+    #[error("configuration key `{key}`: cannot read {path}")]
     File {
         key: &'static str,
         path: PathBuf,
@@ -351,8 +351,11 @@ fn redact<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<S::Ok, S:
 /// What `validate` must check beyond the shape of the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
-    /// `serve` and `check-config`: the proxy's Graph identity is required.
+    /// `serve`: the proxy's Graph identity is required, the secret file is read.
     Serve,
+    /// `check-config`: as `Serve`, but the secret may come later (environment or a file
+    /// that exists only where the proxy runs); its absence is reported, not an error.
+    Check,
     /// `demo` and tests: the identity may be filled in afterwards.
     Embedded,
 }
@@ -393,7 +396,9 @@ impl Settings {
             }
         })?;
         settings.validate(purpose)?;
-        settings.read_secret_file()?;
+        if purpose != Purpose::Check {
+            settings.read_secret_file()?;
+        }
         Ok(settings)
     }
 
@@ -469,7 +474,7 @@ impl Settings {
         }
         match &a.tenant_id {
             Some(t) => check_tenant(t)?,
-            None if purpose == Purpose::Serve => {
+            None if purpose != Purpose::Embedded => {
                 return Err(ConfigError::invalid(
                     "auth.tenant_id",
                     "required: the directory (tenant) id of the proxy's app registration",
@@ -481,7 +486,7 @@ impl Settings {
             Some(c) if c.trim().is_empty() => {
                 return Err(ConfigError::invalid("auth.client_id", "must not be empty"));
             }
-            None if purpose == Purpose::Serve => {
+            None if purpose != Purpose::Embedded => {
                 return Err(ConfigError::invalid(
                     "auth.client_id",
                     "required: the application (client) id of the proxy's app registration",
@@ -571,6 +576,25 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// What `check-config` should warn about: things that only the running proxy can tell.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match (&self.auth.client_secret, &self.auth.client_secret_file) {
+            (None, None) => out.push(
+                "auth.client_secret is not set: serve needs it (or GSP__AUTH__CLIENT_SECRET, or auth.client_secret_file)".to_string(),
+            ),
+            (_, Some(path)) if !path.is_file() => out.push(format!(
+                "auth.client_secret_file {} does not exist here: serve reads it at start-up",
+                path.display()
+            )),
+            _ => {}
+        }
+        if self.callers.mode == CallerMode::None {
+            out.push("callers.mode = \"none\": every caller can read every session".to_string());
+        }
+        out
     }
 
     /// Token endpoint in effect.

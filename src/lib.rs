@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! listener (server)                 accept, HTTP/1.1 or HTTP/2, graceful shutdown
+//!   -> wire::GuardedIo              raw '#', control and non-UTF-8 target bytes -> '%'
 //!   -> tower-http layers (server)   sensitive headers, request id, panic -> JSON 500
 //!   -> handler (server)             draining? concurrency permit, request timeout
 //!   -> routes::route                /sessions/{kind}/{event}/{session} -> SessionKey, or 4xx
@@ -33,3 +34,4 @@ pub mod server;
 pub mod sim;
 pub mod telemetry;
 pub mod token;
+pub mod wire;

@@ -81,8 +81,11 @@ fn main() -> ExitCode {
 }
 
 fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
-    let settings = Settings::load(path, Purpose::Serve)?;
+    let settings = Settings::load(path, Purpose::Check)?;
     print!("{}", settings.redacted_toml());
+    for warning in settings.warnings() {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }
 

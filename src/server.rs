@@ -37,6 +37,7 @@ use crate::error::{error_response, ProxyError};
 use crate::graph::{http_client, GraphClient};
 use crate::routes;
 use crate::token::TokenProvider;
+use crate::wire::GuardedIo;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_GRAPH_REQUEST_ID: HeaderName = HeaderName::from_static("x-graph-request-id");
@@ -149,12 +150,14 @@ impl Proxy {
             caller_service(state.clone()),
             stopped(stop_rx.clone()),
             self.shutdown_grace,
+            true,
         );
         let admin = accept_loop(
             admin_listener,
             admin::service(state.clone()),
             stopped(stop_rx),
             self.shutdown_grace,
+            false,
         );
         state.ready.store(true, Ordering::SeqCst);
         tracing::info!("ready");
@@ -219,6 +222,8 @@ struct AccessLog {
     kind: Option<&'static str>,
     cache: Option<HeaderValue>,
     graph_request_id: Option<HeaderValue>,
+    /// Close the connection after answering (a body we did not read).
+    close: bool,
 }
 
 /// One request, start to finish: never fails, every refusal is DESIGN.md's JSON error.
@@ -241,6 +246,12 @@ pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<Full<Bytes
                 tracing::debug!(request_id, error = %error, "request refused");
             }
             let mut response = error.to_response(&request_id);
+            if log.close {
+                // The unread body would otherwise be taken for the next request.
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
             if let Some(cache) = &log.cache {
                 response.headers_mut().insert(CACHE_STATUS, cache.clone());
             }
@@ -255,7 +266,7 @@ pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<Full<Bytes
         kind = log.kind.unwrap_or("-"),
         status = response.status().as_u16(),
         cache = log.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        latency_ms = format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
         graph_request_id = log.graph_request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
         "request"
     );
@@ -275,10 +286,12 @@ async fn answer<B>(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ProxyError::Overloaded)?;
+    let headers = req.headers();
+    // Whatever the answer, a body we do not read means the connection cannot be reused.
+    log.close = has_body(headers);
     let key = routes::route(req.method(), req.uri().path(), req.uri().query())?;
     log.kind = Some(key.kind.as_str());
-    let headers = req.headers();
-    if has_body(headers) {
+    if log.close {
         return Err(
             ProxyError::InvalidRequest("GET and HEAD requests must not have a body").into(),
         );
@@ -408,13 +421,15 @@ fn if_none_match(headers: &http::HeaderMap, etag: &HeaderValue) -> bool {
 }
 
 /// Accepts connections on `listener`, serving each with a clone of `service` (HTTP/1.1 or
-/// HTTP/2), until `shutdown` completes; then stops accepting and gives connections in
+/// HTTP/2), until `shutdown` completes (with `guard`, HTTP/1 request targets pass through
+/// [`GuardedIo`]); then stops accepting and gives connections in
 /// flight up to `grace` to finish.
 pub async fn accept_loop<S, B>(
     listener: TcpListener,
     service: S,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    guard: bool,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -439,15 +454,14 @@ pub async fn accept_loop<S, B>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                let service = TowerToHyperService::new(service.clone());
+                if guard {
+                    let io = TokioIo::new(GuardedIo::new(stream));
+                    spawn_connection(graceful.watch(builder.serve_connection(io, service).into_owned()));
+                } else {
+                    let io = TokioIo::new(stream);
+                    spawn_connection(graceful.watch(builder.serve_connection(io, service).into_owned()));
+                }
             }
             () = &mut shutdown => break,
         }
@@ -457,6 +471,17 @@ pub async fn accept_loop<S, B>(
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed with connections still open"),
     }
+}
+
+fn spawn_connection<E>(connection: impl Future<Output = Result<(), E>> + Send + 'static)
+where
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
 }
 
 #[cfg(test)]

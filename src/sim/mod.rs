@@ -164,6 +164,11 @@ impl Simulator {
         lock(&self.state.stats).clone()
     }
 
+    /// Every access token issued so far (tests check that none of them leaks).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        lock(&self.state.tokens).keys().cloned().collect()
+    }
+
     /// Replaces the faults in force.
     pub fn set_faults(&self, faults: Faults) {
         *lock(&self.state.faults) = faults;
@@ -183,7 +188,8 @@ impl Simulator {
             let sim = self.clone();
             async move { sim.handle(req).await }
         });
-        crate::server::accept_loop(listener, service, shutdown, Duration::from_secs(1)).await;
+        crate::server::accept_loop(listener, service, shutdown, Duration::from_secs(1), false)
+            .await;
     }
 
     /// Binds `127.0.0.1:0`, serves in a task, returns the address.
@@ -412,11 +418,29 @@ impl Simulator {
                 "Access token has expired or is not yet valid.",
             );
         }
-        if faults.reject_tokens > 0 {
+        // Counted faults are consumed under the lock, so concurrent requests share them.
+        let (reject, injected) = {
             let mut f = lock(&self.state.faults);
-            f.reject_tokens = f.reject_tokens.saturating_sub(1);
-            if let Some(t) = token {
-                lock(&self.state.tokens).remove(&t);
+            if f.reject_tokens > 0 {
+                f.reject_tokens -= 1;
+                (true, None)
+            } else {
+                let injected = match (f.graph_status, f.graph_status_count) {
+                    (Some(_), Some(0)) | (None, _) => None,
+                    (Some(status), Some(n)) => {
+                        f.graph_status_count = Some(n - 1);
+                        Some(status)
+                    }
+                    (Some(status), None) => Some(status),
+                };
+                (false, injected)
+            }
+        };
+        if reject {
+            if let Some(t) = &token {
+                if let Some(issued) = lock(&self.state.tokens).get_mut(t) {
+                    issued.revoked = true;
+                }
             }
             return graph_error(
                 401,
@@ -424,20 +448,8 @@ impl Simulator {
                 "Access token has expired or is not yet valid.",
             );
         }
-        if let Some(status) = faults.graph_status {
-            let mut f = lock(&self.state.faults);
-            match f.graph_status_count {
-                Some(0) => {}
-                Some(n) => {
-                    f.graph_status_count = Some(n - 1);
-                    drop(f);
-                    return injected_status(status, faults.retry_after.as_deref());
-                }
-                None => {
-                    drop(f);
-                    return injected_status(status, faults.retry_after.as_deref());
-                }
-            }
+        if let Some(status) = injected {
+            return injected_status(status, faults.retry_after.as_deref());
         }
         if req.uri().query().is_some() {
             return graph_error(

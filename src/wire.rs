@@ -1,0 +1,193 @@
+//! [`GuardedIo`]: makes unparsable or fragment-carrying HTTP/1 request targets reach the
+//! router as ordinary bad ids.
+//!
+//! Two things happen to request targets before any handler sees them: hyper answers a
+//! target with raw non-UTF-8 or control bytes with a bare, bodiless 400, and the `http`
+//! crate silently cuts a raw `#fragment` off (so `/sessions/webinars/e/s#x` would be served
+//! as if the fragment were not there). Neither gives the caller DESIGN.md's JSON error.
+//! This wrapper rewrites, in place and length for length, every such byte inside a request
+//! target (`#`, bytes >= 0x80, control bytes) to `%`. A lone `%` is never a valid id, so
+//! the router refuses the request with a JSON 400 before anything else happens.
+//!
+//! It follows request lines with a small state machine: request line, then headers until
+//! the empty line, then the next request line. Requests with a body are refused by the
+//! handler with `Connection: close`, so body bytes never need tracking. HTTP/2 (the
+//! `PRI * HTTP/2.0` preface) is passed through untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a request line, before the method.
+    Method,
+    /// Inside the request target (after the first space).
+    Target,
+    /// After the target, up to the end of the request line.
+    Version,
+    /// In the header block; `blank` tells whether the current line is empty so far.
+    Headers { blank: bool },
+    /// HTTP/2 or anything we do not understand: pass bytes through.
+    PassThrough,
+}
+
+#[derive(Debug)]
+pub struct GuardedIo<T> {
+    inner: T,
+    state: State,
+    /// Bytes of the current request line's method, to recognise the HTTP/2 preface.
+    method: [u8; 4],
+    method_len: usize,
+}
+
+impl<T> GuardedIo<T> {
+    pub fn new(inner: T) -> GuardedIo<T> {
+        GuardedIo {
+            inner,
+            state: State::Method,
+            method: [0; 4],
+            method_len: 0,
+        }
+    }
+
+    /// Rewrites `bytes` (newly read) in place, advancing the state machine.
+    fn scrub(&mut self, bytes: &mut [u8]) {
+        for b in bytes.iter_mut() {
+            self.state = match self.state {
+                State::PassThrough => return,
+                State::Method => match *b {
+                    b' ' => {
+                        if &self.method[..self.method_len] == b"PRI" {
+                            State::PassThrough
+                        } else {
+                            State::Target
+                        }
+                    }
+                    b'\r' | b'\n' => State::Method, // blank lines before a request are allowed
+                    other => {
+                        if self.method_len < self.method.len() {
+                            self.method[self.method_len] = other;
+                            self.method_len += 1;
+                        }
+                        State::Method
+                    }
+                },
+                State::Target => match *b {
+                    b' ' => State::Version,
+                    b'\r' => State::Version,
+                    b'\n' => State::Headers { blank: true },
+                    c if c == b'#' || c == 0x7f || !(0x20..0x80).contains(&c) => {
+                        *b = b'%';
+                        State::Target
+                    }
+                    _ => State::Target,
+                },
+                State::Version => match *b {
+                    b'\n' => State::Headers { blank: true },
+                    _ => State::Version,
+                },
+                State::Headers { blank } => match *b {
+                    b'\r' => State::Headers { blank },
+                    b'\n' if blank => {
+                        self.method_len = 0;
+                        State::Method
+                    }
+                    b'\n' => State::Headers { blank: true },
+                    _ => State::Headers { blank: false },
+                },
+            };
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            this.scrub(&mut buf.filled_mut()[before..]);
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrubbed(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut g = GuardedIo::new(());
+        let mut out = Vec::new();
+        for chunk in chunks {
+            let mut c = chunk.to_vec();
+            g.scrub(&mut c);
+            out.extend_from_slice(&c);
+        }
+        out
+    }
+
+    #[test]
+    fn fragments_and_raw_bytes_in_targets_become_percent() {
+        let out = scrubbed(&[b"GET /s/w/e/s#frag HTTP/1.1\r\nHost: a#b\r\n\r\n"]);
+        assert_eq!(out, b"GET /s/w/e/s%frag HTTP/1.1\r\nHost: a#b\r\n\r\n");
+        let out = scrubbed(&[b"GET /a\xff\xc3\xa9\x01 HTTP/1.1\r\n\r\n"]);
+        assert_eq!(out, b"GET /a%%%% HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn follows_keep_alive_requests_across_chunks() {
+        let out = scrubbed(&[
+            b"GET /a#1 HTTP/1.1\r\nX: #\r",
+            b"\n\r\nGET /b",
+            b"#2 HTTP/1.1\r\n\r\n",
+        ]);
+        assert_eq!(
+            out,
+            b"GET /a%1 HTTP/1.1\r\nX: #\r\n\r\nGET /b%2 HTTP/1.1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn http2_preface_passes_through() {
+        let input: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00#\xff";
+        assert_eq!(scrubbed(&[input]), input);
+    }
+}

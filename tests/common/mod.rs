@@ -1,0 +1,180 @@
+//! Shared by the end-to-end tests: the simulator and the proxy on ephemeral loopback
+//! ports, sharing one movable clock, plus a raw HTTP/1.1 client for paths that ordinary
+//! clients would normalise.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use graph_session_proxy::clock::Clock;
+use graph_session_proxy::config::{Purpose, Settings};
+use graph_session_proxy::server::Proxy;
+use graph_session_proxy::sim::{Faults, SimConfig, Simulator, Stats};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+pub use graph_session_proxy::sim::{SEED_EVENT, SEED_SESSION, TOWNHALL_EVENT, TOWNHALL_SESSION};
+
+pub const API_KEY: &str = "test-key-9f2c41";
+
+/// The proxy's test configuration; the sim's address is filled in by [`Harness`].
+pub fn base_toml() -> String {
+    let sha = sha256_hex(API_KEY);
+    format!(
+        r#"
+        [server]
+        request_timeout = "5s"
+        shutdown_grace = "2s"
+        [graph]
+        timeout = "2s"
+        max_retries = 2
+        [auth]
+        tenant_id = "5466a424-aadf-425c-9b24-034ca28d4bdd"
+        client_id = "00000000-0000-0000-0000-00000000c11e"
+        client_secret = "sim-client-secret"
+        [callers]
+        mode = "api_key"
+        [[callers.api_keys]]
+        name = "tests"
+        sha256 = "{sha}"
+        "#
+    )
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+pub struct Harness {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub sim: Simulator,
+    pub sim_addr: SocketAddr,
+    pub clock: Clock,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    pub done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::with(|_| {}, SimConfig::default()).await
+    }
+
+    /// `tweak` edits the settings after the simulator's address is known.
+    pub async fn with(tweak: impl FnOnce(&mut Settings), sim_config: SimConfig) -> Harness {
+        let clock = Clock::new();
+        let sim = Simulator::new(sim_config, clock.clone());
+        let sim_addr = sim.clone().spawn().await.unwrap();
+        let mut settings = Settings::from_toml(&base_toml(), Purpose::Embedded).unwrap();
+        settings.graph.base_url = Some(format!("http://{sim_addr}"));
+        settings.auth.token_url = Some(format!("http://{sim_addr}/{{tenant}}/oauth2/v2.0/token"));
+        tweak(&mut settings);
+        settings.validate(Purpose::Embedded).unwrap();
+        let proxy = Proxy::build(&settings, clock.clone()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = admin_listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(proxy.serve(listener, admin_listener, async {
+            let _ = stopped.await;
+        }));
+        Harness {
+            proxy: addr,
+            admin,
+            sim,
+            sim_addr,
+            clock,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .build()
+                .unwrap(),
+            stop: Some(stop),
+            done: Some(done),
+        }
+    }
+
+    pub fn url(&self, kind: &str, event: &str, session: &str) -> String {
+        format!("http://{}/sessions/{kind}/{event}/{session}", self.proxy)
+    }
+
+    pub fn seed_url(&self) -> String {
+        self.url("webinars", SEED_EVENT, SEED_SESSION)
+    }
+
+    /// GET with the test key.
+    pub async fn get(&self, url: &str) -> reqwest::Response {
+        self.http
+            .get(url)
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.sim.stats()
+    }
+
+    pub fn faults(&self, faults: Faults) {
+        self.sim.set_faults(faults);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// What a raw exchange returned.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Sends `target` byte for byte in a request line, with the test key, and reads one answer
+/// (the request asks the server to close the connection afterwards).
+pub async fn raw_get(addr: SocketAddr, target: &[u8]) -> RawResponse {
+    let mut request = b"GET ".to_vec();
+    request.extend_from_slice(target);
+    request.extend_from_slice(
+        format!(" HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    raw_exchange(addr, &request).await
+}
+
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(buf.len());
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    RawResponse {
+        status,
+        head,
+        body: buf[split..].to_vec(),
+    }
+}
