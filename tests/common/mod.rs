@@ -2,7 +2,7 @@
 //! ports, sharing one movable clock, plus a raw HTTP/1.1 client for paths that ordinary
 //! clients would normalise.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
