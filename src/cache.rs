@@ -1,15 +1,27 @@
 //! [`SessionCache`]: Graph answers in memory, with freshness judged by our own clock.
 //!
 //! moka holds the entries and bounds them by bytes (a weigher over body + key); each entry
-//! lives in moka for as long as it could still be served (`ttl` plus the stale windows,
-//! or `negative_ttl` for a 404). Whether an entry is *fresh* is decided here from its
-//! `stored_at`, because moka has no notion of stale reads and its clock cannot be moved by
-//! tests.
+//! lives in moka (per-entry expiry) for as long as it could still be served: its
+//! freshness lifetime plus the longer stale window. Whether an entry is fresh or stale is
+//! decided here from the entry's own instants, because moka has no notion of stale reads
+//! and its clock cannot be moved by tests. An entry's life:
+//!
+//! ```text
+//! stored ── fresh (hit) ──┬── last `refresh_ahead` of ttl: hit + background refresh
+//!                         ├── stale_while_revalidate: stale served at once + background refresh
+//!                         └── stale_if_error: Graph asked; on failure the stale entry is served
+//! ```
+//!
+//! The freshness lifetime is `ttl`, `negative_ttl` for a Graph 404, or `ttl_ended` for a
+//! session whose `endDateTime` is more than an hour past (`smart_ttl`).
 //!
 //! Misses are single-flight: the first caller for a key spawns the Graph call as its own
 //! task and publishes a shared future in `inflight`; everyone else for that key awaits the
 //! same future. Because the call is a spawned task, the caller that started it may
 //! disconnect without cancelling it: the answer is still stored for the next request.
+//! Background refreshes, revalidations (`no-cache`) and misses all go through the same
+//! single flight. A failed call is remembered for `failure_ttl`, so the next burst gets
+//! the same error (or a stale entry) without calling a failing Graph again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,28 +53,51 @@ pub struct Entry {
     pub stored_at: Instant,
     /// Fresh until then.
     pub fresh_until: Instant,
+    /// Served stale (with a background refresh) without waiting, until then.
+    pub revalidate_until: Instant,
     /// May still be served while Graph fails until then.
     pub stale_until: Instant,
+    /// From then on a read triggers a background refresh while the entry is still fresh.
+    pub refresh_from: Instant,
     pub graph_request_id: Option<HeaderValue>,
 }
+
+/// An `endDateTime` further back than this marks a session as over (for `smart_ttl`).
+const ENDED_AFTER: Duration = Duration::from_secs(3600);
 
 impl Entry {
     fn new(answer: GraphAnswer, now: Instant, settings: &CacheSettings) -> Entry {
         let (body, fresh_for, stale_for) = match answer.fetched {
-            Fetched::Found(body) => (Some(body), settings.ttl, settings.stale_if_error),
+            Fetched::Found(body) => {
+                let fresh_for =
+                    if settings.smart_ttl && ended_long_ago(&body, std::time::SystemTime::now()) {
+                        settings.ttl_ended.max(settings.ttl)
+                    } else {
+                        settings.ttl
+                    };
+                (Some(body), fresh_for, settings.stale_if_error)
+            }
             Fetched::NotFound => (None, settings.negative_ttl, Duration::ZERO),
         };
         let etag = etag_of(body.as_deref().unwrap_or(b""));
+        let fresh_until = now + fresh_for;
         Entry {
             body,
             etag,
             stored_at: now,
-            fresh_until: now + fresh_for,
-            stale_until: now + fresh_for + stale_for,
+            fresh_until,
+            revalidate_until: fresh_until + settings.stale_while_revalidate,
+            stale_until: fresh_until + stale_for,
+            refresh_from: fresh_until - fresh_for.mul_f64(settings.refresh_ahead),
             graph_request_id: answer
                 .graph_request_id
                 .and_then(|id| HeaderValue::from_str(&id).ok()),
         }
+    }
+
+    /// How long moka keeps the entry: until neither stale window can use it.
+    fn keep_for(&self) -> Duration {
+        self.revalidate_until.max(self.stale_until) - self.stored_at
     }
 
     pub fn is_fresh(&self, now: Instant) -> bool {
@@ -103,8 +138,12 @@ pub fn etag_of(body: &[u8]) -> HeaderValue {
 /// How a lookup was answered; becomes `Cache-Status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Fresh entry, Graph not contacted.
+    /// Fresh entry, Graph not contacted (perhaps a background refresh started).
     Hit,
+    /// Stale entry within `stale_while_revalidate`, served at once; a background refresh runs.
+    StaleWhileRevalidate,
+    /// Stale entry the caller accepted with `Cache-Control: max-stale`; a background refresh runs.
+    MaxStale,
     /// This request started the Graph call.
     Miss,
     /// This request waited on a Graph call another request started.
@@ -129,6 +168,9 @@ pub struct Directives {
     pub no_cache: bool,
     /// `Cache-Control: only-if-cached`: never contact Graph.
     pub only_if_cached: bool,
+    /// `Cache-Control: max-stale[=N]`: a stale entry up to N seconds past its freshness
+    /// (any, without N) is acceptable; bounded by `stale_if_error`.
+    pub max_stale: Option<Duration>,
 }
 
 type FetchResult = Result<Arc<Entry>, Arc<ProxyError>>;
@@ -137,6 +179,8 @@ pub struct SessionCache {
     store: moka::sync::Cache<SessionKey, Arc<Entry>>,
     /// Graph calls in progress, one per key; removed by the call's task when it ends.
     inflight: Mutex<HashMap<SessionKey, Shared<BoxFuture<'static, FetchResult>>>>,
+    /// Recent failures per key and until when they stand (`failure_ttl`).
+    failures: moka::sync::Cache<SessionKey, (Arc<ProxyError>, Instant)>,
     graph: Arc<GraphClient>,
     settings: CacheSettings,
     /// Upper bound for one shared Graph call.
@@ -145,11 +189,7 @@ pub struct SessionCache {
 }
 
 /// Keeps each entry in moka for as long as it may be served (fresh or stale).
-struct KeepWhileServable {
-    stale_if_error: Duration,
-    ttl: Duration,
-    negative_ttl: Duration,
-}
+struct KeepWhileServable;
 
 impl moka::Expiry<SessionKey, Arc<Entry>> for KeepWhileServable {
     fn expire_after_create(
@@ -158,20 +198,17 @@ impl moka::Expiry<SessionKey, Arc<Entry>> for KeepWhileServable {
         entry: &Arc<Entry>,
         _now: std::time::Instant,
     ) -> Option<Duration> {
-        Some(match entry.body {
-            Some(_) => self.ttl + self.stale_if_error,
-            None => self.negative_ttl,
-        })
+        Some(entry.keep_for())
     }
 
     fn expire_after_update(
         &self,
-        key: &SessionKey,
+        _key: &SessionKey,
         entry: &Arc<Entry>,
-        now: std::time::Instant,
+        _now: std::time::Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
-        self.expire_after_create(key, entry, now)
+        Some(entry.keep_for())
     }
 }
 
@@ -185,15 +222,17 @@ impl SessionCache {
         let store = moka::sync::Cache::builder()
             .max_capacity(settings.max_bytes.as_u64())
             .weigher(|key: &SessionKey, entry: &Arc<Entry>| entry.weight(key))
-            .expire_after(KeepWhileServable {
-                stale_if_error: settings.stale_if_error,
-                ttl: settings.ttl,
-                negative_ttl: settings.negative_ttl,
-            })
+            .expire_after(KeepWhileServable)
+            .build();
+        // Real-time expiry bounds memory; whether a failure still stands is judged by our clock.
+        let failures = moka::sync::Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(settings.failure_ttl.max(Duration::from_millis(1)))
             .build();
         Arc::new(SessionCache {
             store,
             inflight: Mutex::new(HashMap::new()),
+            failures,
             graph,
             settings: settings.clone(),
             fetch_timeout,
@@ -205,74 +244,107 @@ impl SessionCache {
         self.clock.now()
     }
 
-    /// The session for `key`: from memory when fresh, else from Graph (shared call).
+    /// The session for `key`: from memory when fresh (or acceptably stale), else from
+    /// Graph through the key's shared call, else a stale entry, else the error.
     pub async fn get(
         self: &Arc<Self>,
         key: &SessionKey,
         directives: Directives,
     ) -> Result<Lookup, Arc<ProxyError>> {
-        let cached = self.store.get(key);
         let now = self.clock.now();
+        let cached = self.store.get(key);
         if let Some(entry) = &cached {
-            if entry.is_fresh(now) && (!directives.no_cache || directives.only_if_cached) {
+            if let Some(outcome) = self.servable(entry, now, directives) {
+                if outcome != Outcome::Hit || now >= entry.refresh_from {
+                    self.refresh_in_background(key);
+                }
                 return Ok(Lookup {
                     entry: entry.clone(),
-                    outcome: Outcome::Hit,
+                    outcome,
                 });
             }
         }
         if directives.only_if_cached {
-            return match cached {
-                Some(entry) if now < entry.stale_until => Ok(Lookup {
-                    entry,
-                    outcome: Outcome::StaleIfError,
-                }),
-                _ => Err(Arc::new(ProxyError::NotCached)),
-            };
+            return Err(Arc::new(ProxyError::NotCached));
         }
-        let (call, started) = match self.join_or_start(key, directives.no_cache) {
-            Joined::Fresh(entry) => {
-                return Ok(Lookup {
+        let result = match self.recent_failure(key, now) {
+            Some(error) => Err(error),
+            None => match self.join_or_start(key, directives.no_cache) {
+                Joined::Fresh(entry) => Ok(Lookup {
                     entry,
                     outcome: Outcome::Hit,
-                })
-            }
-            Joined::Call(call, started) => (call, started),
+                }),
+                Joined::Call(call, started) => call.await.map(|entry| Lookup {
+                    entry,
+                    outcome: match (started, directives.no_cache) {
+                        (true, true) => Outcome::Revalidated,
+                        (true, false) => Outcome::Miss,
+                        (false, _) => Outcome::Collapsed,
+                    },
+                }),
+            },
         };
-        match call.await {
-            Ok(entry) => {
-                let outcome = match (started, directives.no_cache) {
-                    (true, true) => Outcome::Revalidated,
-                    (true, false) => Outcome::Miss,
-                    (false, _) => Outcome::Collapsed,
-                };
-                Ok(Lookup { entry, outcome })
-            }
-            Err(error) => {
-                // Graph or the token endpoint failed: a stale entry beats an error.
-                let now = self.clock.now();
-                match self.store.get(key) {
-                    Some(entry) if entry.body.is_some() && now < entry.stale_until => {
-                        tracing::warn!(%key, error = %error, "serving stale entry while Graph fails");
-                        Ok(Lookup {
-                            entry,
-                            outcome: Outcome::StaleIfError,
-                        })
-                    }
-                    _ => Err(error),
+        result.or_else(|error| {
+            // Graph or the token endpoint failed: a stale entry beats an error.
+            let now = self.clock.now();
+            match self.store.get(key) {
+                Some(entry) if entry.body.is_some() && now < entry.stale_until => {
+                    tracing::debug!(%key, error = %error, "serving a stale entry while Graph fails");
+                    Ok(Lookup {
+                        entry,
+                        outcome: Outcome::StaleIfError,
+                    })
                 }
+                _ => Err(error),
+            }
+        })
+    }
+
+    /// How `entry` may answer without waiting for Graph, if at all.
+    fn servable(&self, entry: &Entry, now: Instant, directives: Directives) -> Option<Outcome> {
+        if entry.is_fresh(now) && (!directives.no_cache || directives.only_if_cached) {
+            return Some(Outcome::Hit);
+        }
+        if directives.no_cache {
+            return None;
+        }
+        if let Some(max_stale) = directives.max_stale {
+            let limit = max_stale.min(self.settings.stale_if_error);
+            if entry.body.is_some() && now <= entry.fresh_until + limit {
+                return Some(Outcome::MaxStale);
             }
         }
+        if now < entry.revalidate_until && !directives.only_if_cached {
+            return Some(Outcome::StaleWhileRevalidate);
+        }
+        None
+    }
+
+    fn recent_failure(&self, key: &SessionKey, now: Instant) -> Option<Arc<ProxyError>> {
+        self.failures
+            .get(key)
+            .filter(|(_, until)| now < *until)
+            .map(|(error, _)| error)
+    }
+
+    /// Starts (or joins) a refresh of `key` that nobody waits for.
+    fn refresh_in_background(self: &Arc<Self>, key: &SessionKey) {
+        if self.recent_failure(key, self.clock.now()).is_some() {
+            return;
+        }
+        // The shared call runs as its own task: dropping our handle does not cancel it.
+        drop(self.join_or_start(key, true));
     }
 
     /// Joins the Graph call in progress for `key`, or starts one.
-    fn join_or_start(self: &Arc<Self>, key: &SessionKey, no_cache: bool) -> Joined {
+    /// With `force`, a fresh entry does not stop a new call (refreshes, `no-cache`).
+    fn join_or_start(self: &Arc<Self>, key: &SessionKey, force: bool) -> Joined {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(call) = inflight.get(key) {
             return Joined::Call(call.clone(), false);
         }
         // A call may have finished between our cache read and taking this lock.
-        if !no_cache {
+        if !force {
             if let Some(entry) = self.store.get(key).filter(|e| e.is_fresh(self.clock.now())) {
                 return Joined::Fresh(entry);
             }
@@ -287,7 +359,14 @@ impl SessionCache {
                     this.store.insert(task_key.clone(), entry.clone());
                     Ok(entry)
                 }
-                Err(e) => Err(Arc::new(e)),
+                Err(e) => {
+                    let e = Arc::new(e);
+                    if !this.settings.failure_ttl.is_zero() {
+                        let until = this.clock.now() + this.settings.failure_ttl;
+                        this.failures.insert(task_key.clone(), (e.clone(), until));
+                    }
+                    Err(e)
+                }
             };
             // Stored (or failed) before leaving `inflight`, so a later caller either
             // finds the entry or starts a new call; never neither.
@@ -307,14 +386,20 @@ impl SessionCache {
         Joined::Call(call, true)
     }
 
-    /// Drops one key. Returns whether it was cached.
+    /// Drops one key (and any failure remembered for it). Returns whether it was cached.
     pub fn purge(&self, key: &SessionKey) -> bool {
+        self.failures.invalidate(key);
         self.store.remove(key).is_some()
     }
 
     /// Drops everything.
     pub fn purge_all(&self) {
+        self.failures.invalidate_all();
         self.store.invalidate_all();
+    }
+
+    pub fn graph(&self) -> &GraphClient {
+        &self.graph
     }
 
     /// Entries and weighted bytes (after pending maintenance).
@@ -322,6 +407,47 @@ impl SessionCache {
         self.store.run_pending_tasks();
         (self.store.entry_count(), self.store.weighted_size())
     }
+}
+
+/// Whether the session's `endDateTime` (a plain RFC 3339 string, or Graph's
+/// `{"dateTime", "timeZone": "UTC"}`) lies more than an hour before `now`. Anything else
+/// (other time zones, missing, unparsable) counts as not ended.
+fn ended_long_ago(body: &[u8], now: std::time::SystemTime) -> bool {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum When {
+        Plain(String),
+        Zoned {
+            #[serde(rename = "dateTime")]
+            date_time: String,
+            #[serde(rename = "timeZone")]
+            time_zone: Option<String>,
+        },
+    }
+    #[derive(serde::Deserialize)]
+    struct Session {
+        #[serde(rename = "endDateTime")]
+        end: Option<When>,
+    }
+    let Ok(Session { end: Some(end) }) = serde_json::from_slice::<Session>(body) else {
+        return false;
+    };
+    let parsed = match end {
+        When::Plain(text) => humantime::parse_rfc3339_weak(text.trim_end_matches('Z')),
+        When::Zoned {
+            date_time,
+            time_zone,
+        } => {
+            if !time_zone
+                .as_deref()
+                .is_none_or(|tz| tz.eq_ignore_ascii_case("UTC"))
+            {
+                return false;
+            }
+            humantime::parse_rfc3339_weak(date_time.trim_end_matches('Z'))
+        }
+    };
+    parsed.is_ok_and(|end| end + ENDED_AFTER < now)
 }
 
 enum Joined {
@@ -340,6 +466,67 @@ mod tests {
         assert_ne!(a, etag_of(b"{\"id\":2}"));
         let s = a.to_str().unwrap();
         assert!(s.starts_with('"') && s.ends_with('"') && !s.starts_with("W/"));
+    }
+
+    #[test]
+    fn ended_sessions_are_recognised() {
+        let now = humantime::parse_rfc3339("2026-11-29T12:00:00Z").unwrap();
+        assert!(ended_long_ago(
+            br#"{"endDateTime":"2023-08-09T22:00:00Z"}"#,
+            now
+        ));
+        assert!(ended_long_ago(
+            br#"{"endDateTime":{"dateTime":"2026-11-29T10:00:00.0000000","timeZone":"UTC"}}"#,
+            now
+        ));
+        assert!(
+            !ended_long_ago(br#"{"endDateTime":"2026-11-29T11:30:00Z"}"#, now),
+            "ended 30 minutes ago"
+        );
+        assert!(
+            !ended_long_ago(br#"{"endDateTime":"2026-12-01T10:00:00Z"}"#, now),
+            "in the future"
+        );
+        assert!(!ended_long_ago(
+            br#"{"endDateTime":{"dateTime":"2023-01-01T00:00:00","timeZone":"Pacific Standard Time"}}"#,
+            now
+        ));
+        assert!(!ended_long_ago(br#"{"endDateTime":null}"#, now));
+        assert!(!ended_long_ago(br#"{"endDateTime":"yesterday"}"#, now));
+        assert!(!ended_long_ago(b"{}", now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn smart_ttl_and_windows() {
+        let settings = CacheSettings::default();
+        let now = Instant::now();
+        let answer = |body: &'static [u8]| GraphAnswer {
+            fetched: Fetched::Found(Bytes::from_static(body)),
+            graph_request_id: None,
+            status: 200,
+        };
+        let ended = Entry::new(
+            answer(br#"{"endDateTime":"2023-08-09T22:00:00Z"}"#),
+            now,
+            &settings,
+        );
+        assert_eq!(ended.fresh_until - now, settings.ttl_ended);
+        let live = Entry::new(
+            answer(br#"{"endDateTime":"2999-01-01T00:00:00Z"}"#),
+            now,
+            &settings,
+        );
+        assert_eq!(live.fresh_until - now, settings.ttl);
+        assert_eq!(
+            live.refresh_from - now,
+            Duration::from_secs(240),
+            "last 20% of 5m"
+        );
+        assert_eq!(
+            live.revalidate_until - live.fresh_until,
+            settings.stale_while_revalidate
+        );
+        assert_eq!(live.keep_for(), settings.ttl + settings.stale_if_error);
     }
 
     #[tokio::test(start_paused = true)]

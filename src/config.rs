@@ -145,6 +145,12 @@ pub struct GraphSettings {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub max_retries: u32,
+    /// Consecutive Graph failures (5xx, timeouts, connection errors) that open the
+    /// circuit; 0 = never.
+    pub circuit_failures: u32,
+    /// How long an open circuit stops calls before one probe is let through.
+    #[serde(with = "humantime_serde")]
+    pub circuit_cooldown: Duration,
 }
 
 impl Default for GraphSettings {
@@ -155,6 +161,8 @@ impl Default for GraphSettings {
             base_url: None,
             timeout: Duration::from_secs(10),
             max_retries: 3,
+            circuit_failures: 5,
+            circuit_cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -229,6 +237,17 @@ pub struct CacheSettings {
     pub stale_if_error: Duration,
     /// Bound on the bytes held by the cache (bodies, keys and per-entry overhead).
     pub max_bytes: ByteSize,
+    /// A fresh entry read within this last fraction of its `ttl` is refreshed in the
+    /// background, so a hot session never expires in front of a caller; 0 = off.
+    pub refresh_ahead: f64,
+    /// A failed Graph call for a key is remembered this long: requests in that time get
+    /// the same error (or a stale entry) without calling Graph again; 0s = off.
+    #[serde(with = "humantime_serde")]
+    pub failure_ttl: Duration,
+    /// Keep sessions that ended more than an hour ago fresh for `ttl_ended` instead of `ttl`.
+    pub smart_ttl: bool,
+    #[serde(with = "humantime_serde")]
+    pub ttl_ended: Duration,
 }
 
 impl Default for CacheSettings {
@@ -239,6 +258,10 @@ impl Default for CacheSettings {
             stale_while_revalidate: Duration::from_secs(60),
             stale_if_error: Duration::from_secs(3600),
             max_bytes: ByteSize::mib(256),
+            refresh_ahead: 0.2,
+            failure_ttl: Duration::from_secs(1),
+            smart_ttl: true,
+            ttl_ended: Duration::from_secs(3600),
         }
     }
 }
@@ -512,6 +535,16 @@ impl Settings {
 
         let c = &self.cache;
         positive("cache.ttl", c.ttl)?;
+        positive("cache.ttl_ended", c.ttl_ended)?;
+        if !(0.0..1.0).contains(&c.refresh_ahead) {
+            return Err(ConfigError::invalid(
+                "cache.refresh_ahead",
+                "a fraction of ttl from 0 (off) to below 1, e.g. 0.2",
+            ));
+        }
+        if g.circuit_failures > 0 {
+            positive("graph.circuit_cooldown", g.circuit_cooldown)?;
+        }
         if c.max_bytes.as_u64() < 64 * 1024 {
             return Err(ConfigError::invalid(
                 "cache.max_bytes",

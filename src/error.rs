@@ -4,6 +4,7 @@
 //! with an `upstream*` / `tokenUnavailable` code), or the proxy itself (500). Callers get a
 //! short, fixed text; the whole `#[source]` chain goes to the log only.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,10 +42,12 @@ pub enum ProxyError {
     UpstreamUnreachable(#[source] reqwest::Error),
     #[error("Graph is throttling (retry in {retry_after:?})")]
     Throttled { retry_after: Duration },
+    #[error("Graph keeps failing: circuit open (retry in {retry_after:?})")]
+    CircuitOpen { retry_after: Duration },
     #[error("Graph did not answer in time")]
     UpstreamTimeout,
     #[error("no access token")]
-    Token(#[source] TokenError),
+    Token(#[source] Arc<TokenError>),
     #[error("too many concurrent requests")]
     Overloaded,
     #[error("shutting down")]
@@ -137,6 +140,14 @@ impl ProxyError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstreamThrottled",
                     "Graph is throttling the proxy and this session is not cached; retry after the Retry-After delay",
+                )
+            },
+            E::CircuitOpen { retry_after } => Answer {
+                header: Some((RETRY_AFTER, retry_after_value(*retry_after))),
+                ..answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstreamUnavailable",
+                    "Graph has been failing; the proxy pauses calls to it and this session is not cached; retry after the Retry-After delay",
                 )
             },
             E::UpstreamTimeout => answer(

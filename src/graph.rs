@@ -17,7 +17,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::error::ProxyError;
+use crate::gate::{Closed, Gate, Report};
 use crate::routes::SessionKey;
 use crate::token::TokenProvider;
 
@@ -53,6 +55,21 @@ pub struct GraphClient {
     tokens: Arc<TokenProvider>,
     timeout: Duration,
     max_retries: u32,
+    /// Closed while Graph throttles us or keeps failing; shared by every key.
+    pub gate: Gate,
+    clock: Clock,
+}
+
+/// How to reach Graph.
+pub struct GraphOptions {
+    pub root: String,
+    pub api_version: &'static str,
+    /// Per attempt.
+    pub timeout: Duration,
+    pub max_retries: u32,
+    /// Consecutive failures that open the circuit (0 = never) and for how long.
+    pub circuit_failures: u32,
+    pub circuit_cooldown: Duration,
 }
 
 /// Outbound HTTP client for Graph and the token endpoint: rustls, pooled, no redirects
@@ -69,18 +86,26 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
 impl GraphClient {
     pub fn new(
         http: reqwest::Client,
-        root: &str,
-        api_version: &str,
+        options: GraphOptions,
         tokens: Arc<TokenProvider>,
-        timeout: Duration,
-        max_retries: u32,
+        clock: Clock,
     ) -> GraphClient {
         GraphClient {
             http,
-            base: format!("{}/{api_version}", root.trim_end_matches('/')),
+            base: format!(
+                "{}/{}",
+                options.root.trim_end_matches('/'),
+                options.api_version
+            ),
             tokens,
-            timeout,
-            max_retries,
+            timeout: options.timeout,
+            max_retries: options.max_retries,
+            gate: Gate::new(
+                options.circuit_failures,
+                options.circuit_cooldown,
+                options.timeout,
+            ),
+            clock,
         }
     }
 
@@ -99,6 +124,13 @@ impl GraphClient {
         let mut renewed_token = false;
         loop {
             let token = self.tokens.token().await.map_err(ProxyError::Token)?;
+            // After the token: a probe admitted here must be the one that calls Graph.
+            self.gate
+                .admit(self.clock.now())
+                .map_err(|closed| match closed {
+                    Closed::Throttled { retry_after } => ProxyError::Throttled { retry_after },
+                    Closed::CircuitOpen { retry_after } => ProxyError::CircuitOpen { retry_after },
+                })?;
             let client_request_id = uuid::Uuid::new_v4().to_string();
             let mut request = self
                 .http
@@ -123,14 +155,20 @@ impl GraphClient {
             })
             .await;
 
+            let now = self.clock.now();
             let retry_wait = match outcome {
                 Err(_elapsed) => {
                     tracing::warn!(%url, client_request_id, "Graph attempt timed out");
+                    self.gate.report(now, Report::Failed);
                     Retry::After(None, ProxyError::UpstreamTimeout)
                 }
-                Ok(Err(e)) if e.is_timeout() => Retry::After(None, ProxyError::UpstreamTimeout),
+                Ok(Err(e)) if e.is_timeout() => {
+                    self.gate.report(now, Report::Failed);
+                    Retry::After(None, ProxyError::UpstreamTimeout)
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(%url, client_request_id, error = %e, "Graph request failed");
+                    self.gate.report(now, Report::Failed);
                     Retry::After(None, ProxyError::UpstreamUnreachable(e))
                 }
                 Ok(Ok((status, headers, body))) => {
@@ -138,6 +176,24 @@ impl GraphClient {
                         .get("request-id")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
+                    let retry_after = headers
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                    // 429 (and 503 with Retry-After) close the gate for every key.
+                    let throttle = match (status.as_u16(), retry_after) {
+                        (429 | 503, Some(wait)) => Some(wait),
+                        (429, None) => Some(backoff(retries)),
+                        _ => None,
+                    };
+                    self.gate.report(
+                        now,
+                        match (throttle, status.as_u16()) {
+                            (Some(wait), _) => Report::Throttled(wait),
+                            (None, 500..=599) => Report::Failed,
+                            (None, _) => Report::Answered,
+                        },
+                    );
                     match status {
                         StatusCode::OK => {
                             let session =
@@ -169,10 +225,6 @@ impl GraphClient {
                         code,
                         "Graph answered with an error"
                     );
-                    let retry_after = headers
-                        .get(http::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
                     match status.as_u16() {
                         401 if code == "InvalidAuthenticationToken" && !renewed_token => {
                             self.tokens.invalidate(&token);
@@ -181,13 +233,13 @@ impl GraphClient {
                         }
                         403 => return Err(ProxyError::UpstreamForbidden { code }),
                         429 => Retry::After(
-                            retry_after,
+                            throttle,
                             ProxyError::Throttled {
-                                retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+                                retry_after: throttle.unwrap_or(Duration::from_secs(1)),
                             },
                         ),
                         503 | 504 => Retry::After(
-                            retry_after,
+                            throttle,
                             ProxyError::Upstream {
                                 status: status.as_u16(),
                                 code,

@@ -13,6 +13,7 @@
 //!   -> cache::SessionCache          fresh entry? -> answer (Graph untouched)
 //!        miss: one shared task per key
 //!   -> graph::GraphClient           {root}/{version}/solutions/virtualEvents/..., retries
+//!        gate::Gate                 no Graph calls while throttled (429) or failing (circuit)
 //!   -> token::TokenProvider         client-credentials token, cached, one refresh at a time
 //! ```
 //!
@@ -28,6 +29,7 @@ pub mod callers;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod gate;
 pub mod graph;
 pub mod routes;
 pub mod server;

@@ -34,7 +34,7 @@ use crate::callers::Callers;
 use crate::clock::Clock;
 use crate::config::{CallerMode, Settings};
 use crate::error::{error_response, ProxyError};
-use crate::graph::{http_client, GraphClient};
+use crate::graph::{http_client, GraphClient, GraphOptions};
 use crate::routes;
 use crate::token::TokenProvider;
 use crate::wire::GuardedIo;
@@ -100,11 +100,16 @@ impl Proxy {
         );
         let graph = Arc::new(GraphClient::new(
             http,
-            &settings.graph.root(),
-            settings.graph.api_version.as_str(),
+            GraphOptions {
+                root: settings.graph.root(),
+                api_version: settings.graph.api_version.as_str(),
+                timeout: settings.graph.timeout,
+                max_retries: settings.graph.max_retries,
+                circuit_failures: settings.graph.circuit_failures,
+                circuit_cooldown: settings.graph.circuit_cooldown,
+            },
             tokens.clone(),
-            settings.graph.timeout,
-            settings.graph.max_retries,
+            clock.clone(),
         ));
         let cache = SessionCache::new(
             &settings.cache,
@@ -359,6 +364,14 @@ fn cache_status(lookup: &Lookup, now: tokio::time::Instant) -> HeaderValue {
     let fwd_status = if entry.body.is_some() { 200 } else { 404 };
     let text = match lookup.outcome {
         Outcome::Hit => format!("graph-session-proxy; hit; ttl={}", entry.ttl(now)),
+        Outcome::StaleWhileRevalidate => format!(
+            "graph-session-proxy; fwd=stale; ttl={}; detail=stale-while-revalidate",
+            entry.ttl(now)
+        ),
+        Outcome::MaxStale => format!(
+            "graph-session-proxy; hit; ttl={}; detail=max-stale",
+            entry.ttl(now)
+        ),
         Outcome::Miss => format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored"),
         Outcome::Collapsed => {
             format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored; collapsed")
@@ -392,7 +405,14 @@ fn directives(headers: &http::HeaderMap) -> Directives {
             match directive.as_str() {
                 "no-cache" | "max-age=0" => d.no_cache = true,
                 "only-if-cached" => d.only_if_cached = true,
-                _ => {}
+                "max-stale" => d.max_stale = Some(Duration::MAX),
+                other => {
+                    if let Some(secs) = other.strip_prefix("max-stale=") {
+                        if let Ok(secs) = secs.trim_matches('"').parse::<u64>() {
+                            d.max_stale = Some(Duration::from_secs(secs));
+                        }
+                    }
+                }
             }
         }
     }
@@ -505,6 +525,18 @@ mod tests {
         );
         assert!(directives(&headers(&[("pragma", "no-cache")])).no_cache);
         assert!(!directives(&headers(&[("cache-control", "max-age=60")])).no_cache);
+        assert_eq!(
+            directives(&headers(&[("cache-control", "max-stale=120")])).max_stale,
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            directives(&headers(&[("cache-control", "max-stale")])).max_stale,
+            Some(Duration::MAX)
+        );
+        assert_eq!(
+            directives(&headers(&[("cache-control", "max-stale=soon")])).max_stale,
+            None
+        );
     }
 
     #[test]

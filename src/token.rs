@@ -7,7 +7,7 @@
 //! Graph rejects a token, [`TokenProvider::invalidate`] drops exactly that token, so a
 //! burst of 401s leads to one refresh, not one per request.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -195,10 +195,21 @@ pub struct TokenProvider {
     current: RwLock<Option<Arc<CachedToken>>>,
     /// Held for the length of one token request, so only one runs at a time.
     refresh_lock: tokio::sync::Mutex<()>,
-    /// Until then the token endpoint told us (429) not to ask again.
-    throttled_until: RwLock<Option<Instant>>,
+    /// The last failure and until when it stands: a 429's `Retry-After`, or a short pause
+    /// so that a burst of requests during an identity outage makes one token request,
+    /// not one each.
+    failed: RwLock<Option<(Instant, Arc<TokenError>)>>,
+    /// True while a background refresh task runs (at most one).
+    refreshing: AtomicBool,
     serial: AtomicU64,
 }
+
+/// After a failed token request, callers get that failure for this long without a new
+/// request (unless the endpoint asked for longer with `Retry-After`).
+const FAILURE_PAUSE: Duration = Duration::from_secs(1);
+/// Background refresh retries: first pause and cap.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_CAP: Duration = Duration::from_secs(60);
 
 impl TokenProvider {
     pub fn new(
@@ -223,60 +234,99 @@ impl TokenProvider {
             clock,
             current: RwLock::new(None),
             refresh_lock: tokio::sync::Mutex::new(()),
-            throttled_until: RwLock::new(None),
+            failed: RwLock::new(None),
+            refreshing: AtomicBool::new(false),
             serial: AtomicU64::new(0),
         })
     }
 
-    /// The token in use if it is not due for refresh.
-    fn usable(&self, now: Instant) -> Option<Arc<CachedToken>> {
-        let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().filter(|t| now < t.refresh_at).cloned()
+    fn current(&self) -> Option<Arc<CachedToken>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    /// A token valid now: the cached one, or a fresh one from the token endpoint.
-    pub async fn token(&self) -> Result<Arc<CachedToken>, TokenError> {
-        if let Some(token) = self.usable(self.clock.now()) {
-            return Ok(token);
-        }
-        let _one_refresh = self.refresh_lock.lock().await;
-        // Whoever held the lock before us may have refreshed already.
+    /// A token valid now. The cached one while it is not due for refresh; once due but
+    /// still valid, the cached one while a background task refreshes it (callers never
+    /// wait for a refresh they do not need); with no valid token, a new one from the token
+    /// endpoint (one request at a time, shared by all waiters).
+    pub async fn token(self: &Arc<Self>) -> Result<Arc<CachedToken>, Arc<TokenError>> {
         let now = self.clock.now();
-        if let Some(token) = self.usable(now) {
+        if let Some(token) = self.current() {
+            if now < token.refresh_at {
+                return Ok(token);
+            }
+            if now < token.expires_at {
+                self.refresh_in_background();
+                return Ok(token);
+            }
+        }
+        self.refresh().await
+    }
+
+    fn refresh_in_background(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut pause = RETRY_FIRST;
+            loop {
+                match this.refresh().await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        let now = this.clock.now();
+                        let Some(expires_at) =
+                            this.current().map(|t| t.expires_at).filter(|at| now < *at)
+                        else {
+                            // Expired: requests now ask in the foreground.
+                            break;
+                        };
+                        let wait = e.retry_after().unwrap_or(pause).min(expires_at - now);
+                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "background token refresh failed; the current token stays in use");
+                        tokio::time::sleep(wait).await;
+                        pause = (pause * 2).min(RETRY_CAP);
+                    }
+                }
+            }
+            this.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// One token request at a time; waiters take its result.
+    async fn refresh(&self) -> Result<Arc<CachedToken>, Arc<TokenError>> {
+        let _one_request = self.refresh_lock.lock().await;
+        let now = self.clock.now();
+        // Whoever held the lock before us may have refreshed already...
+        if let Some(token) = self.current().filter(|t| now < t.refresh_at) {
             return Ok(token);
         }
-        let still_valid = {
-            let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
-            guard.as_ref().filter(|t| now < t.expires_at).cloned()
-        };
-        let throttled = *self
-            .throttled_until
+        // ...or failed moments ago.
+        if let Some((until, error)) = self
+            .failed
             .read()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(until) = throttled.filter(|until| now < *until) {
-            return still_valid.ok_or(TokenError::Throttled(until - now));
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            if now < until {
+                return Err(error);
+            }
         }
         match self.fetch().await {
             Ok(token) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+                *self.failed.write().unwrap_or_else(|e| e.into_inner()) = None;
                 Ok(token)
             }
             Err(e) => {
-                if let TokenError::Throttled(wait) = &e {
-                    *self
-                        .throttled_until
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner()) = Some(now + *wait);
-                }
-                // A token that is due for refresh but not expired still serves while the
-                // identity platform fails.
-                match still_valid {
-                    Some(token) => {
-                        tracing::warn!(error = %e, "token refresh failed; using the current token until it expires");
-                        Ok(token)
-                    }
-                    None => Err(e),
-                }
+                let e = Arc::new(e);
+                let now = self.clock.now();
+                let pause = e.retry_after().unwrap_or(FAILURE_PAUSE);
+                tracing::warn!(error = %e, "token request failed");
+                *self.failed.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some((now + pause, e.clone()));
+                Err(e)
             }
         }
     }
@@ -347,6 +397,12 @@ impl TokenProvider {
             return Err(TokenError::Malformed("expires_in is 0".to_string()));
         }
         let margin = self.refresh_before.min(lifetime / 10);
+        // Entra's `refresh_in` (about half the lifetime) asks for an earlier refresh, which
+        // runs in the background while this token keeps serving.
+        let refresh_after = match response.refresh_in {
+            Some(secs) if secs > 0 => Duration::from_secs(secs).min(lifetime - margin),
+            _ => lifetime - margin,
+        };
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(
             lifetime_s = lifetime.as_secs(),
@@ -355,7 +411,7 @@ impl TokenProvider {
         );
         Ok(Arc::new(CachedToken {
             secret: SecretString::from(response.access_token.secret().to_string()),
-            refresh_at: started + lifetime - margin,
+            refresh_at: started + refresh_after,
             expires_at: started + lifetime,
             serial,
         }))

@@ -600,9 +600,13 @@ fn seed_session(id: &str, subject: &str) -> serde_json::Value {
 }
 
 /// A bare session object with `@odata.context`, as Graph most likely really answers.
+/// Unlike the seed page's example (which ended in 2023), generated sessions lie in the
+/// future, so they keep the normal `ttl` under `smart_ttl`.
 pub fn generated_body(kind: &str, event: &str, session: &str) -> Bytes {
     let mut object = seed_session(session, &format!("Generated session {session} of {event}"));
     if let Some(map) = object.as_object_mut() {
+        map.insert("startDateTime".to_string(), json!("2099-08-08T12:30:00Z"));
+        map.insert("endDateTime".to_string(), json!("2099-08-08T14:00:00Z"));
         map.insert(
             "@odata.context".to_string(),
             json!(format!("https://graph.microsoft.com/v1.0/$metadata#solutions/virtualEvents/{kind}('{event}')/sessions/$entity")),
