@@ -3,7 +3,10 @@
 //! `api_key`: the key comes as `Authorization: Bearer KEY` or `x-api-key: KEY`; only its
 //! SHA-256 is configured. The presented key's digest is compared with every configured
 //! digest in constant time (no early exit), so timing reveals neither a prefix nor which
-//! entry matched. `none`: everyone is the anonymous caller (warned about at start-up).
+//! entry matched. `jwt`: an Entra ID app token in `Authorization: Bearer`, verified by
+//! [`JwtVerifier`]; the caller is its `azp`/`appid`. Both may be enabled at once: a
+//! bearer credential shaped like a JWT is verified as one, anything else is an API key.
+//! `none`: everyone is the anonymous caller (warned about at start-up).
 
 use std::sync::Arc;
 
@@ -12,8 +15,10 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{CallerMode, CallersSettings};
+use crate::clock::Clock;
+use crate::config::{CallerMode, CallersSettings, JwtAppSettings};
 use crate::error::ProxyError;
+use crate::jwt::{Claims, JwtOptions, JwtVerifier};
 use crate::routes::{Kind, SessionKey};
 
 /// Who is calling and what they may read.
@@ -71,72 +76,165 @@ struct KeyEntry {
     caller: Arc<Caller>,
 }
 
+struct JwtCallers {
+    verifier: JwtVerifier,
+    apps: Vec<JwtAppSettings>,
+}
+
 pub struct Callers {
-    mode: CallerMode,
-    keys: Vec<KeyEntry>,
-    anonymous: Arc<Caller>,
+    /// `None` when API keys are not an accepted credential.
+    keys: Option<Vec<KeyEntry>>,
+    jwt: Option<JwtCallers>,
+    /// `mode = "none"`: everyone is this caller.
+    anonymous: Option<Arc<Caller>>,
 }
 
 impl Callers {
-    pub fn new(settings: &CallersSettings) -> Callers {
-        let keys = settings
-            .api_keys
-            .iter()
-            .filter_map(|k| {
-                let mut digest = [0u8; 32];
-                // validate() checked the hex; skip rather than panic if it did not.
-                hex::decode_to_slice(k.sha256.to_ascii_lowercase(), &mut digest).ok()?;
-                Some(KeyEntry {
-                    digest,
-                    caller: Arc::new(Caller {
-                        name: k.name.as_str().into(),
-                        kinds: k.kinds.clone(),
-                        events: k.events.clone(),
-                    }),
+    pub fn new(settings: &CallersSettings, http: reqwest::Client, clock: Clock) -> Callers {
+        let modes = settings.enabled_modes();
+        let keys = modes.contains(&CallerMode::ApiKey).then(|| {
+            settings
+                .api_keys
+                .iter()
+                .filter_map(|k| {
+                    let mut digest = [0u8; 32];
+                    // validate() checked the hex; skip rather than panic if it did not.
+                    hex::decode_to_slice(k.sha256.to_ascii_lowercase(), &mut digest).ok()?;
+                    Some(KeyEntry {
+                        digest,
+                        caller: Arc::new(Caller {
+                            name: k.name.as_str().into(),
+                            kinds: k.kinds.clone(),
+                            events: k.events.clone(),
+                        }),
+                    })
                 })
-            })
-            .collect();
-        Callers {
-            mode: settings.mode,
-            keys,
-            anonymous: Arc::new(Caller {
+                .collect()
+        });
+        let jwt = match (&settings.jwt, modes.contains(&CallerMode::Jwt)) {
+            (Some(jwt), true) => Some(JwtCallers {
+                verifier: JwtVerifier::new(
+                    http,
+                    JwtOptions {
+                        issuer: jwt.issuer.clone().unwrap_or_default(),
+                        audience: jwt.audience.clone().unwrap_or_default(),
+                        jwks_url: jwt.jwks_url.clone().unwrap_or_default(),
+                        required_roles: jwt.required_roles.clone(),
+                        leeway: jwt.leeway,
+                        max_age: jwt.jwks_cache,
+                    },
+                    clock,
+                ),
+                apps: jwt.apps.clone(),
+            }),
+            _ => None,
+        };
+        let anonymous = modes.contains(&CallerMode::None).then(|| {
+            Arc::new(Caller {
                 name: "anonymous".into(),
                 kinds: None,
                 events: None,
-            }),
+            })
+        });
+        Callers {
+            keys,
+            jwt,
+            anonymous,
         }
     }
 
-    pub fn mode(&self) -> CallerMode {
-        self.mode
+    pub fn is_open(&self) -> bool {
+        self.anonymous.is_some()
     }
 
-    /// Who sent these headers, or 400/401.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Caller>, ProxyError> {
-        match self.mode {
-            CallerMode::None => Ok(self.anonymous.clone()),
-            // validate() refuses jwt until it is implemented; refuse here too.
-            CallerMode::Jwt => Err(ProxyError::Unauthenticated("JWT callers are not supported")),
-            CallerMode::ApiKey => {
-                let presented = presented_key(headers)?;
-                let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-                let mut found: Option<&Arc<Caller>> = None;
-                for entry in &self.keys {
-                    if bool::from(entry.digest.ct_eq(&digest)) {
-                        found = Some(&entry.caller);
-                    }
-                }
-                found
-                    .cloned()
-                    .ok_or(ProxyError::Unauthenticated("unknown API key"))
+    /// Who sent these headers, or 400/401 (403 for a token without a required role).
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Caller>, ProxyError> {
+        if let Some(anonymous) = &self.anonymous {
+            return Ok(anonymous.clone());
+        }
+        let credential = presented_credential(headers)?;
+        match (&self.jwt, &self.keys) {
+            (Some(jwt), _) if credential.bearer && looks_like_jwt(credential.value) => {
+                let claims = jwt.verifier.verify(credential.value).await?;
+                jwt_caller(&jwt.apps, claims)
             }
+            (_, Some(keys)) => api_key_caller(keys, credential.value),
+            (Some(_), None) => Err(ProxyError::Unauthenticated(
+                "a bearer token (JWT) is required",
+            )),
+            (None, None) => Err(ProxyError::Unauthenticated(
+                "no caller credentials are accepted",
+            )),
         }
     }
+}
+
+fn api_key_caller(keys: &[KeyEntry], presented: &str) -> Result<Arc<Caller>, ProxyError> {
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let mut found: Option<&Arc<Caller>> = None;
+    for entry in keys {
+        if bool::from(entry.digest.ct_eq(&digest)) {
+            found = Some(&entry.caller);
+        }
+    }
+    found
+        .cloned()
+        .ok_or(ProxyError::Unauthenticated("unknown API key"))
+}
+
+/// The caller a verified token stands for. With apps listed, the first that matches (by
+/// client id, else by role) gives the limits, and a token matching none is refused.
+fn jwt_caller(apps: &[JwtAppSettings], claims: Claims) -> Result<Arc<Caller>, ProxyError> {
+    let id = claims.caller_id().ok_or(ProxyError::Unauthenticated(
+        "token names no application (azp, appid or sub)",
+    ))?;
+    let name: Arc<str> = id.into();
+    if apps.is_empty() {
+        return Ok(Arc::new(Caller {
+            name,
+            kinds: None,
+            events: None,
+        }));
+    }
+    let by_client = apps.iter().find(|a| {
+        a.client_id
+            .as_deref()
+            .is_some_and(|c| c.eq_ignore_ascii_case(id))
+    });
+    let by_role = || {
+        apps.iter().find(|a| {
+            a.role
+                .as_deref()
+                .is_some_and(|r| claims.roles.iter().any(|have| have == r))
+        })
+    };
+    match by_client.or_else(by_role) {
+        Some(app) => Ok(Arc::new(Caller {
+            name,
+            kinds: app.kinds.clone(),
+            events: app.events.clone(),
+        })),
+        None => Err(ProxyError::Forbidden {
+            caller: id.to_string(),
+            what: "sessions (this application is not configured)",
+        }),
+    }
+}
+
+/// `header.payload.signature`, base64url parts, header starting `{"` (`eyJ`).
+fn looks_like_jwt(value: &str) -> bool {
+    value.starts_with("eyJ") && value.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+struct Credential<'a> {
+    value: &'a str,
+    /// From `Authorization: Bearer` rather than `x-api-key`.
+    bearer: bool,
 }
 
 /// The API key from `Authorization: Bearer` or `x-api-key`. Repeated or conflicting
 /// credentials are a bad request rather than a guess.
-fn presented_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
+fn presented_credential(headers: &HeaderMap) -> Result<Credential<'_>, ProxyError> {
     let mut bearer = None;
     let mut auths = headers.get_all(AUTHORIZATION).iter();
     if let Some(value) = auths.next() {
@@ -177,7 +275,14 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
         (Some(a), Some(b)) if a != b => Err(ProxyError::InvalidRequest(
             "Authorization and x-api-key carry different keys",
         )),
-        (Some(key), _) | (None, Some(key)) if !key.is_empty() => Ok(key),
+        (Some(key), _) if !key.is_empty() => Ok(Credential {
+            value: key,
+            bearer: true,
+        }),
+        (None, Some(key)) if !key.is_empty() => Ok(Credential {
+            value: key,
+            bearer: false,
+        }),
         _ => Err(ProxyError::Unauthenticated(
             "an API key is required: Authorization: Bearer <key> or x-api-key: <key>",
         )),
@@ -186,13 +291,23 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn jwt_shapes() {
+        assert!(super::looks_like_jwt(
+            "eyJhbGciOiJSUzI1NiJ9.eyJ4IjoxfQ.c2ln"
+        ));
+        assert!(!super::looks_like_jwt("an-api-key"));
+        assert!(!super::looks_like_jwt("eyJ.only-one-dot"));
+    }
+
     use super::*;
     use crate::config::ApiKeySettings;
 
     fn callers() -> Callers {
         let digest = hex::encode(Sha256::digest(b"key-one"));
-        Callers::new(&CallersSettings {
+        let settings = CallersSettings {
             mode: CallerMode::ApiKey,
+            modes: Vec::new(),
             api_keys: vec![
                 ApiKeySettings {
                     name: "one".into(),
@@ -208,7 +323,8 @@ mod tests {
                 },
             ],
             jwt: None,
-        })
+        };
+        Callers::new(&settings, reqwest::Client::new(), Clock::new())
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -242,8 +358,8 @@ mod tests {
         assert_eq!(&*same.name, "one");
     }
 
-    #[test]
-    fn refusals() {
+    #[tokio::test]
+    async fn refusals() {
         let c = callers();
         for h in [
             headers(&[]),
@@ -252,7 +368,7 @@ mod tests {
             headers(&[("authorization", "Bearer ")]),
             headers(&[("x-api-key", "key-one "), ("x-api-key", "x")]),
         ] {
-            assert!(c.authenticate(&h).is_err(), "{h:?}");
+            assert!(c.authenticate(&h).await.is_err(), "{h:?}");
         }
         let conflicting = headers(&[
             ("authorization", "Bearer key-one"),

@@ -279,6 +279,9 @@ pub enum CallerMode {
 #[serde(default, deny_unknown_fields)]
 pub struct CallersSettings {
     pub mode: CallerMode,
+    /// Several modes at once, e.g. `["api_key", "jwt"]`; when set, `mode` is ignored.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub modes: Vec<CallerMode>,
     pub api_keys: Vec<ApiKeySettings>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtSettings>,
@@ -299,24 +302,65 @@ pub struct ApiKeySettings {
     pub events: Option<Vec<String>>,
 }
 
-/// `[callers.jwt]`: accepted so that files written against DESIGN.md parse; JWT callers
-/// are not implemented yet, so `validate()` refuses `mode = "jwt"`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// `[callers.jwt]`: Entra ID (or any OIDC) app tokens.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtSettings {
+    /// Required `iss`, e.g. `https://login.microsoftonline.com/<tenant>/v2.0`.
     pub issuer: Option<String>,
+    /// Required `aud`, e.g. `api://graph-session-proxy`.
     pub audience: Option<String>,
     pub jwks_url: Option<String>,
+    /// Every one of these must be in the token's `roles` claim.
     pub required_roles: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// How long a fetched key set is used before it is fetched again.
+    #[serde(with = "humantime_serde")]
+    pub jwks_cache: Duration,
+    /// Per-app limits; when any are listed, apps that match none are refused (403).
     pub apps: Vec<JwtAppSettings>,
 }
 
+impl Default for JwtSettings {
+    fn default() -> Self {
+        JwtSettings {
+            issuer: None,
+            audience: None,
+            jwks_url: None,
+            required_roles: Vec::new(),
+            leeway: Duration::from_secs(60),
+            jwks_cache: Duration::from_secs(3600),
+            apps: Vec::new(),
+        }
+    }
+}
+
+/// One calling application (by `client_id`: the token's `azp`/`appid`) or every holder of
+/// an app role (by `role`), with optional limits.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtAppSettings {
-    pub client_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kinds: Option<Vec<Kind>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<String>>,
+}
+
+impl CallersSettings {
+    /// The modes in force: `modes` when given, else `mode`.
+    pub fn enabled_modes(&self) -> Vec<CallerMode> {
+        if self.modes.is_empty() {
+            vec![self.mode]
+        } else {
+            self.modes.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -553,20 +597,54 @@ impl Settings {
         }
 
         let callers = &self.callers;
-        match callers.mode {
-            CallerMode::Jwt => {
+        let modes = callers.enabled_modes();
+        if modes.contains(&CallerMode::None) && modes.len() > 1 {
+            return Err(ConfigError::invalid(
+                "callers.modes",
+                "\"none\" cannot be combined with other modes",
+            ));
+        }
+        if modes.contains(&CallerMode::ApiKey) && callers.api_keys.is_empty() {
+            return Err(ConfigError::invalid(
+                "callers.api_keys",
+                "mode \"api_key\" needs at least one [[callers.api_keys]] entry",
+            ));
+        }
+        if modes.contains(&CallerMode::Jwt) {
+            let Some(jwt) = &callers.jwt else {
                 return Err(ConfigError::invalid(
-                    "callers.mode",
-                    "\"jwt\" is not supported by this version; use \"api_key\"",
+                    "callers.jwt",
+                    "mode \"jwt\" needs a [callers.jwt] section with issuer, audience and jwks_url",
                 ));
+            };
+            for (key, value) in [
+                ("callers.jwt.issuer", &jwt.issuer),
+                ("callers.jwt.audience", &jwt.audience),
+                ("callers.jwt.jwks_url", &jwt.jwks_url),
+            ] {
+                if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                    return Err(ConfigError::invalid(key, "required for mode \"jwt\""));
+                }
             }
-            CallerMode::ApiKey if callers.api_keys.is_empty() => {
-                return Err(ConfigError::invalid(
-                    "callers.api_keys",
-                    "mode \"api_key\" needs at least one [[callers.api_keys]] entry",
-                ));
+            if let Some(url) = &jwt.jwks_url {
+                check_http_url("callers.jwt.jwks_url", url)?;
             }
-            CallerMode::ApiKey | CallerMode::None => {}
+            if jwt.leeway > Duration::from_secs(600) {
+                return Err(ConfigError::invalid("callers.jwt.leeway", "at most 10m"));
+            }
+            positive("callers.jwt.jwks_cache", jwt.jwks_cache)?;
+            for (i, app) in jwt.apps.iter().enumerate() {
+                if app.client_id.is_some() == app.role.is_some() {
+                    return Err(ConfigError::invalid(
+                        &format!("callers.jwt.apps[{i}]"),
+                        "set exactly one of client_id or role",
+                    ));
+                }
+                check_events(
+                    &format!("callers.jwt.apps[{i}].events"),
+                    app.events.as_deref(),
+                )?;
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, key) in callers.api_keys.iter().enumerate() {
@@ -590,16 +668,10 @@ impl Settings {
                     "must be 64 hex characters: printf %s \"$KEY\" | sha256sum",
                 ));
             }
-            if let Some(events) = &key.events {
-                for event in events {
-                    if event.is_empty() || event.contains(['/', '?', '#']) {
-                        return Err(ConfigError::invalid(
-                            &format!("callers.api_keys[{i}].events"),
-                            format!("{event:?} is not an event id or *@<tenant id>"),
-                        ));
-                    }
-                }
-            }
+            check_events(
+                &format!("callers.api_keys[{i}].events"),
+                key.events.as_deref(),
+            )?;
         }
 
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
@@ -624,7 +696,7 @@ impl Settings {
             )),
             _ => {}
         }
-        if self.callers.mode == CallerMode::None {
+        if self.callers.enabled_modes().contains(&CallerMode::None) {
             out.push("callers.mode = \"none\": every caller can read every session".to_string());
         }
         out
@@ -682,6 +754,18 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
             key,
             "must not carry a query or fragment",
         ));
+    }
+    Ok(())
+}
+
+fn check_events(key: &str, events: Option<&[String]>) -> Result<(), ConfigError> {
+    for event in events.unwrap_or_default() {
+        if event.is_empty() || event.contains(['/', '?', '#']) {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{event:?} is not an event id or *@<tenant id>"),
+            ));
+        }
     }
     Ok(())
 }

@@ -26,6 +26,8 @@ pub enum ProxyError {
     Unauthenticated(&'static str),
     #[error("caller {caller} may not read {what}")]
     Forbidden { caller: String, what: &'static str },
+    #[error("caller tokens cannot be verified: no key set")]
+    AuthUnavailable,
     #[error("no such route")]
     RouteNotFound,
     #[error("Graph has no such session")]
@@ -98,6 +100,14 @@ impl ProxyError {
                 "forbidden",
                 format!("this caller may not read {what}"),
             ),
+            E::AuthUnavailable => Answer {
+                header: Some((RETRY_AFTER, retry_after_value(Duration::from_secs(30)))),
+                ..answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "authUnavailable",
+                    "caller tokens cannot be verified right now: the signing key set is unavailable",
+                )
+            },
             E::RouteNotFound => answer(
                 StatusCode::NOT_FOUND,
                 "notFound",

@@ -9,7 +9,7 @@
 //!   -> tower-http layers (server)   sensitive headers, request id, panic -> JSON 500
 //!   -> handler (server)             draining? concurrency permit, request timeout
 //!   -> routes::route                /sessions/{kind}/{event}/{session} -> SessionKey, or 4xx
-//!   -> callers                      API key -> Caller, then its kind/event limits
+//!   -> callers (+ jwt)              API key or Entra ID token -> Caller, then its kind/event limits
 //!   -> cache::SessionCache          fresh entry? -> answer (Graph untouched)
 //!        miss: one shared task per key
 //!   -> graph::GraphClient           {root}/{version}/solutions/virtualEvents/..., retries
@@ -31,6 +31,7 @@ pub mod config;
 pub mod error;
 pub mod gate;
 pub mod graph;
+pub mod jwt;
 pub mod routes;
 pub mod server;
 pub mod sim;

@@ -32,7 +32,7 @@ use crate::admin;
 use crate::cache::{Directives, Lookup, Outcome, SessionCache};
 use crate::callers::Callers;
 use crate::clock::Clock;
-use crate::config::{CallerMode, Settings};
+use crate::config::Settings;
 use crate::error::{error_response, ProxyError};
 use crate::graph::{http_client, GraphClient, GraphOptions};
 use crate::routes;
@@ -76,6 +76,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn build(settings: &Settings, clock: Clock) -> Result<Proxy, BuildError> {
         let http = http_client(settings.graph.timeout).map_err(BuildError::Http)?;
+        let callers = Callers::new(&settings.callers, http.clone(), clock.clone());
         let client_id = settings
             .auth
             .client_id
@@ -117,8 +118,7 @@ impl Proxy {
             settings.server.request_timeout,
             clock,
         );
-        let callers = Callers::new(&settings.callers);
-        if callers.mode() == CallerMode::None {
+        if callers.is_open() {
             tracing::warn!(
                 "callers.mode = \"none\": every caller can read every session this proxy can reach"
             );
@@ -301,7 +301,7 @@ async fn answer<B>(
             ProxyError::InvalidRequest("GET and HEAD requests must not have a body").into(),
         );
     }
-    let caller = state.callers.authenticate(headers)?;
+    let caller = state.callers.authenticate(headers).await?;
     log.caller = Some(caller.name.clone());
     caller.authorize(&key)?;
     let directives = directives(headers);

@@ -9,6 +9,7 @@
 //! - `GET /{v1.0|beta}/solutions/virtualEvents/{webinars|townhalls}/{event}/sessions/{session}`:
 //!   the seed page's example session, a small catalogue, and any session id starting with
 //!   `gen-` (generated on the fly); 404 `NotFound` for the rest; 401 without a valid token.
+//! - `GET /{tenant}/discovery/v2.0/keys`: the caller-token key set, when configured.
 //! - `GET /_sim/stats`, `POST /_sim/faults` (JSON, merged; `{"clear": true}` resets).
 
 use std::collections::{BTreeMap, HashMap};
@@ -44,6 +45,8 @@ pub struct SimConfig {
     pub client_id: String,
     pub client_secret: String,
     pub token_lifetime: Duration,
+    /// Served at `/{tenant}/discovery/v2.0/keys` (caller token keys), if set.
+    pub jwks: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -53,6 +56,7 @@ impl Default for SimConfig {
             client_id: "00000000-0000-0000-0000-00000000c11e".to_string(),
             client_secret: "sim-client-secret".to_string(),
             token_lifetime: Duration::from_secs(3599),
+            jwks: None,
         }
     }
 }
@@ -84,6 +88,8 @@ pub struct Faults {
     pub token_lifetime_secs: Option<u64>,
     /// Send `expires_in` as a string, as Entra sometimes does.
     pub expires_in_as_string: bool,
+    /// The key set endpoint answers 503.
+    pub jwks_down: bool,
 }
 
 /// Counts of what the simulator was asked.
@@ -91,6 +97,7 @@ pub struct Faults {
 pub struct Stats {
     pub token_requests: u64,
     pub tokens_issued: u64,
+    pub jwks_requests: u64,
     /// Every request that was not for the token endpoint or `/_sim/...`.
     pub graph_requests: u64,
     /// Graph requests per raw path (and query), as received.
@@ -217,6 +224,7 @@ impl Simulator {
                     .unwrap_or_default();
                 Ok(self.merge_faults(&body))
             }
+            (&Method::GET, ["", _tenant, "discovery", "v2.0", "keys"]) => Ok(self.jwks()),
             (&Method::POST, ["", _tenant, "oauth2", "v2.0", "token"]) => {
                 let tenant = segments[1].to_string();
                 let basic = req.headers().get(http::header::AUTHORIZATION).cloned();
@@ -229,6 +237,22 @@ impl Simulator {
                 self.token(&tenant, basic, &body).await
             }
             _ => self.graph(req).await,
+        }
+    }
+
+    fn jwks(&self) -> Response<Full<Bytes>> {
+        lock(&self.state.stats).jwks_requests += 1;
+        if lock(&self.state.faults).jwks_down {
+            return graph_error(503, "ServiceUnavailable", "Injected failure");
+        }
+        match &self.state.config.jwks {
+            Some(jwks) => {
+                let mut r = Response::new(Full::new(Bytes::from(jwks.clone())));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r
+            }
+            None => graph_error(404, "NotFound", "no key set configured"),
         }
     }
 
