@@ -338,15 +338,17 @@ mod tests {
         h
     }
 
-    #[test]
-    fn keys_by_either_header() {
+    #[tokio::test]
+    async fn keys_by_either_header() {
         let c = callers();
         let a = c
             .authenticate(&headers(&[("authorization", "Bearer key-one")]))
+            .await
             .unwrap();
         assert_eq!(&*a.name, "one");
         let b = c
             .authenticate(&headers(&[("x-api-key", "key-two")]))
+            .await
             .unwrap();
         assert_eq!(&*b.name, "limited");
         let same = c
@@ -354,6 +356,7 @@ mod tests {
                 ("authorization", "bearer key-one"),
                 ("x-api-key", "key-one"),
             ]))
+            .await
             .unwrap();
         assert_eq!(&*same.name, "one");
     }
@@ -375,16 +378,17 @@ mod tests {
             ("x-api-key", "key-two"),
         ]);
         assert!(matches!(
-            c.authenticate(&conflicting),
+            c.authenticate(&conflicting).await,
             Err(ProxyError::InvalidRequest(_))
         ));
     }
 
-    #[test]
-    fn limits() {
+    #[tokio::test]
+    async fn limits() {
         let c = callers();
         let limited = c
             .authenticate(&headers(&[("x-api-key", "key-two")]))
+            .await
             .unwrap();
         let th = |event: &str| SessionKey::new(Kind::Townhalls, event, "s").unwrap();
         assert!(limited.authorize(&th("guid@tenant-a")).is_ok());
