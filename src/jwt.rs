@@ -110,6 +110,20 @@ impl JwtVerifier {
         }
     }
 
+    /// A verifier that starts with `jwks` (a JWK set document) instead of fetching it, and
+    /// does not fetch again within [`MIN_REFETCH`] (fuzzing, tests, benchmarks).
+    pub fn with_key_set(http: reqwest::Client, options: JwtOptions, jwks: &str, clock: Clock) -> Result<JwtVerifier, serde_json::Error> {
+        let set: JwkSet = serde_json::from_str(jwks)?;
+        let verifier = JwtVerifier::new(http, options, clock);
+        let now = verifier.clock.now();
+        *verifier.keys.write().unwrap_or_else(|e| e.into_inner()) = KeySet {
+            keys: usable_keys(&set),
+            fetched_at: Some(now),
+        };
+        *verifier.last_attempt.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+        Ok(verifier)
+    }
+
     /// Verifies `token`; the caller's claims, or why not (401, 403, or 503 when no key
     /// set could ever be fetched).
     pub async fn verify(&self, token: &str) -> Result<Claims, ProxyError> {
