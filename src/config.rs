@@ -63,6 +63,12 @@ pub struct ServerSettings {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub max_concurrent_requests: usize,
+    /// A client that has not sent all request headers in this time is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// More request headers than this (count or bytes) is a 431.
+    pub max_headers: usize,
+    pub max_header_bytes: ByteSize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -77,6 +83,9 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
             max_concurrent_requests: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            max_headers: 64,
+            max_header_bytes: ByteSize::kib(16),
             tls_cert_file: None,
             tls_key_file: None,
         }
@@ -499,6 +508,16 @@ impl Settings {
             ));
         }
         positive("server.request_timeout", s.request_timeout)?;
+        positive("server.header_read_timeout", s.header_read_timeout)?;
+        if !(8..=1000).contains(&s.max_headers) {
+            return Err(ConfigError::invalid("server.max_headers", "from 8 to 1000"));
+        }
+        if !(1024..=1024 * 1024).contains(&s.max_header_bytes.as_u64()) {
+            return Err(ConfigError::invalid(
+                "server.max_header_bytes",
+                "from 1KiB to 1MiB",
+            ));
+        }
         if s.tls_cert_file.is_some() || s.tls_key_file.is_some() {
             return Err(ConfigError::invalid(
                 "server.tls_cert_file",
@@ -694,6 +713,14 @@ impl Settings {
                 "auth.client_secret_file {} does not exist here: serve reads it at start-up",
                 path.display()
             )),
+            (_, Some(path)) => {
+                if let Some(mode) = loose_permissions(path) {
+                    out.push(format!(
+                        "auth.client_secret_file {} is readable by group or others (mode {mode:o}): chmod 600 it",
+                        path.display()
+                    ));
+                }
+            }
             _ => {}
         }
         if self.callers.enabled_modes().contains(&CallerMode::None) {
@@ -734,6 +761,19 @@ impl Settings {
             self.scope()
         )
     }
+}
+
+/// The file's permission bits when group or others may read it.
+#[cfg(unix)]
+fn loose_permissions(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then_some(mode)
+}
+
+#[cfg(not(unix))]
+fn loose_permissions(_path: &Path) -> Option<u32> {
+    None
 }
 
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
@@ -879,6 +919,37 @@ mod tests {
         let shown = s.redacted_toml();
         assert!(!shown.contains("s3cret-value"), "{shown}");
         assert!(shown.contains("[redacted]"), "{shown}");
+    }
+
+    #[test]
+    fn secret_file_is_read_once_and_loose_permissions_are_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("gsp-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = MINIMAL.replace(
+            "client_secret = \"s3cret-value\"",
+            &format!("client_secret_file = {:?}", file.display().to_string()),
+        );
+        let s = Settings::from_toml(&text, Purpose::Serve).unwrap();
+        assert_eq!(
+            s.auth.client_secret.as_ref().unwrap().expose_secret(),
+            "from-a-file"
+        );
+        assert!(
+            s.warnings().iter().any(|w| w.contains("chmod 600")),
+            "{:?}",
+            s.warnings()
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(
+            !s.warnings().iter().any(|w| w.contains("chmod")),
+            "{:?}",
+            s.warnings()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

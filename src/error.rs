@@ -22,6 +22,10 @@ pub enum ProxyError {
     InvalidRequest(&'static str),
     #[error("invalid {0}")]
     InvalidId(&'static str),
+    #[error("request headers too large")]
+    HeadersTooLarge,
+    #[error("request target too long")]
+    UriTooLong,
     #[error("caller not authenticated: {0}")]
     Unauthenticated(&'static str),
     #[error("caller {caller} may not read {what}")]
@@ -88,6 +92,12 @@ impl ProxyError {
                 "invalidRequest",
                 format!("malformed {what}: 1 to 256 characters from A-Z a-z 0-9 - _ . @ = + after one percent-decoding, not . or .."),
             ),
+            E::HeadersTooLarge => answer(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "invalidRequest",
+                "too many request headers, or too large",
+            ),
+            E::UriTooLong => answer(StatusCode::URI_TOO_LONG, "invalidRequest", "request target too long"),
             E::Unauthenticated(why) => Answer {
                 header: Some((
                     WWW_AUTHENTICATE,

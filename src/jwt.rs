@@ -112,7 +112,12 @@ impl JwtVerifier {
 
     /// A verifier that starts with `jwks` (a JWK set document) instead of fetching it, and
     /// does not fetch again within [`MIN_REFETCH`] (fuzzing, tests, benchmarks).
-    pub fn with_key_set(http: reqwest::Client, options: JwtOptions, jwks: &str, clock: Clock) -> Result<JwtVerifier, serde_json::Error> {
+    pub fn with_key_set(
+        http: reqwest::Client,
+        options: JwtOptions,
+        jwks: &str,
+        clock: Clock,
+    ) -> Result<JwtVerifier, serde_json::Error> {
         let set: JwkSet = serde_json::from_str(jwks)?;
         let verifier = JwtVerifier::new(http, options, clock);
         let now = verifier.clock.now();
@@ -120,7 +125,10 @@ impl JwtVerifier {
             keys: usable_keys(&set),
             fetched_at: Some(now),
         };
-        *verifier.last_attempt.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+        *verifier
+            .last_attempt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(now);
         Ok(verifier)
     }
 

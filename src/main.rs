@@ -92,6 +92,9 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
 async fn serve(settings: Result<Settings, ConfigError>) -> anyhow::Result<()> {
     let settings = settings?;
     telemetry::init(&settings.log);
+    for warning in settings.warnings() {
+        tracing::warn!("{warning}");
+    }
     let listener = TcpListener::bind(settings.server.listen)
         .await
         .with_context(|| {

@@ -18,7 +18,7 @@ use http::header::{
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -43,6 +43,9 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_GRAPH_REQUEST_ID: HeaderName = HeaderName::from_static("x-graph-request-id");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
+/// Longest path worth routing: two 256-character ids, each up to 3 bytes per character
+/// when percent-encoded, and the fixed segments.
+const MAX_PATH_BYTES: usize = 2 * 256 * 3 + 64;
 
 /// Why the proxy could not be put together.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,9 @@ pub struct AppState {
     /// Permits for requests in progress; none left -> 503 overloaded at once.
     limit: Arc<Semaphore>,
     request_timeout: Duration,
+    /// More request headers than this, or more bytes of them, is a JSON 431.
+    max_headers: usize,
+    max_header_bytes: usize,
     /// False until the listener is up; false again once shutdown begins.
     pub ready: AtomicBool,
     pub draining: AtomicBool,
@@ -70,7 +76,7 @@ pub struct AppState {
 
 pub struct Proxy {
     pub state: Arc<AppState>,
-    shutdown_grace: Duration,
+    connections: ConnectionOptions,
 }
 
 impl Proxy {
@@ -130,10 +136,24 @@ impl Proxy {
                 tokens,
                 limit: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
                 request_timeout: settings.server.request_timeout,
+                max_headers: settings.server.max_headers,
+                max_header_bytes: settings.server.max_header_bytes.as_u64() as usize,
                 ready: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
             }),
-            shutdown_grace: settings.server.shutdown_grace,
+            connections: ConnectionOptions {
+                guard: true,
+                header_read_timeout: settings.server.header_read_timeout,
+                // Twice the handler's limits: between the two, callers get a JSON 431.
+                hard_max_headers: settings.server.max_headers.saturating_mul(2),
+                hard_max_buf: (settings.server.max_header_bytes.as_u64() as usize)
+                    .saturating_mul(4)
+                    .max(8192),
+                h2_max_streams: 256,
+                h2_max_header_list: (settings.server.max_header_bytes.as_u64() as u32)
+                    .saturating_mul(2),
+                grace: settings.server.shutdown_grace,
+            },
         })
     }
 
@@ -154,15 +174,13 @@ impl Proxy {
             listener,
             caller_service(state.clone()),
             stopped(stop_rx.clone()),
-            self.shutdown_grace,
-            true,
+            self.connections.clone(),
         );
         let admin = accept_loop(
             admin_listener,
             admin::service(state.clone()),
             stopped(stop_rx),
-            self.shutdown_grace,
-            false,
+            ConnectionOptions::internal(self.connections.grace),
         );
         state.ready.store(true, Ordering::SeqCst);
         tracing::info!("ready");
@@ -294,6 +312,16 @@ async fn answer<B>(
     let headers = req.headers();
     // Whatever the answer, a body we do not read means the connection cannot be reused.
     log.close = has_body(headers);
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers.len() > state.max_headers || header_bytes > state.max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge.into());
+    }
+    if req.uri().path().len() > MAX_PATH_BYTES {
+        return Err(ProxyError::UriTooLong.into());
+    }
     let key = routes::route(req.method(), req.uri().path(), req.uri().query())?;
     log.kind = Some(key.kind.as_str());
     if log.close {
@@ -440,16 +468,47 @@ fn if_none_match(headers: &http::HeaderMap, etag: &HeaderValue) -> bool {
     })
 }
 
+/// How connections on one listener are served.
+#[derive(Debug, Clone)]
+pub struct ConnectionOptions {
+    /// Pass HTTP/1 request targets through [`GuardedIo`] (the caller listener).
+    pub guard: bool,
+    /// Close a connection whose request headers have not all arrived in this time.
+    pub header_read_timeout: Duration,
+    /// Hyper's hard limits, above the handler's own JSON-answered ones: beyond them hyper
+    /// itself refuses (431/414 without a body) before any handler runs.
+    pub hard_max_headers: usize,
+    pub hard_max_buf: usize,
+    /// HTTP/2: streams per connection and header list size.
+    pub h2_max_streams: u32,
+    pub h2_max_header_list: u32,
+    /// For in-flight connections after shutdown.
+    pub grace: Duration,
+}
+
+impl ConnectionOptions {
+    /// Internal listeners (admin, simulator): no guard, generous limits.
+    pub fn internal(grace: Duration) -> ConnectionOptions {
+        ConnectionOptions {
+            guard: false,
+            header_read_timeout: Duration::from_secs(30),
+            hard_max_headers: 100,
+            hard_max_buf: 400 * 1024,
+            h2_max_streams: 200,
+            h2_max_header_list: 64 * 1024,
+            grace,
+        }
+    }
+}
+
 /// Accepts connections on `listener`, serving each with a clone of `service` (HTTP/1.1 or
-/// HTTP/2), until `shutdown` completes (with `guard`, HTTP/1 request targets pass through
-/// [`GuardedIo`]); then stops accepting and gives connections in
-/// flight up to `grace` to finish.
+/// HTTP/2) under `options`, until `shutdown` completes; then stops accepting and gives
+/// connections in flight up to `options.grace` to finish.
 pub async fn accept_loop<S, B>(
     listener: TcpListener,
     service: S,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
-    guard: bool,
+    options: ConnectionOptions,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -458,7 +517,20 @@ pub async fn accept_loop<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_headers(options.hard_max_headers)
+        .max_buf_size(options.hard_max_buf);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(options.h2_max_streams)
+        .max_header_list_size(options.h2_max_header_list);
+    let guard = options.guard;
+    let grace = options.grace;
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

@@ -195,8 +195,13 @@ impl Simulator {
             let sim = self.clone();
             async move { sim.handle(req).await }
         });
-        crate::server::accept_loop(listener, service, shutdown, Duration::from_secs(1), false)
-            .await;
+        crate::server::accept_loop(
+            listener,
+            service,
+            shutdown,
+            crate::server::ConnectionOptions::internal(Duration::from_secs(1)),
+        )
+        .await;
     }
 
     /// Binds `127.0.0.1:0`, serves in a task, returns the address.
