@@ -252,4 +252,74 @@ mod tests {
             Err(ProxyError::InvalidRequest(_))
         ));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn id() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9._@=+-]{1,256}".prop_filter("not a dot segment", |s| s != "." && s != "..")
+        }
+
+        /// Percent-encodes the characters of `id` picked by `mask` (upper or lower hex).
+        fn encode_some(id: &str, mask: &[u8]) -> String {
+            id.bytes()
+                .enumerate()
+                .map(|(i, b)| match mask.get(i % mask.len().max(1)).copied().unwrap_or(0) % 3 {
+                    0 => (b as char).to_string(),
+                    1 => format!("%{b:02X}"),
+                    _ => format!("%{b:02x}"),
+                })
+                .collect()
+        }
+
+        fn decode(segment: &str) -> String {
+            percent_decode_str(segment).decode_utf8().unwrap().into_owned()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Every accepted path names exactly one Graph URL: the one for its decoded ids.
+            #[test]
+            fn accepted_paths_map_to_their_graph_url(
+                townhall in any::<bool>(),
+                event in id(),
+                session in id(),
+                mask in proptest::collection::vec(any::<u8>(), 1..8),
+            ) {
+                let kind = if townhall { "townhalls" } else { "webinars" };
+                let path = format!("/sessions/{kind}/{}/{}", encode_some(&event, &mask), encode_some(&session, &mask));
+                let key = route(&http::Method::GET, &path, None).unwrap();
+                prop_assert_eq!(&*key.event, event.as_str());
+                prop_assert_eq!(&*key.session, session.as_str());
+                let graph = key.graph_path();
+                let segments: Vec<&str> = graph.split('/').collect();
+                prop_assert_eq!(segments.len(), 7);
+                prop_assert_eq!(&segments[..4], &["", "solutions", "virtualEvents", kind]);
+                prop_assert_eq!(segments[5], "sessions");
+                prop_assert_eq!(decode(segments[4]), event);
+                prop_assert_eq!(decode(segments[6]), session);
+            }
+
+            /// Whatever follows `/sessions/`, an accepted request never yields a Graph path of
+            /// another shape, and its ids never decode to anything outside the allowed set.
+            #[test]
+            fn arbitrary_input_never_escapes_the_allow_list(rest in "\\PC{0,80}", raw in proptest::collection::vec(any::<u8>(), 0..80)) {
+                for candidate in [format!("/sessions/{rest}"), format!("/sessions/webinars/{}", String::from_utf8_lossy(&raw))] {
+                    if let Ok(key) = route(&http::Method::GET, &candidate, None) {
+                        let graph = key.graph_path();
+                        let segments: Vec<&str> = graph.split('/').collect();
+                        prop_assert_eq!(segments.len(), 7, "{}", graph);
+                        prop_assert!(matches!(segments[3], "webinars" | "townhalls"));
+                        for segment in [segments[4], segments[6]] {
+                            let decoded = decode(segment);
+                            prop_assert!(!decoded.is_empty() && decoded != "." && decoded != "..");
+                            prop_assert!(decoded.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@=+".contains(&b)), "{}", decoded);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
