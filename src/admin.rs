@@ -16,6 +16,7 @@ use tower::Service;
 use crate::error::error_response;
 use crate::routes::{self, SessionKey};
 use crate::server::AppState;
+use crate::telemetry::names;
 
 pub fn service(
     state: Arc<AppState>,
@@ -62,7 +63,12 @@ pub fn handle(state: &AppState, method: &Method, path: &str) -> Response<Full<By
                 )
             }
         }
+        (&Method::GET, "/metrics") => metrics(state),
         (&Method::DELETE, "/cache") => {
+            state
+                .metrics
+                .counter(names::PURGES, &[("scope", "all")])
+                .increment(1);
             state.cache.purge_all();
             tracing::info!("purged the whole cache");
             json_response(StatusCode::OK, json!({"purged": "all"}))
@@ -89,7 +95,38 @@ pub fn handle(state: &AppState, method: &Method, path: &str) -> Response<Full<By
     }
 }
 
+/// Prometheus text; gauges that are cheaper to read than to maintain are set here.
+fn metrics(state: &AppState) -> Response<Full<Bytes>> {
+    let m = &state.metrics;
+    let (entries, bytes) = state.cache.usage();
+    m.gauge(names::CACHE_ENTRIES, &[]).set(entries as f64);
+    m.gauge(names::CACHE_BYTES, &[]).set(bytes as f64);
+    let expiry = state.tokens.remaining().unwrap_or_default();
+    m.gauge(names::TOKEN_EXPIRY, &[]).set(expiry.as_secs_f64());
+    let gate = state.cache.graph().gate.describe(state.cache.now());
+    for s in ["open", "probing", "throttled", "circuit_open"] {
+        m.gauge(names::GATE_STATE, &[("state", s)])
+            .set(if s == gate { 1.0 } else { 0.0 });
+    }
+    m.gauge(names::READY, &[])
+        .set(if state.ready.load(Ordering::SeqCst) {
+            1.0
+        } else {
+            0.0
+        });
+    let mut response = Response::new(Full::new(Bytes::from(m.render())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
 fn purge_one(state: &AppState, key: &SessionKey) -> Response<Full<Bytes>> {
+    state
+        .metrics
+        .counter(names::PURGES, &[("scope", "session")])
+        .increment(1);
     let was_cached = state.cache.purge(key);
     tracing::info!(%key, was_cached, "purged a session");
     json_response(

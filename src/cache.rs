@@ -38,6 +38,7 @@ use crate::config::CacheSettings;
 use crate::error::ProxyError;
 use crate::graph::{Fetched, GraphAnswer, GraphClient};
 use crate::routes::SessionKey;
+use crate::telemetry::{names, Metrics};
 
 /// Rough per-entry bookkeeping (moka node, Arc, headers) added to the weigher's count.
 const ENTRY_OVERHEAD: usize = 256;
@@ -186,6 +187,7 @@ pub struct SessionCache {
     /// Upper bound for one shared Graph call.
     fetch_timeout: Duration,
     clock: Clock,
+    metrics: Arc<Metrics>,
 }
 
 /// Keeps each entry in moka for as long as it may be served (fresh or stale).
@@ -218,11 +220,24 @@ impl SessionCache {
         graph: Arc<GraphClient>,
         fetch_timeout: Duration,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> Arc<SessionCache> {
+        let evictions = metrics.clone();
         let store = moka::sync::Cache::builder()
             .max_capacity(settings.max_bytes.as_u64())
             .weigher(|key: &SessionKey, entry: &Arc<Entry>| entry.weight(key))
             .expire_after(KeepWhileServable)
+            .eviction_listener(move |_key, _entry, cause| {
+                let cause = match cause {
+                    moka::notification::RemovalCause::Expired => "expired",
+                    moka::notification::RemovalCause::Explicit => "purged",
+                    moka::notification::RemovalCause::Replaced => "replaced",
+                    moka::notification::RemovalCause::Size => "size",
+                };
+                evictions
+                    .counter(names::CACHE_EVICTIONS, &[("cause", cause)])
+                    .increment(1);
+            })
             .build();
         // Real-time expiry bounds memory; whether a failure still stands is judged by our clock.
         let failures = moka::sync::Cache::builder()
@@ -237,6 +252,7 @@ impl SessionCache {
             settings: settings.clone(),
             fetch_timeout,
             clock,
+            metrics,
         })
     }
 
@@ -274,14 +290,19 @@ impl SessionCache {
                     entry,
                     outcome: Outcome::Hit,
                 }),
-                Joined::Call(call, started) => call.await.map(|entry| Lookup {
-                    entry,
-                    outcome: match (started, directives.no_cache) {
-                        (true, true) => Outcome::Revalidated,
-                        (true, false) => Outcome::Miss,
-                        (false, _) => Outcome::Collapsed,
-                    },
-                }),
+                Joined::Call(call, started) => {
+                    if !started {
+                        self.metrics.counter(names::COALESCED, &[]).increment(1);
+                    }
+                    call.await.map(|entry| Lookup {
+                        entry,
+                        outcome: match (started, directives.no_cache) {
+                            (true, true) => Outcome::Revalidated,
+                            (true, false) => Outcome::Miss,
+                            (false, _) => Outcome::Collapsed,
+                        },
+                    })
+                }
             },
         };
         result.or_else(|error| {

@@ -21,6 +21,7 @@ use crate::clock::Clock;
 use crate::error::ProxyError;
 use crate::gate::{Closed, Gate, Report};
 use crate::routes::SessionKey;
+use crate::telemetry::{names, Metrics};
 use crate::token::TokenProvider;
 
 /// Largest body accepted from Graph; sessions are a few KiB.
@@ -58,6 +59,7 @@ pub struct GraphClient {
     /// Closed while Graph throttles us or keeps failing; shared by every key.
     pub gate: Gate,
     clock: Clock,
+    metrics: Arc<Metrics>,
 }
 
 /// How to reach Graph.
@@ -89,6 +91,7 @@ impl GraphClient {
         options: GraphOptions,
         tokens: Arc<TokenProvider>,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> GraphClient {
         GraphClient {
             http,
@@ -106,6 +109,7 @@ impl GraphClient {
                 options.timeout,
             ),
             clock,
+            metrics,
         }
     }
 
@@ -146,6 +150,7 @@ impl GraphClient {
             if attempt_timeout.is_zero() {
                 return Err(ProxyError::UpstreamTimeout);
             }
+            let attempt_started = std::time::Instant::now();
             let outcome = tokio::time::timeout(attempt_timeout, async {
                 let response = request.send().await?;
                 let status = response.status();
@@ -156,6 +161,7 @@ impl GraphClient {
             .await;
 
             let now = self.clock.now();
+            self.record_attempt(&outcome, attempt_started.elapsed(), retries > 0);
             let retry_wait = match outcome {
                 Err(_elapsed) => {
                     tracing::warn!(%url, client_request_id, "Graph attempt timed out");
@@ -265,6 +271,43 @@ impl GraphClient {
             }
             tokio::time::sleep(wait).await;
             retries += 1;
+        }
+    }
+}
+
+type Attempt = Result<
+    Result<(StatusCode, http::HeaderMap, Bytes), reqwest::Error>,
+    tokio::time::error::Elapsed,
+>;
+
+impl GraphClient {
+    fn record_attempt(&self, outcome: &Attempt, took: Duration, retry: bool) {
+        let (label, status) = match outcome {
+            Err(_) => ("timeout", None),
+            Ok(Err(e)) if e.is_timeout() => ("timeout", None),
+            Ok(Err(_)) => ("unreachable", None),
+            Ok(Ok((status, _, _))) => (
+                match status.as_u16() {
+                    200 => "ok",
+                    404 => "not_found",
+                    429 => "throttled",
+                    _ => "error",
+                },
+                Some(status.as_u16()),
+            ),
+        };
+        let status = status.map_or_else(|| "none".to_string(), |s| s.to_string());
+        self.metrics
+            .counter(
+                names::GRAPH_REQUESTS,
+                &[("outcome", label), ("status", &status)],
+            )
+            .increment(1);
+        self.metrics
+            .histogram(names::GRAPH_DURATION, &[])
+            .record(took.as_secs_f64());
+        if retry {
+            self.metrics.counter(names::GRAPH_RETRIES, &[]).increment(1);
         }
     }
 }

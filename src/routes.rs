@@ -265,16 +265,21 @@ mod tests {
         fn encode_some(id: &str, mask: &[u8]) -> String {
             id.bytes()
                 .enumerate()
-                .map(|(i, b)| match mask.get(i % mask.len().max(1)).copied().unwrap_or(0) % 3 {
-                    0 => (b as char).to_string(),
-                    1 => format!("%{b:02X}"),
-                    _ => format!("%{b:02x}"),
-                })
+                .map(
+                    |(i, b)| match mask.get(i % mask.len().max(1)).copied().unwrap_or(0) % 3 {
+                        0 => (b as char).to_string(),
+                        1 => format!("%{b:02X}"),
+                        _ => format!("%{b:02x}"),
+                    },
+                )
                 .collect()
         }
 
         fn decode(segment: &str) -> String {
-            percent_decode_str(segment).decode_utf8().unwrap().into_owned()
+            percent_decode_str(segment)
+                .decode_utf8()
+                .unwrap()
+                .into_owned()
         }
 
         proptest! {

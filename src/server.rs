@@ -36,7 +36,8 @@ use crate::config::Settings;
 use crate::error::{error_response, ProxyError};
 use crate::graph::{http_client, GraphClient, GraphOptions};
 use crate::routes;
-use crate::token::TokenProvider;
+use crate::telemetry::{names, Metrics};
+use crate::token::{TokenOptions, TokenProvider};
 use crate::wire::GuardedIo;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -62,6 +63,7 @@ pub enum BuildError {
 pub struct AppState {
     pub callers: Callers,
     pub cache: Arc<SessionCache>,
+    pub metrics: Arc<Metrics>,
     pub tokens: Arc<TokenProvider>,
     /// Permits for requests in progress; none left -> 503 overloaded at once.
     limit: Arc<Semaphore>,
@@ -81,6 +83,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn build(settings: &Settings, clock: Clock) -> Result<Proxy, BuildError> {
+        let metrics = Arc::new(Metrics::new());
         let http = http_client(settings.graph.timeout).map_err(BuildError::Http)?;
         let callers = Callers::new(&settings.callers, http.clone(), clock.clone());
         let client_id = settings
@@ -96,12 +99,15 @@ impl Proxy {
         let tokens = Arc::new(
             TokenProvider::new(
                 http.clone(),
-                client_id,
-                secret,
-                &settings.token_url(),
-                &settings.scope(),
-                settings.auth.refresh_before_expiry,
+                TokenOptions {
+                    client_id: client_id.to_string(),
+                    secret,
+                    token_url: settings.token_url(),
+                    scope: settings.scope(),
+                    refresh_before: settings.auth.refresh_before_expiry,
+                },
                 clock.clone(),
+                metrics.clone(),
             )
             .map_err(BuildError::TokenUrl)?,
         );
@@ -117,12 +123,14 @@ impl Proxy {
             },
             tokens.clone(),
             clock.clone(),
+            metrics.clone(),
         ));
         let cache = SessionCache::new(
             &settings.cache,
             graph,
             settings.server.request_timeout,
             clock,
+            metrics.clone(),
         );
         if callers.is_open() {
             tracing::warn!(
@@ -133,6 +141,7 @@ impl Proxy {
             state: Arc::new(AppState {
                 callers,
                 cache,
+                metrics,
                 tokens,
                 limit: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
                 request_timeout: settings.server.request_timeout,
@@ -247,6 +256,26 @@ struct AccessLog {
     graph_request_id: Option<HeaderValue>,
     /// Close the connection after answering (a body we did not read).
     close: bool,
+    /// How the cache answered, for metrics.
+    outcome: Option<Outcome>,
+    /// The error code, when the answer is an error.
+    code: Option<&'static str>,
+}
+
+impl AccessLog {
+    fn cache_label(&self) -> &'static str {
+        match (self.outcome, &self.cache) {
+            (Some(Outcome::Hit), _) => "hit",
+            (Some(Outcome::Miss), _) => "miss",
+            (Some(Outcome::Collapsed), _) => "collapsed",
+            (Some(Outcome::Revalidated), _) => "revalidated",
+            (Some(Outcome::StaleWhileRevalidate), _) => "stale_while_revalidate",
+            (Some(Outcome::StaleIfError), _) => "stale_if_error",
+            (Some(Outcome::MaxStale), _) => "max_stale",
+            (None, Some(_)) => "miss",
+            (None, None) => "none",
+        }
+    }
 }
 
 /// One request, start to finish: never fails, every refusal is DESIGN.md's JSON error.
@@ -263,6 +292,7 @@ pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<Full<Bytes
         Ok(response) => response,
         Err(error) => {
             let status = error.status();
+            log.code = Some(error.code());
             if status.is_server_error() {
                 tracing::warn!(request_id, error = %error, cause = ?std::error::Error::source(&*error), "request failed");
             } else {
@@ -293,6 +323,37 @@ pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<Full<Bytes
         graph_request_id = log.graph_request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
         "request"
     );
+    let class = match response.status().as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    let cache = log.cache_label();
+    state
+        .metrics
+        .counter(
+            names::REQUESTS,
+            &[
+                (
+                    "route",
+                    if log.kind.is_some() {
+                        "session"
+                    } else {
+                        "other"
+                    },
+                ),
+                ("status", class),
+                ("code", log.code.unwrap_or("none")),
+                ("cache", cache),
+                ("caller", log.caller.as_deref().unwrap_or("-")),
+            ],
+        )
+        .increment(1);
+    state
+        .metrics
+        .histogram(names::REQUEST_DURATION, &[("cache", cache)])
+        .record(started.elapsed().as_secs_f64());
     response
 }
 
@@ -354,6 +415,7 @@ async fn answer<B>(
     let now = state.cache.now();
     let cache_status = cache_status(&lookup, now);
     log.cache = Some(cache_status.clone());
+    log.outcome = Some(lookup.outcome);
     log.graph_request_id = lookup.entry.graph_request_id.clone();
     let entry = &lookup.entry;
 

@@ -1,5 +1,10 @@
-//! Logging set-up: text or JSON lines, filtered by `log.level` unless `RUST_LOG` is set.
+//! Logging set-up (text or JSON lines, filtered by `log.level` unless `RUST_LOG` is set)
+//! and the metrics recorder.
 
+use metrics::{Key, Label, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
@@ -19,4 +24,140 @@ pub fn init(settings: &LogSettings) {
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// The proxy's metrics, rendered in Prometheus text format on the admin listener.
+///
+/// One recorder per [`crate::server::Proxy`] (not the process-global `metrics` recorder),
+/// so that several proxies in one process — the tests — keep separate counts. Handles are
+/// looked up by name and labels when used; the recorder's registry makes that a hash
+/// lookup, the same work the `metrics` macros do.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+/// Every family, with its help text; names follow Prometheus conventions.
+pub mod names {
+    pub const REQUESTS: &str = "graph_session_proxy_requests_total";
+    pub const REQUEST_DURATION: &str = "graph_session_proxy_request_duration_seconds";
+    pub const GRAPH_REQUESTS: &str = "graph_session_proxy_graph_requests_total";
+    pub const GRAPH_DURATION: &str = "graph_session_proxy_graph_request_duration_seconds";
+    pub const GRAPH_RETRIES: &str = "graph_session_proxy_graph_retries_total";
+    pub const TOKEN_REQUESTS: &str = "graph_session_proxy_token_requests_total";
+    pub const TOKEN_EXPIRY: &str = "graph_session_proxy_token_expiry_seconds";
+    pub const CACHE_ENTRIES: &str = "graph_session_proxy_cache_entries";
+    pub const CACHE_BYTES: &str = "graph_session_proxy_cache_bytes";
+    pub const CACHE_EVICTIONS: &str = "graph_session_proxy_cache_evictions_total";
+    pub const COALESCED: &str = "graph_session_proxy_coalesced_waiters_total";
+    pub const GATE_STATE: &str = "graph_session_proxy_graph_gate_state";
+    pub const PURGES: &str = "graph_session_proxy_purges_total";
+    pub const READY: &str = "graph_session_proxy_ready";
+}
+
+const HELP: &[(&str, &str)] = &[
+    (
+        names::REQUESTS,
+        "Caller requests by route, status class, error code, cache status and caller.",
+    ),
+    (
+        names::REQUEST_DURATION,
+        "Caller request duration, by cache status.",
+    ),
+    (
+        names::GRAPH_REQUESTS,
+        "Graph attempts by outcome and HTTP status.",
+    ),
+    (names::GRAPH_DURATION, "Graph attempt duration."),
+    (names::GRAPH_RETRIES, "Graph attempts that were retries."),
+    (names::TOKEN_REQUESTS, "Token endpoint requests by outcome."),
+    (
+        names::TOKEN_EXPIRY,
+        "Seconds until the current Graph token expires (0: none).",
+    ),
+    (
+        names::CACHE_ENTRIES,
+        "Sessions (and remembered 404s) in the cache.",
+    ),
+    (
+        names::CACHE_BYTES,
+        "Weighted bytes in the cache (bodies, keys, bookkeeping).",
+    ),
+    (names::CACHE_EVICTIONS, "Cache entries removed, by cause."),
+    (
+        names::COALESCED,
+        "Requests that waited on a Graph call another request started.",
+    ),
+    (
+        names::GATE_STATE,
+        "1 for the Graph gate's current state (open, probing, throttled, circuit_open).",
+    ),
+    (names::PURGES, "Purges through the admin API, by scope."),
+    (names::READY, "1 while ready to serve."),
+];
+
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new("graph_session_proxy", metrics::Level::INFO, None);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("_seconds".to_string()),
+                &[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+            .build_recorder();
+        for (name, help) in HELP {
+            recorder.describe_counter((*name).into(), None, (*help).into());
+            recorder.describe_gauge((*name).into(), None, (*help).into());
+            recorder.describe_histogram((*name).into(), None, (*help).into());
+        }
+        let handle = recorder.handle();
+        Metrics { recorder, handle }
+    }
+
+    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+        Key::from_parts(
+            name,
+            labels
+                .iter()
+                .map(|(k, v)| Label::new(*k, v.to_string()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> metrics::Counter {
+        self.recorder
+            .register_counter(&Self::key(name, labels), &METADATA)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> metrics::Gauge {
+        self.recorder
+            .register_gauge(&Self::key(name, labels), &METADATA)
+    }
+
+    pub fn histogram(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> metrics::Histogram {
+        self.recorder
+            .register_histogram(&Self::key(name, labels), &METADATA)
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
 }

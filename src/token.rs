@@ -24,6 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
 
 use crate::clock::Clock;
+use crate::telemetry::{names, Metrics};
 
 /// Entra's token response: the standard fields, with `expires_in` as a number or a string,
 /// and the Microsoft extras kept rather than dropped.
@@ -202,6 +203,7 @@ pub struct TokenProvider {
     /// True while a background refresh task runs (at most one).
     refreshing: AtomicBool,
     serial: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 /// After a failed token request, callers get that failure for this long without a new
@@ -211,27 +213,36 @@ const FAILURE_PAUSE: Duration = Duration::from_secs(1);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_CAP: Duration = Duration::from_secs(60);
 
+/// The proxy's identity towards the token endpoint.
+pub struct TokenOptions {
+    pub client_id: String,
+    pub secret: SecretString,
+    pub token_url: String,
+    pub scope: String,
+    pub refresh_before: Duration,
+}
+
 impl TokenProvider {
     pub fn new(
         http: reqwest::Client,
-        client_id: &str,
-        secret: SecretString,
-        token_url: &str,
-        scope: &str,
-        refresh_before: Duration,
+        options: TokenOptions,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> Result<TokenProvider, oauth2::url::ParseError> {
-        let oauth = Client::new(ClientId::new(client_id.to_string()))
-            .set_client_secret(ClientSecret::new(secret.expose_secret().to_string()))
+        let oauth = Client::new(ClientId::new(options.client_id))
+            .set_client_secret(ClientSecret::new(
+                options.secret.expose_secret().to_string(),
+            ))
             // Microsoft documents the secret in the form body.
             .set_auth_type(AuthType::RequestBody)
-            .set_token_uri(TokenUrl::new(token_url.to_string())?);
+            .set_token_uri(TokenUrl::new(options.token_url)?);
         Ok(TokenProvider {
             oauth,
             http,
-            scope: Scope::new(scope.to_string()),
-            refresh_before,
+            scope: Scope::new(options.scope),
+            refresh_before: options.refresh_before,
             clock,
+            metrics,
             current: RwLock::new(None),
             refresh_lock: tokio::sync::Mutex::new(()),
             failed: RwLock::new(None),
@@ -313,7 +324,19 @@ impl TokenProvider {
                 return Err(error);
             }
         }
-        match self.fetch().await {
+        let fetched = self.fetch().await;
+        let outcome = match &fetched {
+            Ok(_) => "ok",
+            Err(TokenError::Refused { .. }) => "refused",
+            Err(TokenError::Throttled(_)) => "throttled",
+            Err(TokenError::Status(_) | TokenError::Unreachable(_) | TokenError::Malformed(_)) => {
+                "error"
+            }
+        };
+        self.metrics
+            .counter(names::TOKEN_REQUESTS, &[("outcome", outcome)])
+            .increment(1);
+        match fetched {
             Ok(token) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
                 *self.failed.write().unwrap_or_else(|e| e.into_inner()) = None;
