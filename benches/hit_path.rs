@@ -5,6 +5,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use graph_session_proxy::clock::Clock;
 use graph_session_proxy::config::{Purpose, Settings};
@@ -12,6 +13,7 @@ use graph_session_proxy::routes;
 use graph_session_proxy::server::{handle, Proxy};
 use graph_session_proxy::sim::{SimConfig, Simulator, SEED_EVENT, SEED_SESSION};
 use http::{Method, Request};
+use http_body_util::Empty;
 
 const KEY: &str = "bench-key";
 
@@ -83,12 +85,12 @@ fn hit_path(c: &mut Criterion) {
     group.finish();
 }
 
-fn request(uri: &str, etag: Option<&str>) -> Request<()> {
+fn request(uri: &str, etag: Option<&str>) -> Request<Empty<Bytes>> {
     let mut builder = Request::get(uri).header("authorization", format!("Bearer {KEY}"));
     if let Some(etag) = etag {
         builder = builder.header("if-none-match", etag);
     }
-    builder.body(()).expect("request")
+    builder.body(Empty::new()).expect("request")
 }
 
 criterion_group!(benches, routing, hit_path);

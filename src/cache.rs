@@ -306,19 +306,21 @@ impl SessionCache {
             },
         };
         result.or_else(|error| {
-            // Graph or the token endpoint failed: a stale entry beats an error.
-            let now = self.clock.now();
-            match self.store.get(key) {
-                Some(entry) if entry.body.is_some() && now < entry.stale_until => {
-                    tracing::debug!(%key, error = %error, "serving a stale entry while Graph fails");
-                    Ok(Lookup {
-                        entry,
-                        outcome: Outcome::StaleIfError,
-                    })
-                }
-                _ => Err(error),
-            }
+            tracing::debug!(%key, error = %error, "Graph failed; looking for a stale entry");
+            self.stale_if_error(key).ok_or(error)
         })
+    }
+
+    /// A stale entry that may stand in for an error (within `stale_if_error`), if any.
+    pub fn stale_if_error(&self, key: &SessionKey) -> Option<Lookup> {
+        let now = self.clock.now();
+        self.store
+            .get(key)
+            .filter(|entry| entry.body.is_some() && now < entry.stale_until)
+            .map(|entry| Lookup {
+                entry,
+                outcome: Outcome::StaleIfError,
+            })
     }
 
     /// How `entry` may answer without waiting for Graph, if at all.

@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::routes::Kind;
 
 /// Why a configuration could not be used. Every variant names the offending key or file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration: {0}")]
+    #[error("cannot read configuration")]
     Load(#[source] config::ConfigError),
     #[error("configuration key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
@@ -191,11 +191,7 @@ impl GraphSettings {
 pub struct AuthSettings {
     pub tenant_id: Option<String>,
     pub client_id: Option<String>,
-    #[serde(
-        deserialize_with = "lenient_secret",
-        serialize_with = "redact",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(serialize_with = "redact", skip_serializing_if = "Option::is_none")]
     pub client_secret: Option<SecretString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_secret_file: Option<PathBuf>,
@@ -397,25 +393,19 @@ impl Default for LogSettings {
     }
 }
 
-/// Environment values arrive as strings, and `try_parsing` turns an all-digit secret into
-/// a number: accept both so that such a secret is not refused.
-fn lenient_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Text(String),
-        Int(i64),
-        Float(f64),
-    }
-    Ok(Option::<Raw>::deserialize(d)?.map(|raw| {
-        let text = match raw {
-            Raw::Text(s) => s,
-            Raw::Int(n) => n.to_string(),
-            Raw::Float(f) => f.to_string(),
-        };
-        SecretString::from(text)
-    }))
-}
+/// Keys whose environment overrides stay text even when they look like numbers.
+const TEXT_KEYS: &[&str] = &[
+    "auth.client_secret",
+    "auth.client_id",
+    "auth.tenant_id",
+    "auth.scope",
+    "auth.token_url",
+    "graph.base_url",
+    "log.level",
+    "callers.jwt.issuer",
+    "callers.jwt.audience",
+    "callers.jwt.jwks_url",
+];
 
 fn redact<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
     match value {
@@ -453,15 +443,32 @@ impl Settings {
     where
         S: config::Source + Send + Sync + 'static,
     {
-        let raw = config::Config::builder()
-            .add_source(source)
-            .add_source(
-                config::Environment::with_prefix("GSP")
-                    .separator("__")
-                    .try_parsing(true),
-            )
-            .build()
-            .map_err(ConfigError::Load)?;
+        // `try_parsing` turns numeric-looking environment values into numbers, which is
+        // right for `GSP__GRAPH__MAX_RETRIES=5` and wrong for a secret like `0123`: keys
+        // that are text are taken out and set as strings.
+        let mut env: std::collections::HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("GSP__"))
+            .collect();
+        let mut builder = config::Config::builder().add_source(source);
+        let mut text_overrides = Vec::new();
+        for key in TEXT_KEYS {
+            let var = format!("GSP__{}", key.replace('.', "__").to_ascii_uppercase());
+            if let Some(value) = env.remove(&var) {
+                text_overrides.push((*key, value));
+            }
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("GSP")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        for (key, value) in text_overrides {
+            builder = builder
+                .set_override(key, value)
+                .map_err(ConfigError::Load)?;
+        }
+        let raw = builder.build().map_err(ConfigError::Load)?;
         // Through serde_json so that serde_path_to_error can name the failing key.
         let value: serde_json::Value = raw.try_deserialize().map_err(ConfigError::Load)?;
         let mut settings: Settings = serde_path_to_error::deserialize(value).map_err(|e| {
@@ -500,6 +507,35 @@ impl Settings {
 
     /// Checks values the types cannot: names the key and the reason.
     pub fn validate(&self, purpose: Purpose) -> Result<(), ConfigError> {
+        // Instants are computed from these: absurd values must not overflow them.
+        const MAX: Duration = Duration::from_secs(10 * 365 * 86_400);
+        for (key, d) in [
+            ("server.request_timeout", self.server.request_timeout),
+            ("server.shutdown_grace", self.server.shutdown_grace),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("graph.timeout", self.graph.timeout),
+            ("graph.circuit_cooldown", self.graph.circuit_cooldown),
+            (
+                "auth.refresh_before_expiry",
+                self.auth.refresh_before_expiry,
+            ),
+            ("cache.ttl", self.cache.ttl),
+            ("cache.negative_ttl", self.cache.negative_ttl),
+            (
+                "cache.stale_while_revalidate",
+                self.cache.stale_while_revalidate,
+            ),
+            ("cache.stale_if_error", self.cache.stale_if_error),
+            ("cache.failure_ttl", self.cache.failure_ttl),
+            ("cache.ttl_ended", self.cache.ttl_ended),
+        ] {
+            if d > MAX {
+                return Err(ConfigError::invalid(key, "at most 10 years"));
+            }
+        }
         let s = &self.server;
         if s.max_concurrent_requests == 0 {
             return Err(ConfigError::invalid(

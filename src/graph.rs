@@ -22,7 +22,7 @@ use crate::error::ProxyError;
 use crate::gate::{Closed, Gate, Report};
 use crate::routes::SessionKey;
 use crate::telemetry::{names, Metrics};
-use crate::token::TokenProvider;
+use crate::token::{TokenError, TokenProvider};
 
 /// Largest body accepted from Graph; sessions are a few KiB.
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -127,7 +127,11 @@ impl GraphClient {
         let mut retries = 0u32;
         let mut renewed_token = false;
         loop {
-            let token = self.tokens.token().await.map_err(ProxyError::Token)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let token = tokio::time::timeout(left, self.tokens.token())
+                .await
+                .map_err(|_| ProxyError::Token(Arc::new(TokenError::TimedOut)))?
+                .map_err(ProxyError::Token)?;
             // After the token: a probe admitted here must be the one that calls Graph.
             self.gate
                 .admit(self.clock.now())

@@ -105,6 +105,7 @@ impl Proxy {
                     token_url: settings.token_url(),
                     scope: settings.scope(),
                     refresh_before: settings.auth.refresh_before_expiry,
+                    timeout: settings.graph.timeout,
                 },
                 clock.clone(),
                 metrics.clone(),
@@ -279,7 +280,10 @@ impl AccessLog {
 }
 
 /// One request, start to finish: never fails, every refusal is DESIGN.md's JSON error.
-pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<Full<Bytes>> {
+pub async fn handle<B: hyper::body::Body>(
+    state: &AppState,
+    req: Request<B>,
+) -> Response<Full<Bytes>> {
     let started = std::time::Instant::now();
     let request_id = req
         .headers()
@@ -357,7 +361,7 @@ pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<Full<Bytes
     response
 }
 
-async fn answer<B>(
+async fn answer<B: hyper::body::Body>(
     state: &AppState,
     req: &Request<B>,
     log: &mut AccessLog,
@@ -372,7 +376,11 @@ async fn answer<B>(
         .map_err(|_| ProxyError::Overloaded)?;
     let headers = req.headers();
     // Whatever the answer, a body we do not read means the connection cannot be reused.
-    log.close = has_body(headers);
+    // (HTTP/2 may send DATA without announcing a length: the stream is not at its end.)
+    log.close = has_body(headers) || !req.body().is_end_stream();
+    if let Some(why) = bad_framing(req) {
+        return Err(ProxyError::InvalidRequest(why).into());
+    }
     let header_bytes: usize = headers
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
@@ -407,10 +415,14 @@ async fn answer<B>(
             }
             return Err(error);
         }
-        Err(_elapsed) => {
-            log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
-            return Err(ProxyError::UpstreamTimeout.into());
-        }
+        Err(_elapsed) => match state.cache.stale_if_error(&key) {
+            // Graph hangs: a stale copy still beats a timeout.
+            Some(lookup) => lookup,
+            None => {
+                log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
+                return Err(ProxyError::UpstreamTimeout.into());
+            }
+        },
     };
     let now = state.cache.now();
     let cache_status = cache_status(&lookup, now);
@@ -475,6 +487,32 @@ fn cache_status(lookup: &Lookup, now: tokio::time::Instant) -> HeaderValue {
         ),
     };
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("graph-session-proxy"))
+}
+
+/// Request-target and `Host` forms this origin server refuses: an absolute-form target
+/// with another scheme than http(s) or with userinfo, and repeated `Host` headers
+/// (RFC 9112 3.2).
+fn bad_framing<B>(req: &Request<B>) -> Option<&'static str> {
+    let uri = req.uri();
+    if uri
+        .scheme_str()
+        .is_some_and(|s| !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https"))
+    {
+        return Some("only http and https request targets are accepted");
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some("request targets must not carry userinfo");
+    }
+    if req
+        .headers()
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Some("more than one Host header");
+    }
+    None
 }
 
 /// A GET or HEAD that announces a body is refused rather than half-read.

@@ -111,6 +111,8 @@ pub enum TokenError {
     Unreachable(#[source] reqwest::Error),
     #[error("token endpoint answer not understood: {0}")]
     Malformed(String),
+    #[error("no token within the request's deadline")]
+    TimedOut,
 }
 
 impl TokenError {
@@ -129,6 +131,7 @@ impl TokenError {
             TokenError::Malformed(_) => {
                 "the token endpoint's answer was not understood".to_string()
             }
+            TokenError::TimedOut => "the token endpoint did not answer in time".to_string(),
         }
     }
 
@@ -138,7 +141,8 @@ impl TokenError {
             TokenError::Refused { .. }
             | TokenError::Status(_)
             | TokenError::Unreachable(_)
-            | TokenError::Malformed(_) => None,
+            | TokenError::Malformed(_)
+            | TokenError::TimedOut => None,
         }
     }
 }
@@ -191,6 +195,7 @@ pub struct TokenProvider {
     http: reqwest::Client,
     scope: Scope,
     refresh_before: Duration,
+    timeout: Duration,
     clock: Clock,
     /// The token in use; a read lock on the hot path, written only by a refresh.
     current: RwLock<Option<Arc<CachedToken>>>,
@@ -209,6 +214,8 @@ pub struct TokenProvider {
 /// After a failed token request, callers get that failure for this long without a new
 /// request (unless the endpoint asked for longer with `Retry-After`).
 const FAILURE_PAUSE: Duration = Duration::from_secs(1);
+/// Longest token lifetime believed.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Background refresh retries: first pause and cap.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_CAP: Duration = Duration::from_secs(60);
@@ -220,6 +227,9 @@ pub struct TokenOptions {
     pub token_url: String,
     pub scope: String,
     pub refresh_before: Duration,
+    /// Longest one token request may take (a hung endpoint must not hold the refresh
+    /// lock forever).
+    pub timeout: Duration,
 }
 
 impl TokenProvider {
@@ -241,6 +251,7 @@ impl TokenProvider {
             http,
             scope: Scope::new(options.scope),
             refresh_before: options.refresh_before,
+            timeout: options.timeout,
             clock,
             metrics,
             current: RwLock::new(None),
@@ -329,9 +340,12 @@ impl TokenProvider {
             Ok(_) => "ok",
             Err(TokenError::Refused { .. }) => "refused",
             Err(TokenError::Throttled(_)) => "throttled",
-            Err(TokenError::Status(_) | TokenError::Unreachable(_) | TokenError::Malformed(_)) => {
-                "error"
-            }
+            Err(
+                TokenError::Status(_)
+                | TokenError::Unreachable(_)
+                | TokenError::Malformed(_)
+                | TokenError::TimedOut,
+            ) => "error",
         };
         self.metrics
             .counter(names::TOKEN_REQUESTS, &[("outcome", outcome)])
@@ -375,13 +389,15 @@ impl TokenProvider {
         let exchange = Arc::new(std::sync::Mutex::new(Exchange::default()));
         let seen = exchange.clone();
         let http = self.http.clone();
+        let timeout = self.timeout;
         // oauth2 only hands back the body on failure; this closure also records the
         // status and Retry-After so a 429 can be told from a refusal.
         let send = move |request: oauth2::HttpRequest| {
             let http = http.clone();
             let seen = seen.clone();
             async move {
-                let request = reqwest::Request::try_from(request)?;
+                let mut request = reqwest::Request::try_from(request)?;
+                *request.timeout_mut() = Some(timeout);
                 let response = http.execute(request).await?;
                 let status = response.status();
                 let retry_after = response
@@ -419,11 +435,15 @@ impl TokenProvider {
         if lifetime.is_zero() {
             return Err(TokenError::Malformed("expires_in is 0".to_string()));
         }
+        // Entra issues tokens for 60-90 minutes; an absurd value is capped, not trusted.
+        let lifetime = lifetime.min(MAX_LIFETIME);
         let margin = self.refresh_before.min(lifetime / 10);
         // Entra's `refresh_in` (about half the lifetime) asks for an earlier refresh, which
         // runs in the background while this token keeps serving.
         let refresh_after = match response.refresh_in {
-            Some(secs) if secs > 0 => Duration::from_secs(secs).min(lifetime - margin),
+            Some(secs) if secs > 0 => {
+                Duration::from_secs(secs.min(MAX_LIFETIME.as_secs())).min(lifetime - margin)
+            }
             _ => lifetime - margin,
         };
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;

@@ -11,8 +11,10 @@
 //!
 //! It follows request lines with a small state machine: request line, then headers until
 //! the empty line, then the next request line. Requests with a body are refused by the
-//! handler with `Connection: close`, so body bytes never need tracking. HTTP/2 (the
-//! `PRI * HTTP/2.0` preface) is passed through untouched.
+//! handler with `Connection: close`, so body bytes never need tracking. HTTP/2 (a
+//! connection that opens with the `PRI * HTTP/2.0` preface) is passed through untouched;
+//! there hyper receives `:path` already parsed, so a `#` in it cannot be seen (see the
+//! README's limits).
 
 use std::io;
 use std::pin::Pin;
@@ -28,6 +30,8 @@ enum State {
     Target,
     /// After the target, up to the end of the request line.
     Version,
+    /// After `PRI ` on the first line: `i` bytes of the HTTP/2 preface matched so far.
+    Preface(usize),
     /// In the header block; `blank` tells whether the current line is empty so far.
     Headers { blank: bool },
     /// HTTP/2 or anything we do not understand: pass bytes through.
@@ -41,6 +45,9 @@ pub struct GuardedIo<T> {
     /// Bytes of the current request line's method, to recognise the HTTP/2 preface.
     method: [u8; 4],
     method_len: usize,
+    /// Still on the connection's first request line: only there can the HTTP/2 preface
+    /// start (a later `PRI` is just a bad HTTP/1 request and must not switch us off).
+    first: bool,
 }
 
 impl<T> GuardedIo<T> {
@@ -50,58 +57,85 @@ impl<T> GuardedIo<T> {
             state: State::Method,
             method: [0; 4],
             method_len: 0,
+            first: true,
         }
     }
 
     /// Rewrites `bytes` (newly read) in place, advancing the state machine.
     fn scrub(&mut self, bytes: &mut [u8]) {
         for b in bytes.iter_mut() {
-            self.state = match self.state {
-                State::PassThrough => return,
-                State::Method => match *b {
-                    b' ' => {
-                        if &self.method[..self.method_len] == b"PRI" {
-                            State::PassThrough
-                        } else {
-                            State::Target
-                        }
-                    }
-                    b'\r' | b'\n' => State::Method, // blank lines before a request are allowed
-                    other => {
-                        if self.method_len < self.method.len() {
-                            self.method[self.method_len] = other;
-                            self.method_len += 1;
-                        }
-                        State::Method
-                    }
-                },
-                State::Target => match *b {
-                    b' ' => State::Version,
-                    b'\r' => State::Version,
-                    b'\n' => State::Headers { blank: true },
-                    c if c == b'#' || c == 0x7f || !(0x20..0x80).contains(&c) => {
-                        *b = b'%';
+            if self.state == State::PassThrough {
+                return;
+            }
+            self.state = self.step(self.state, b);
+        }
+    }
+
+    /// The state after byte `b` in `state`, rewriting `b` when it must not reach hyper.
+    fn step(&mut self, state: State, b: &mut u8) -> State {
+        match state {
+            State::PassThrough => State::PassThrough,
+            State::Method => match *b {
+                b' ' => {
+                    if self.first && &self.method[..self.method_len] == b"PRI" {
+                        State::Preface(0)
+                    } else {
+                        self.first = false;
                         State::Target
                     }
-                    _ => State::Target,
-                },
-                State::Version => match *b {
-                    b'\n' => State::Headers { blank: true },
-                    _ => State::Version,
-                },
-                State::Headers { blank } => match *b {
-                    b'\r' => State::Headers { blank },
-                    b'\n' if blank => {
-                        self.method_len = 0;
-                        State::Method
+                }
+                b'\r' | b'\n' => State::Method, // blank lines before a request are allowed
+                other => {
+                    if self.method_len < self.method.len() {
+                        self.method[self.method_len] = other;
+                        self.method_len += 1;
                     }
-                    b'\n' => State::Headers { blank: true },
-                    _ => State::Headers { blank: false },
-                },
-            };
+                    State::Method
+                }
+            },
+            State::Preface(i) if PREFACE_REST.get(i) == Some(b) => {
+                if i + 1 == PREFACE_REST.len() {
+                    State::PassThrough
+                } else {
+                    State::Preface(i + 1)
+                }
+            }
+            State::Preface(i) => {
+                // Not the HTTP/2 preface after all: an HTTP/1 request whose target began
+                // with the bytes matched so far (nothing in them needs rewriting).
+                self.first = false;
+                let resume = if i < 2 { State::Target } else { State::Version };
+                self.step(resume, b)
+            }
+            State::Target => match *b {
+                b' ' => State::Version,
+                // `#`, DEL, non-ASCII and control bytes, bare CR and LF among them (a
+                // well-formed line has its version, after a space, before the CRLF).
+                c if c == b'#' || c == 0x7f || !(0x20..0x80).contains(&c) => {
+                    *b = b'%';
+                    State::Target
+                }
+                _ => State::Target,
+            },
+            State::Version => match *b {
+                b'\n' => State::Headers { blank: true },
+                _ => State::Version,
+            },
+            State::Headers { blank } => match *b {
+                b'\r' => State::Headers { blank },
+                b'\n' if blank => {
+                    self.method_len = 0;
+                    State::Method
+                }
+                b'\n' => State::Headers { blank: true },
+                _ => State::Headers { blank: false },
+            },
         }
     }
 }
+
+/// What follows `PRI ` in the HTTP/2 connection preface's first line.
+const PREFACE_REST: &[u8] = b"* HTTP/2.0\r\n";
 
 impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
     fn poll_read(
@@ -183,6 +217,27 @@ mod tests {
             out,
             b"GET /a%1 HTTP/1.1\r\nX: #\r\n\r\nGET /b%2 HTTP/1.1\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn bare_cr_and_lf_in_targets_become_percent() {
+        let out = scrubbed(&[b"GET /a\rb HTTP/1.1\r\n\r\nGET /c\nd HTTP/1.1\r\n\r\n"]);
+        assert_eq!(out, b"GET /a%b HTTP/1.1\r\n\r\nGET /c%d HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn a_later_pri_does_not_switch_the_guard_off() {
+        let out =
+            scrubbed(&[b"GET /a HTTP/1.1\r\n\r\nPRI /x HTTP/1.1\r\n\r\nGET /b#f HTTP/1.1\r\n\r\n"]);
+        assert_eq!(
+            out,
+            b"GET /a HTTP/1.1\r\n\r\nPRI /x HTTP/1.1\r\n\r\nGET /b%f HTTP/1.1\r\n\r\n"
+        );
+        // A first PRI line that is not the preface does not either.
+        let out = scrubbed(&[b"PRI /x HTTP/1.1\r\n\r\nGET /b#f HTTP/1.1\r\n\r\n"]);
+        assert_eq!(out, b"PRI /x HTTP/1.1\r\n\r\nGET /b%f HTTP/1.1\r\n\r\n");
+        let out = scrubbed(&[b"PRI *#x HTTP/1.1\r\n\r\n"]);
+        assert_eq!(out, b"PRI *%x HTTP/1.1\r\n\r\n");
     }
 
     #[test]

@@ -139,3 +139,40 @@ fn environment_overrides_win_and_are_validated() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cache.ttl"));
 }
+
+#[test]
+fn numeric_looking_text_from_the_environment_stays_text() {
+    let path = write(
+        "no-secret-file.toml",
+        &example().replace(
+            "client_secret_file = \"/run/secrets/graph-client-secret\"",
+            "",
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("GSP__AUTH__CLIENT_ID", "0123")
+        .env("GSP__AUTH__CLIENT_SECRET", "0123")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("client_id = \"0123\""), "{stdout}");
+    assert!(
+        stdout.contains("client_secret = \"[redacted]\""),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn toml_syntax_errors_are_reported_once() {
+    let (code, _, stderr) = check(&write("syntax.toml", "[server\nlisten = 1\n"));
+    assert_eq!(code, 2);
+    assert_eq!(stderr.matches("TOML parse error").count(), 1, "{stderr}");
+}

@@ -132,3 +132,42 @@ async fn http2_is_served() {
     assert_eq!(r.status(), 400);
     assert_eq!(h.stats().graph_requests, 1);
 }
+
+#[tokio::test]
+async fn odd_request_framing_is_refused_with_json() {
+    let h = Harness::start().await;
+    for target in [
+        format!("ftp://evil.example/sessions/webinars/{SEED_EVENT}/{SEED_SESSION}"),
+        format!("http://user:pass@evil.example/sessions/webinars/{SEED_EVENT}/{SEED_SESSION}"),
+        format!("/sessions/webinars/{SEED_EVENT}/{SEED_SESSION}\rX"),
+    ] {
+        let r = raw_get(h.proxy, target.as_bytes()).await;
+        assert_eq!(r.status, 400, "{target}: {}", r.head);
+        assert_eq!(r.json()["error"]["code"], "invalidRequest", "{target}");
+    }
+    let two_hosts = format!(
+        "GET /sessions/webinars/{SEED_EVENT}/{SEED_SESSION} HTTP/1.1\r\nHost: a\r\nHost: b\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
+    );
+    let r = raw_exchange(h.proxy, two_hosts.as_bytes()).await;
+    assert_eq!(r.status, 400, "{}", r.head);
+    // An absolute-form http target is allowed (RFC 9112 3.2.2) and means the same path.
+    let r = raw_get(
+        h.proxy,
+        format!("http://proxy.internal/sessions/webinars/{SEED_EVENT}/{SEED_SESSION}").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(h.stats().graph_requests, 1);
+}
+
+#[tokio::test]
+async fn a_pri_request_does_not_disable_the_fragment_guard() {
+    let h = Harness::start().await;
+    let pipelined = format!(
+        "PRI /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {API_KEY}\r\n\r\nGET /sessions/webinars/{SEED_EVENT}/{SEED_SESSION}#frag HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
+    );
+    let r = raw_exchange(h.proxy, pipelined.as_bytes()).await;
+    let all = format!("{}{}", r.head, String::from_utf8_lossy(&r.body));
+    assert!(!all.contains("200 OK"), "{all}");
+    assert_eq!(h.stats().graph_requests, 0);
+}

@@ -512,3 +512,78 @@ async fn ended_sessions_stay_fresh_longer() {
         status_of(&live_again)
     );
 }
+
+#[tokio::test]
+async fn a_hung_token_endpoint_times_out_and_the_proxy_recovers() {
+    let h = Harness::with(
+        |s| s.graph.timeout = Duration::from_secs(1),
+        SimConfig::default(),
+    )
+    .await;
+    h.faults(Faults {
+        token_latency_ms: 60_000,
+        ..Faults::default()
+    });
+    let started = std::time::Instant::now();
+    let r = h.get(&h.seed_url()).await;
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "tokenUnavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "bounded by graph.timeout, not the endpoint"
+    );
+    h.faults(Faults::default());
+    h.clock.advance(Duration::from_secs(2)); // past the pause after a failed token request
+    assert_eq!(h.get(&h.seed_url()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_hanging_graph_still_gets_stale_entries_served() {
+    let h = Harness::with(
+        |s| {
+            s.server.request_timeout = Duration::from_secs(1);
+            s.graph.timeout = Duration::from_secs(5);
+        },
+        SimConfig::default(),
+    )
+    .await;
+    let url = h.url("webinars", SEED_EVENT, "gen-hang");
+    assert_eq!(h.get(&url).await.status(), 200);
+    h.clock.advance(Duration::from_secs(400)); // past ttl and stale_while_revalidate
+    h.faults(Faults {
+        graph_latency_ms: 3000,
+        ..Faults::default()
+    });
+    let r = h.get(&url).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        status_of(&r).contains("detail=stale-if-error"),
+        "{}",
+        status_of(&r)
+    );
+    // Uncached: the timeout, as JSON.
+    let r = h.get(&h.url("webinars", SEED_EVENT, "gen-hang-new")).await;
+    assert_eq!(r.status(), 504);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstreamTimeout");
+}
+
+#[tokio::test]
+async fn an_absurd_token_lifetime_is_capped_not_trusted() {
+    let h = Harness::start().await;
+    h.faults(Faults {
+        token_lifetime_secs: Some(u64::MAX),
+        ..Faults::default()
+    });
+    assert_eq!(h.get(&h.seed_url()).await.status(), 200);
+    // Capped at a day: after it a new token is fetched.
+    h.clock.advance(Duration::from_secs(25 * 3600));
+    assert_eq!(
+        h.get(&h.url("webinars", SEED_EVENT, "gen-after-a-day"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(h.stats().token_requests, 2);
+}

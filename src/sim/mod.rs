@@ -377,7 +377,15 @@ impl Simulator {
         lock(&self.state.tokens).insert(
             token.clone(),
             Issued {
-                expires_at: self.state.clock.now() + lifetime,
+                // Absurd lifetimes (a test of the proxy's caps) must not overflow here.
+                expires_at: self
+                    .state
+                    .clock
+                    .now()
+                    .checked_add(lifetime)
+                    .unwrap_or_else(|| {
+                        self.state.clock.now() + Duration::from_secs(100 * 365 * 86400)
+                    }),
                 revoked: false,
             },
         );
