@@ -1,5 +1,6 @@
-//! The admin listener: liveness, readiness and cache purges. Bound to loopback by
-//! default; nothing here ever calls Graph.
+//! The admin listener: liveness, readiness, metrics and cache purges. Bound to loopback
+//! by default; anywhere else the configuration must name an admin token, which purges
+//! then require. Nothing here ever calls Graph.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -14,9 +15,11 @@ use serde_json::json;
 use tower::Service;
 
 use crate::error::error_response;
-use crate::routes::{self, SessionKey};
+use crate::routes;
 use crate::server::AppState;
 use crate::telemetry::names;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 pub fn service(
     state: Arc<AppState>,
@@ -30,7 +33,7 @@ pub fn service(
        + 'static {
     tower::service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(&state, req.method(), req.uri().path())) }
+        async move { Ok::<_, Infallible>(handle(&state, &req)) }
     })
 }
 
@@ -43,7 +46,10 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<B
     response
 }
 
-pub fn handle(state: &AppState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// One admin request. Probes and metrics are open (kubelets and Prometheus call them);
+/// purges need the admin token when one is configured.
+pub fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
+    let (method, path) = (req.method(), req.uri().path());
     match (method, path) {
         (&Method::GET | &Method::HEAD, "/healthz") => {
             json_response(StatusCode::OK, json!({"status": "ok"}))
@@ -64,23 +70,13 @@ pub fn handle(state: &AppState, method: &Method, path: &str) -> Response<Full<By
             }
         }
         (&Method::GET, "/metrics") => metrics(state),
-        (&Method::DELETE, "/cache") => {
-            state
-                .metrics
-                .counter(names::PURGES, &[("scope", "all")])
-                .increment(1);
-            state.cache.purge_all();
-            tracing::info!("purged the whole cache");
-            json_response(StatusCode::OK, json!({"purged": "all"}))
-        }
-        (&Method::DELETE, p) if p.starts_with("/cache/sessions/") => {
-            let session_path = &p["/cache".len()..];
-            match routes::route(&Method::GET, session_path, None) {
-                Ok(key) => purge_one(state, &key),
-                Err(e) => e.to_response(""),
+        (&Method::DELETE, p) if p == "/cache" || p.starts_with("/cache/") => {
+            if let Err(refusal) = authorize(state, req.headers()) {
+                return refusal;
             }
+            purge(state, p)
         }
-        (_, "/healthz" | "/readyz") => {
+        (_, "/healthz" | "/readyz" | "/metrics") => {
             let mut r = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "methodNotAllowed",
@@ -95,6 +91,90 @@ pub fn handle(state: &AppState, method: &Method, path: &str) -> Response<Full<By
     }
 }
 
+/// `Authorization: Bearer <admin token>`, checked against its configured SHA-256 in
+/// constant time.
+fn authorize(state: &AppState, headers: &http::HeaderMap) -> Result<(), Response<Full<Bytes>>> {
+    let Some(expected) = &state.admin_token_sha256 else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let ok = presented.is_some_and(|token| {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        bool::from(digest.ct_eq(expected))
+    });
+    if ok {
+        Ok(())
+    } else {
+        let mut r = error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "the admin token is required: Authorization: Bearer <admin token>",
+            "",
+        );
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"graph-session-proxy-admin\""),
+        );
+        Err(r)
+    }
+}
+
+/// `DELETE /cache`, `/cache/sessions/{kind}/{event}/{session}`, `/cache/events/{kind}/{event}`.
+fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
+    if path == "/cache" {
+        state
+            .metrics
+            .counter(names::PURGES, &[("scope", "all")])
+            .increment(1);
+        state.cache.purge_all();
+        tracing::info!("purged the whole cache");
+        return json_response(StatusCode::OK, json!({"purged": "all"}));
+    }
+    if let Some(session_path) = path
+        .strip_prefix("/cache")
+        .filter(|p| p.starts_with("/sessions/"))
+    {
+        return match routes::route(&Method::GET, session_path, None) {
+            Ok(key) => {
+                state
+                    .metrics
+                    .counter(names::PURGES, &[("scope", "session")])
+                    .increment(1);
+                let was_cached = state.cache.purge(&key);
+                tracing::info!(%key, was_cached, "purged a session");
+                json_response(
+                    StatusCode::OK,
+                    json!({"purged": key.to_string(), "wasCached": was_cached}),
+                )
+            }
+            Err(e) => e.to_response(""),
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/cache/events/") {
+        // Same validation as a session path, with a placeholder session id.
+        return match routes::route(&Method::GET, &format!("/sessions/{rest}/x"), None) {
+            Ok(key) => {
+                state
+                    .metrics
+                    .counter(names::PURGES, &[("scope", "event")])
+                    .increment(1);
+                let removed = state.cache.purge_event(key.kind, &key.event);
+                tracing::info!(kind = %key.kind, event = %key.event, removed, "purged an event");
+                json_response(
+                    StatusCode::OK,
+                    json!({"purged": format!("{}/{}", key.kind, key.event), "sessions": removed}),
+                )
+            }
+            Err(e) => e.to_response(""),
+        };
+    }
+    error_response(StatusCode::NOT_FOUND, "notFound", "no such admin route", "")
+}
 /// Prometheus text; gauges that are cheaper to read than to maintain are set here.
 fn metrics(state: &AppState) -> Response<Full<Bytes>> {
     let m = &state.metrics;
@@ -120,17 +200,4 @@ fn metrics(state: &AppState) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
-}
-
-fn purge_one(state: &AppState, key: &SessionKey) -> Response<Full<Bytes>> {
-    state
-        .metrics
-        .counter(names::PURGES, &[("scope", "session")])
-        .increment(1);
-    let was_cached = state.cache.purge(key);
-    tracing::info!(%key, was_cached, "purged a session");
-    json_response(
-        StatusCode::OK,
-        json!({"purged": key.to_string(), "wasCached": was_cached}),
-    )
 }

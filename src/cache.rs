@@ -37,7 +37,7 @@ use crate::clock::Clock;
 use crate::config::CacheSettings;
 use crate::error::ProxyError;
 use crate::graph::{Fetched, GraphAnswer, GraphClient};
-use crate::routes::SessionKey;
+use crate::routes::{Kind, SessionKey};
 use crate::telemetry::{names, Metrics};
 
 /// Rough per-entry bookkeeping (moka node, Arc, headers) added to the weigher's count.
@@ -413,6 +413,22 @@ impl SessionCache {
     pub fn purge(&self, key: &SessionKey) -> bool {
         self.failures.invalidate(key);
         self.store.remove(key).is_some()
+    }
+
+    /// Drops every cached session of one event. Returns how many.
+    pub fn purge_event(&self, kind: Kind, event: &str) -> usize {
+        let keys: Vec<SessionKey> = self
+            .store
+            .iter()
+            .map(|(key, _)| key)
+            .filter(|key| key.kind == kind && &*key.event == event)
+            .map(|key| (*key).clone())
+            .collect();
+        for key in &keys {
+            self.failures.invalidate(key);
+            self.store.invalidate(key);
+        }
+        keys.len()
     }
 
     /// Drops everything.

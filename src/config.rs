@@ -63,6 +63,14 @@ pub struct ServerSettings {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub max_concurrent_requests: usize,
+    /// SHA-256 (hex) of the token the admin purge calls need; required when
+    /// `admin_listen` is not a loopback address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_sha256: Option<String>,
+    /// Readiness waits for a first Graph token (so a bad secret keeps a pod out of rotation).
+    pub ready_requires_token: bool,
+    /// Open caller connections at most; beyond, new connections wait in the listen backlog.
+    pub max_connections: usize,
     /// A client that has not sent all request headers in this time is disconnected.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -83,6 +91,9 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
             max_concurrent_requests: 10_000,
+            admin_token_sha256: None,
+            ready_requires_token: false,
+            max_connections: 20_000,
             header_read_timeout: Duration::from_secs(10),
             max_headers: 64,
             max_header_bytes: ByteSize::kib(16),
@@ -545,6 +556,29 @@ impl Settings {
         }
         positive("server.request_timeout", s.request_timeout)?;
         positive("server.header_read_timeout", s.header_read_timeout)?;
+        if s.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_connections",
+                "must be at least 1",
+            ));
+        }
+        match &s.admin_token_sha256 {
+            Some(digest)
+                if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
+                return Err(ConfigError::invalid(
+                    "server.admin_token_sha256",
+                    "must be 64 hex characters: printf %s \"$TOKEN\" | sha256sum",
+                ));
+            }
+            None if !s.admin_listen.ip().is_loopback() => {
+                return Err(ConfigError::invalid(
+                    "server.admin_token_sha256",
+                    "required when server.admin_listen is not a loopback address (purges would be open to the network)",
+                ));
+            }
+            _ => {}
+        }
         if !(8..=1000).contains(&s.max_headers) {
             return Err(ConfigError::invalid("server.max_headers", "from 8 to 1000"));
         }

@@ -112,7 +112,9 @@ async fn serve(settings: Result<Settings, ConfigError>) -> anyhow::Result<()> {
             )
         })?;
     let proxy = Proxy::build(&settings, Clock::new())?;
-    tracing::info!(listen = %settings.server.listen, admin = %settings.server.admin_listen, graph = %settings.graph.root(), "graph-session-proxy started");
+    let bound = listener.local_addr()?;
+    let admin_bound = admin.local_addr()?;
+    tracing::info!(listen = %bound, admin = %admin_bound, graph = %settings.graph.root(), "graph-session-proxy started");
     proxy.serve(listener, admin, shutdown_signal()).await;
     tracing::info!("stopped");
     Ok(())

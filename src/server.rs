@@ -74,11 +74,14 @@ pub struct AppState {
     /// False until the listener is up; false again once shutdown begins.
     pub ready: AtomicBool,
     pub draining: AtomicBool,
+    /// SHA-256 of the admin token purges need, when configured.
+    pub admin_token_sha256: Option<[u8; 32]>,
 }
 
 pub struct Proxy {
     pub state: Arc<AppState>,
     connections: ConnectionOptions,
+    ready_requires_token: bool,
 }
 
 impl Proxy {
@@ -150,9 +153,18 @@ impl Proxy {
                 max_header_bytes: settings.server.max_header_bytes.as_u64() as usize,
                 ready: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
+                admin_token_sha256: settings.server.admin_token_sha256.as_deref().and_then(
+                    |hex_digest| {
+                        let mut digest = [0u8; 32];
+                        hex::decode_to_slice(hex_digest.to_ascii_lowercase(), &mut digest).ok()?;
+                        Some(digest)
+                    },
+                ),
             }),
+            ready_requires_token: settings.server.ready_requires_token,
             connections: ConnectionOptions {
                 guard: true,
+                max_connections: settings.server.max_connections,
                 header_read_timeout: settings.server.header_read_timeout,
                 // Twice the handler's limits: between the two, callers get a JSON 431.
                 hard_max_headers: settings.server.max_headers.saturating_mul(2),
@@ -176,32 +188,55 @@ impl Proxy {
         shutdown: impl Future<Output = ()> + Send,
     ) {
         let state = self.state.clone();
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
+        let (stop_callers, callers_stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let callers = async {
+            accept_loop(
+                listener,
+                caller_service(state.clone()),
+                async {
+                    let _ = callers_stopped.await;
+                },
+                self.connections.clone(),
+            )
+            .await;
+            // The admin listener outlives the drain, so probes see /readyz answer 503.
+            let _ = stop_admin.send(());
         };
-        let callers = accept_loop(
-            listener,
-            caller_service(state.clone()),
-            stopped(stop_rx.clone()),
-            self.connections.clone(),
-        );
         let admin = accept_loop(
             admin_listener,
             admin::service(state.clone()),
-            stopped(stop_rx),
+            async {
+                let _ = admin_stopped.await;
+            },
             ConnectionOptions::internal(self.connections.grace),
         );
-        state.ready.store(true, Ordering::SeqCst);
-        tracing::info!("ready");
+        let readiness = async {
+            if self.ready_requires_token {
+                // Keep out of rotation until the identity platform has issued a token.
+                while !state.draining.load(Ordering::SeqCst) {
+                    match state.tokens.token().await {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "not ready: no Graph token yet");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                    }
+                }
+            }
+            if !state.draining.load(Ordering::SeqCst) {
+                state.ready.store(true, Ordering::SeqCst);
+                tracing::info!("ready");
+            }
+        };
         let signal = async {
             shutdown.await;
             tracing::info!("shutting down: draining requests in flight");
             state.ready.store(false, Ordering::SeqCst);
             state.draining.store(true, Ordering::SeqCst);
-            let _ = stop_tx.send(true);
+            let _ = stop_callers.send(());
         };
-        tokio::join!(callers, admin, signal);
+        tokio::join!(callers, admin, readiness, signal);
     }
 }
 
@@ -582,6 +617,8 @@ pub struct ConnectionOptions {
     /// HTTP/2: streams per connection and header list size.
     pub h2_max_streams: u32,
     pub h2_max_header_list: u32,
+    /// Open connections at most; further ones wait in the listen backlog.
+    pub max_connections: usize,
     /// For in-flight connections after shutdown.
     pub grace: Duration,
 }
@@ -596,6 +633,7 @@ impl ConnectionOptions {
             hard_max_buf: 400 * 1024,
             h2_max_streams: 200,
             h2_max_header_list: 64 * 1024,
+            max_connections: 1024,
             grace,
         }
     }
@@ -632,8 +670,18 @@ pub async fn accept_loop<S, B>(
     let guard = options.guard;
     let grace = options.grace;
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(options.max_connections));
     tokio::pin!(shutdown);
     loop {
+        // A free connection slot first, so that beyond the cap clients wait in the backlog
+        // instead of costing a task and buffers each.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_closed) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _peer) = match accepted {
@@ -649,10 +697,10 @@ pub async fn accept_loop<S, B>(
                 let service = TowerToHyperService::new(service.clone());
                 if guard {
                     let io = TokioIo::new(GuardedIo::new(stream));
-                    spawn_connection(graceful.watch(builder.serve_connection(io, service).into_owned()));
+                    spawn_connection(graceful.watch(builder.serve_connection(io, service).into_owned()), slot);
                 } else {
                     let io = TokioIo::new(stream);
-                    spawn_connection(graceful.watch(builder.serve_connection(io, service).into_owned()));
+                    spawn_connection(graceful.watch(builder.serve_connection(io, service).into_owned()), slot);
                 }
             }
             () = &mut shutdown => break,
@@ -665,11 +713,14 @@ pub async fn accept_loop<S, B>(
     }
 }
 
-fn spawn_connection<E>(connection: impl Future<Output = Result<(), E>> + Send + 'static)
-where
+fn spawn_connection<E>(
+    connection: impl Future<Output = Result<(), E>> + Send + 'static,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) where
     E: std::fmt::Display,
 {
     tokio::spawn(async move {
+        let _slot = slot; // released when the connection ends
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "connection ended with an error");
         }

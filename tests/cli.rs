@@ -176,3 +176,101 @@ fn toml_syntax_errors_are_reported_once() {
     assert_eq!(code, 2);
     assert_eq!(stderr.matches("TOML parse error").count(), 1, "{stderr}");
 }
+
+/// `serve` as a process: SIGTERM while a request is in flight, the request completes, the
+/// process exits 0.
+#[tokio::test]
+async fn serve_exits_0_on_sigterm_after_draining() {
+    use graph_session_proxy::sim::{Faults, SimConfig, Simulator, SEED_EVENT, SEED_SESSION};
+    use std::io::BufRead;
+
+    let sim = Simulator::new(
+        SimConfig::default(),
+        graph_session_proxy::clock::Clock::new(),
+    );
+    let sim_addr = sim.clone().spawn().await.unwrap();
+    let key = "cli-key-1";
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(key))
+    };
+    let config = write(
+        "serve.toml",
+        &format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            admin_listen = "127.0.0.1:0"
+            shutdown_grace = "5s"
+            [graph]
+            base_url = "http://{sim_addr}"
+            [auth]
+            tenant_id = "5466a424-aadf-425c-9b24-034ca28d4bdd"
+            client_id = "00000000-0000-0000-0000-00000000c11e"
+            client_secret = "sim-client-secret"
+            token_url = "http://{sim_addr}/{{tenant}}/oauth2/v2.0/token"
+            [callers]
+            mode = "api_key"
+            [[callers.api_keys]]
+            name = "cli"
+            sha256 = "{sha}"
+            [log]
+            format = "json"
+            "#
+        ),
+    );
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(listen) = v["listen"].as_str() {
+                    let _ = addr_tx.send(listen.to_string());
+                }
+            }
+        }
+    });
+    let listen = addr_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the proxy logs its address");
+    sim.set_faults(Faults {
+        graph_latency_ms: 700,
+        ..Faults::default()
+    });
+    let url = format!("http://{listen}/sessions/webinars/{SEED_EVENT}/{SEED_SESSION}");
+    let in_flight = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the request in flight completes"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

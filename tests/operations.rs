@@ -141,3 +141,219 @@ async fn metrics_after_traffic_are_plausible() {
         1004.0
     );
 }
+
+#[tokio::test]
+async fn purging_an_event_removes_its_sessions_and_nothing_else() {
+    let h = Harness::start().await;
+    let a: Vec<String> = (0..3)
+        .map(|i| h.url("webinars", "event-a@tenant", &format!("gen-{i}")))
+        .collect();
+    let b = h.url("webinars", "event-b@tenant", "gen-0");
+    let other_kind = h.url("townhalls", "event-a@tenant", "gen-0");
+    for url in a.iter().chain([&b, &other_kind]) {
+        assert_eq!(h.get(url).await.status(), 200);
+    }
+    let r = h
+        .http
+        .delete(format!(
+            "http://{}/cache/events/webinars/event-a%40tenant",
+            h.admin
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["sessions"], 3);
+    for url in &a {
+        let r = h.get(url).await;
+        assert!(r.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("fwd=miss"));
+    }
+    for url in [&b, &other_kind] {
+        let r = h.get(url).await;
+        assert!(r.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("; hit;"));
+    }
+    let bad = h
+        .http
+        .delete(format!("http://{}/cache/events/webinars/a%2Fb", h.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn purges_need_the_admin_token_when_one_is_configured() {
+    let h = Harness::with(
+        |s| s.server.admin_token_sha256 = Some(sha256_hex("admin-secret-1")),
+        graph_session_proxy::sim::SimConfig::default(),
+    )
+    .await;
+    let admin = format!("http://{}", h.admin);
+    assert_eq!(
+        h.http
+            .get(format!("{admin}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        h.http
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let refused = h
+        .http
+        .delete(format!("{admin}/cache"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let wrong = h
+        .http
+        .delete(format!("{admin}/cache"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let ok = h
+        .http
+        .delete(format!("{admin}/cache"))
+        .bearer_auth("admin-secret-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn readiness_can_wait_for_the_first_token() {
+    let clock_faults = Faults {
+        token_status: Some(503),
+        ..Faults::default()
+    };
+    let h = Harness::with(
+        |s| s.server.ready_requires_token = true,
+        graph_session_proxy::sim::SimConfig::default(),
+    )
+    .await;
+    h.faults(clock_faults);
+    let ready = format!("http://{}/readyz", h.admin);
+    // The first attempt may already have failed or be under way: not ready either way.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(h.http.get(&ready).send().await.unwrap().status(), 503);
+    h.faults(Faults::default());
+    h.clock.advance(std::time::Duration::from_secs(2));
+    let mut became_ready = false;
+    for _ in 0..100 {
+        if h.http.get(&ready).send().await.unwrap().status() == 200 {
+            became_ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(became_ready);
+}
+
+#[tokio::test]
+async fn load_beyond_the_limit_is_shed_at_once() {
+    let h = Harness::with(
+        |s| s.server.max_concurrent_requests = 10,
+        graph_session_proxy::sim::SimConfig::default(),
+    )
+    .await;
+    h.faults(Faults {
+        graph_latency_ms: 1000,
+        ..Faults::default()
+    });
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let http = h.http.clone();
+        let url = h.url("webinars", SEED_EVENT, &format!("gen-shed-{i}"));
+        tasks.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let r = http.get(&url).bearer_auth(API_KEY).send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            (
+                status,
+                v["error"]["code"].as_str().map(str::to_string),
+                started.elapsed(),
+            )
+        }));
+    }
+    let mut served = 0;
+    let mut shed = 0;
+    for t in tasks {
+        let (status, code, took) = t.await.unwrap();
+        match status {
+            200 => served += 1,
+            503 => {
+                assert_eq!(code.as_deref(), Some("overloaded"));
+                assert!(
+                    took < std::time::Duration::from_millis(900),
+                    "shed after {took:?}: it waited"
+                );
+                shed += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((served, shed), (10, 90));
+}
+
+#[tokio::test]
+async fn shutdown_drains_fifty_requests_and_reports_draining() {
+    let mut h = Harness::start().await;
+    h.faults(Faults {
+        graph_latency_ms: 800,
+        ..Faults::default()
+    });
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let http = h.http.clone();
+        let url = h.url("webinars", SEED_EVENT, &format!("gen-drain-{i}"));
+        tasks.push(tokio::spawn(async move {
+            http.get(&url)
+                .bearer_auth(API_KEY)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    h.stop();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let ready = reqwest::Client::new()
+        .get(format!("http://{}/readyz", h.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "draining");
+    assert!(
+        tokio::net::TcpStream::connect(h.proxy).await.is_err(),
+        "no new caller connections"
+    );
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(5), h.done.take().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+}
