@@ -71,8 +71,18 @@ pub fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/metrics") => metrics(state),
         (&Method::DELETE, p) if p == "/cache" || p.starts_with("/cache/") => {
-            if let Err(refusal) = authorize(state, req.headers()) {
-                return refusal;
+            if !authorized(state, req.headers()) {
+                let mut r = error_response(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "the admin token is required: Authorization: Bearer <admin token>",
+                    "",
+                );
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"graph-session-proxy-admin\""),
+                );
+                return r;
             }
             purge(state, p)
         }
@@ -93,9 +103,9 @@ pub fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
 
 /// `Authorization: Bearer <admin token>`, checked against its configured SHA-256 in
 /// constant time.
-fn authorize(state: &AppState, headers: &http::HeaderMap) -> Result<(), Response<Full<Bytes>>> {
+fn authorized(state: &AppState, headers: &http::HeaderMap) -> bool {
     let Some(expected) = &state.admin_token_sha256 else {
-        return Ok(());
+        return true;
     };
     let presented = headers
         .get(http::header::AUTHORIZATION)
@@ -103,25 +113,10 @@ fn authorize(state: &AppState, headers: &http::HeaderMap) -> Result<(), Response
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
-    let ok = presented.is_some_and(|token| {
+    presented.is_some_and(|token| {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         bool::from(digest.ct_eq(expected))
-    });
-    if ok {
-        Ok(())
-    } else {
-        let mut r = error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "the admin token is required: Authorization: Bearer <admin token>",
-            "",
-        );
-        r.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"graph-session-proxy-admin\""),
-        );
-        Err(r)
-    }
+    })
 }
 
 /// `DELETE /cache`, `/cache/sessions/{kind}/{event}/{session}`, `/cache/events/{kind}/{event}`.
