@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Validates every manifest in deploy/kubernetes against the Kubernetes OpenAPI schemas
+# (strict: unknown fields are errors), offline, with kubernetes-validate from PyPI.
+# Exits non-zero when any manifest fails.
+#
+#   deploy/kubernetes/validate.sh                 # the oldest supported and the newest version
+#   K8S_VERSIONS="1.31.0" deploy/kubernetes/validate.sh
+#
+# Also, when they are installed: yamllint on the YAML, and `kubectl kustomize` to check
+# that the kustomization renders (the rendered output is validated too).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# 1.30: the preStop `sleep` action in deployment.yaml needs it. Empty entry = newest.
+read -r -a versions <<<"${K8S_VERSIONS:-1.30.0 latest}"
+
+if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
+  echo "installing kubernetes-validate"
+  python3 -m pip install --quiet kubernetes-validate
+fi
+
+manifests=(*.yaml)
+version_args=()
+for v in "${versions[@]}"; do
+  if [[ "$v" == latest ]]; then
+    v=$(python3 -c 'import kubernetes_validate.utils as u; print(u.latest_version())')
+  fi
+  version_args+=(-k "$v")
+done
+
+status=0
+
+# Resources without a schema in the tool (the ServiceMonitor CRD) are reported as WARN
+# and do not fail; kustomization.yaml is not a Kubernetes resource and is skipped.
+for f in "${manifests[@]}"; do
+  [[ "$f" == kustomization.yaml ]] && continue
+  python3 -m kubernetes_validate --strict "${version_args[@]}" "$f" || status=1
+done
+
+# What the schemas cannot see: the ServiceMonitor (a CRD without a schema here) and the
+# Services must select what exists.
+python3 - <<'PY' || status=1
+import sys, yaml
+docs = {}
+for name in ["deployment.yaml", "service.yaml", "servicemonitor.yaml"]:
+    with open(name) as f:
+        for d in yaml.safe_load_all(f):
+            docs[(d["kind"], d["metadata"]["name"])] = d
+errors = []
+pod = docs[("Deployment", "graph-session-proxy")]["spec"]["template"]
+pod_labels = pod["metadata"]["labels"]
+port_names = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+services = [d for (k, _), d in docs.items() if k == "Service"]
+for svc in services:
+    if not svc["spec"]["selector"].items() <= pod_labels.items():
+        errors.append(f"service {svc['metadata']['name']} selects no pod")
+    for p in svc["spec"]["ports"]:
+        if p["targetPort"] not in port_names:
+            errors.append(f"service {svc['metadata']['name']} targets unknown port {p['targetPort']}")
+sm = docs[("ServiceMonitor", "graph-session-proxy")]
+selected = [s for s in services if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+if [s["metadata"]["name"] for s in selected] != ["graph-session-proxy-admin"]:
+    errors.append(f"servicemonitor selects {[s['metadata']['name'] for s in selected]}, want the admin Service only")
+for ep in sm["spec"]["endpoints"]:
+    if selected and ep["port"] not in {p["name"] for p in selected[0]["spec"]["ports"]}:
+        errors.append(f"servicemonitor endpoint port {ep['port']} is not a port of the admin Service")
+for e in errors:
+    print("ERROR", e)
+if errors:
+    sys.exit(1)
+print("INFO services and servicemonitor select the deployment's pods and ports")
+PY
+
+if command -v kubectl >/dev/null 2>&1; then
+  rendered=$(mktemp --suffix=.yaml)
+  trap 'rm -f "$rendered"' EXIT
+  if kubectl kustomize . >"$rendered"; then
+    echo "INFO kustomization.yaml renders $(grep -c '^kind:' "$rendered") resources"
+    python3 -m kubernetes_validate --strict --quiet "${version_args[@]}" "$rendered" || status=1
+  else
+    echo "ERROR kubectl kustomize failed"
+    status=1
+  fi
+else
+  echo "SKIP kubectl not found: kustomization.yaml not rendered"
+fi
+
+if python3 -c 'import yamllint' 2>/dev/null; then
+  python3 -m yamllint -s -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable, truthy: {check-keys: false}}}' \
+    "${manifests[@]}" && echo "INFO yamllint passed" || status=1
+else
+  echo "SKIP yamllint not installed (python3 -m pip install yamllint)"
+fi
+
+if [[ $status -eq 0 ]]; then
+  echo "OK: all manifests valid"
+else
+  echo "FAILED"
+fi
+exit $status
