@@ -91,7 +91,7 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
 
 async fn serve(settings: Result<Settings, ConfigError>) -> anyhow::Result<()> {
     let settings = settings?;
-    telemetry::init(&settings.log);
+    let _log_writer = telemetry::init(&settings.log);
     for warning in settings.warnings() {
         tracing::warn!("{warning}");
     }
@@ -122,7 +122,7 @@ async fn serve(settings: Result<Settings, ConfigError>) -> anyhow::Result<()> {
 
 async fn demo() -> anyhow::Result<()> {
     let mut settings = Settings::from_toml(DEMO_CONFIG, Purpose::Embedded)?;
-    telemetry::init(&settings.log);
+    let _log_writer = telemetry::init(&settings.log);
     let sim_listener = TcpListener::bind("127.0.0.1:0").await?;
     let sim_addr = sim_listener.local_addr()?;
     let simulator = Simulator::new(SimConfig::default(), Clock::new());
@@ -170,7 +170,7 @@ async fn demo() -> anyhow::Result<()> {
 }
 
 async fn run_sim(listen: SocketAddr) -> anyhow::Result<()> {
-    telemetry::init(&Default::default());
+    let _log_writer = telemetry::init(&Default::default());
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -36,7 +36,7 @@ use crate::config::Settings;
 use crate::error::{error_response, ProxyError};
 use crate::graph::{http_client, GraphClient, GraphOptions};
 use crate::routes;
-use crate::telemetry::{names, Metrics};
+use crate::telemetry::Metrics;
 use crate::token::{TokenOptions, TokenProvider};
 use crate::wire::GuardedIo;
 
@@ -44,6 +44,8 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_GRAPH_REQUEST_ID: HeaderName = HeaderName::from_static("x-graph-request-id");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
+/// The `caller` label of requests refused before authentication.
+static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
 /// Longest path worth routing: two 256-character ids, each up to 3 bytes per character
 /// when percent-encoded, and the fixed segments.
 const MAX_PATH_BYTES: usize = 2 * 256 * 3 + 64;
@@ -369,30 +371,24 @@ pub async fn handle<B: hyper::body::Body>(
         _ => "5xx",
     };
     let cache = log.cache_label();
-    state
-        .metrics
-        .counter(
-            names::REQUESTS,
-            &[
-                (
-                    "route",
-                    if log.kind.is_some() {
-                        "session"
-                    } else {
-                        "other"
-                    },
-                ),
-                ("status", class),
-                ("code", log.code.unwrap_or("none")),
-                ("cache", cache),
-                ("caller", log.caller.as_deref().unwrap_or("-")),
-            ],
-        )
-        .increment(1);
-    state
-        .metrics
-        .histogram(names::REQUEST_DURATION, &[("cache", cache)])
-        .record(started.elapsed().as_secs_f64());
+    let caller = log.caller.clone().unwrap_or_else(|| ANONYMOUS.clone());
+    state.metrics.record_request(
+        [
+            (
+                "route",
+                if log.kind.is_some() {
+                    "session"
+                } else {
+                    "other"
+                },
+            ),
+            ("status", class),
+            ("code", log.code.unwrap_or("none")),
+            ("cache", cache),
+        ],
+        &caller,
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 

@@ -1,6 +1,8 @@
 //! Logging set-up (text or JSON lines, filtered by `log.level` unless `RUST_LOG` is set)
 //! and the metrics recorder.
 
+use std::sync::Arc;
+
 use metrics::{Key, Label, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -9,13 +11,21 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
-/// Installs the global subscriber. A second call (tests) leaves the first in place.
-pub fn init(settings: &LogSettings) {
+/// Installs the global subscriber. Lines are written by a background thread, so a request
+/// never waits on stdout (one line per request would otherwise mean a write system call,
+/// under a lock, on the hit path). Keep the guard until exit: dropping it flushes. A
+/// second call (tests) leaves the first subscriber in place.
+#[must_use = "dropping the guard stops the log writer"]
+pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(true);
+        .with_target(true)
+        .with_ansi(ansi)
+        .with_writer(writer);
     let _ = match settings.format {
         LogFormat::Json => builder
             .json()
@@ -24,6 +34,7 @@ pub fn init(settings: &LogSettings) {
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    guard
 }
 
 /// The proxy's metrics, rendered in Prometheus text format on the admin listener.
@@ -153,6 +164,40 @@ impl Metrics {
     ) -> metrics::Histogram {
         self.recorder
             .register_histogram(&Self::key(name, labels), &METADATA)
+    }
+
+    /// One caller request: the request counter and the latency histogram. Label values
+    /// are static strings or the caller's shared name, so nothing is copied.
+    pub fn record_request(
+        &self,
+        labels: [(&'static str, &'static str); 4],
+        caller: &Arc<str>,
+        seconds: f64,
+    ) {
+        let mut all: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::from_static_parts(k, v))
+            .collect();
+        all.push(Label::new(
+            "caller",
+            metrics::SharedString::from_shared(caller.clone()),
+        ));
+        self.recorder
+            .register_counter(&Key::from_parts(names::REQUESTS, all), &METADATA)
+            .increment(1);
+        let cache = labels
+            .iter()
+            .find(|(k, _)| *k == "cache")
+            .map_or("none", |(_, v)| v);
+        self.recorder
+            .register_histogram(
+                &Key::from_parts(
+                    names::REQUEST_DURATION,
+                    vec![Label::from_static_parts("cache", cache)],
+                ),
+                &METADATA,
+            )
+            .record(seconds);
     }
 
     /// Prometheus text format.
