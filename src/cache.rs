@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::clock::Clock;
-use crate::config::CacheSettings;
+use crate::config::{ApiVersion, CacheSettings};
 use crate::error::ProxyError;
 use crate::graph::{Fetched, GraphAnswer, GraphClient};
 use crate::routes::{Kind, SessionKey};
@@ -50,6 +50,9 @@ pub struct Entry {
     pub body: Option<Bytes>,
     /// Strong validator derived from the body.
     pub etag: HeaderValue,
+    /// Graph's body exactly as sent (for the Graph-compatible routes) and its validator.
+    pub raw: Bytes,
+    pub raw_etag: HeaderValue,
     /// When Graph answered (the proxy's clock).
     pub stored_at: Instant,
     /// Fresh until then.
@@ -68,22 +71,31 @@ const ENDED_AFTER: Duration = Duration::from_secs(3600);
 
 impl Entry {
     fn new(answer: GraphAnswer, now: Instant, settings: &CacheSettings) -> Entry {
-        let (body, fresh_for, stale_for) = match answer.fetched {
-            Fetched::Found(body) => {
-                let fresh_for =
-                    if settings.smart_ttl && ended_long_ago(&body, std::time::SystemTime::now()) {
-                        settings.ttl_ended.max(settings.ttl)
-                    } else {
-                        settings.ttl
-                    };
-                (Some(body), fresh_for, settings.stale_if_error)
+        let (body, raw, fresh_for, stale_for) = match answer.fetched {
+            Fetched::Found { session, raw } => {
+                let fresh_for = if settings.smart_ttl
+                    && ended_long_ago(&session, std::time::SystemTime::now())
+                {
+                    settings.ttl_ended.max(settings.ttl)
+                } else {
+                    settings.ttl
+                };
+                (Some(session), raw, fresh_for, settings.stale_if_error)
             }
-            Fetched::NotFound => (None, settings.negative_ttl, Duration::ZERO),
+            Fetched::NotFound => (None, Bytes::new(), settings.negative_ttl, Duration::ZERO),
         };
         let etag = etag_of(body.as_deref().unwrap_or(b""));
+        // Unwrapped or not, the session shares `raw`'s memory; only its validator differs.
+        let raw_etag = if raw.len() == body.as_ref().map_or(0, Bytes::len) {
+            etag.clone()
+        } else {
+            etag_of(&raw)
+        };
         let fresh_until = now + fresh_for;
         Entry {
             body,
+            raw,
+            raw_etag,
             etag,
             stored_at: now,
             fresh_until,
@@ -121,7 +133,7 @@ impl Entry {
     fn weight(&self, key: &SessionKey) -> u32 {
         let bytes = key.event.len()
             + key.session.len()
-            + self.body.as_ref().map_or(0, Bytes::len)
+            + self.raw.len()
             + self.graph_request_id.as_ref().map_or(0, HeaderValue::len)
             + ENTRY_OVERHEAD;
         u32::try_from(bytes).unwrap_or(u32::MAX)
@@ -409,10 +421,16 @@ impl SessionCache {
         Joined::Call(call, true)
     }
 
-    /// Drops one key (and any failure remembered for it). Returns whether it was cached.
+    /// Drops one session, in every API version (and any failure remembered for it).
+    /// Returns whether it was cached.
     pub fn purge(&self, key: &SessionKey) -> bool {
-        self.failures.invalidate(key);
-        self.store.remove(key).is_some()
+        let mut was_cached = false;
+        for version in [ApiVersion::V1, ApiVersion::Beta] {
+            let key = key.clone().with_version(version);
+            self.failures.invalidate(&key);
+            was_cached |= self.store.remove(&key).is_some();
+        }
+        was_cached
     }
 
     /// Drops every cached session of one event. Returns how many.
@@ -540,7 +558,10 @@ mod tests {
         let settings = CacheSettings::default();
         let now = Instant::now();
         let answer = |body: &'static [u8]| GraphAnswer {
-            fetched: Fetched::Found(Bytes::from_static(body)),
+            fetched: Fetched::Found {
+                session: Bytes::from_static(body),
+                raw: Bytes::from_static(body),
+            },
             graph_request_id: None,
             status: 200,
         };
@@ -574,7 +595,10 @@ mod tests {
         let now = Instant::now();
         let entry = Entry::new(
             GraphAnswer {
-                fetched: Fetched::Found(Bytes::from_static(b"{}")),
+                fetched: Fetched::Found {
+                    session: Bytes::from_static(b"{}"),
+                    raw: Bytes::from_static(b"{}"),
+                },
                 graph_request_id: Some("r".into()),
                 status: 200,
             },

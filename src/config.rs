@@ -135,7 +135,7 @@ impl Cloud {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub enum ApiVersion {
     #[default]
     #[serde(rename = "v1.0")]

@@ -13,6 +13,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::routes::Style;
 use crate::token::TokenError;
 
 /// Everything that can stop a request from getting its session.
@@ -34,6 +35,8 @@ pub enum ProxyError {
     AuthUnavailable,
     #[error("no such route")]
     RouteNotFound,
+    #[error("Graph path not served by this proxy")]
+    NotSupported,
     #[error("Graph has no such session")]
     SessionNotFound,
     #[error("method not allowed")]
@@ -123,6 +126,11 @@ impl ProxyError {
                 "notFound",
                 "no such route: use GET /sessions/{webinars|townhalls}/{event}/{session}",
             ),
+            E::NotSupported => answer(
+                StatusCode::NOT_FOUND,
+                "notSupported",
+                "this proxy serves only GET /{v1.0|beta}/solutions/virtualEvents/{webinars|townhalls}/{event}/sessions/{session}",
+            ),
             E::SessionNotFound => answer(StatusCode::NOT_FOUND, "notFound", "Graph has no such session"),
             E::MethodNotAllowed => Answer {
                 header: Some((ALLOW, HeaderValue::from_static("GET, HEAD"))),
@@ -203,8 +211,18 @@ impl ProxyError {
 
     /// The error as DESIGN.md's JSON body, with the header its status needs.
     pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
+        self.to_response_in(Style::Proxy, request_id)
+    }
+
+    /// The error in the shape callers of that contract expect: DESIGN.md's body, or
+    /// Graph's (`{"error": {"code", "message", "innerError": {...}}}`) so that Graph SDK
+    /// error handling works on the Graph-compatible routes.
+    pub fn to_response_in(&self, style: Style, request_id: &str) -> Response<Full<Bytes>> {
         let a = self.classify();
-        let mut response = error_response(a.status, a.code, &a.message, request_id);
+        let mut response = match style {
+            Style::Proxy => error_response(a.status, a.code, &a.message, request_id),
+            Style::Graph => graph_error_response(a.status, a.code, &a.message, request_id),
+        };
         if let Some((name, value)) = a.header {
             response.headers_mut().insert(name, value);
         }
@@ -216,6 +234,27 @@ impl ProxyError {
 fn retry_after_value(wait: Duration) -> HeaderValue {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     HeaderValue::from(secs.max(1))
+}
+
+/// Graph's error shape.
+fn graph_error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let body = json!({"error": {
+        "code": code,
+        "message": message,
+        "innerError": {"date": date, "request-id": request_id, "client-request-id": request_id}
+    }});
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// A JSON error body; also used for refusals that happen before a request is routed.

@@ -34,8 +34,9 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// What Graph said about a session.
 #[derive(Debug, Clone)]
 pub enum Fetched {
-    /// The session object, unwrapped from a `{"value": {...}}` envelope if Graph sent one.
-    Found(Bytes),
+    /// The session object, unwrapped from a `{"value": {...}}` envelope if Graph sent one
+    /// (`session`, a slice of `raw`), and Graph's body exactly as sent (`raw`).
+    Found { session: Bytes, raw: Bytes },
     /// Graph 404: the session does not exist (cached for `negative_ttl`).
     NotFound,
 }
@@ -51,8 +52,8 @@ pub struct GraphAnswer {
 
 pub struct GraphClient {
     http: reqwest::Client,
-    /// `{graph root}/{api version}`, no trailing slash.
-    base: String,
+    /// `{graph root}`, no trailing slash.
+    root: String,
     tokens: Arc<TokenProvider>,
     timeout: Duration,
     max_retries: u32,
@@ -65,7 +66,6 @@ pub struct GraphClient {
 /// How to reach Graph.
 pub struct GraphOptions {
     pub root: String,
-    pub api_version: &'static str,
     /// Per attempt.
     pub timeout: Duration,
     pub max_retries: u32,
@@ -95,11 +95,7 @@ impl GraphClient {
     ) -> GraphClient {
         GraphClient {
             http,
-            base: format!(
-                "{}/{}",
-                options.root.trim_end_matches('/'),
-                options.api_version
-            ),
+            root: options.root.trim_end_matches('/').to_string(),
             tokens,
             timeout: options.timeout,
             max_retries: options.max_retries,
@@ -114,7 +110,7 @@ impl GraphClient {
     }
 
     pub fn url(&self, key: &SessionKey) -> String {
-        format!("{}{}", self.base, key.graph_path())
+        format!("{}/{}{}", self.root, key.version.as_str(), key.graph_path())
     }
 
     /// Fetches `key`, giving up at `deadline`.
@@ -206,13 +202,14 @@ impl GraphClient {
                     );
                     match status {
                         StatusCode::OK => {
-                            let session =
-                                unwrap_envelope(body).ok_or_else(|| ProxyError::Upstream {
+                            let session = unwrap_envelope(body.clone()).ok_or_else(|| {
+                                ProxyError::Upstream {
                                     status: 200,
                                     code: "invalidJson".to_string(),
-                                })?;
+                                }
+                            })?;
                             return Ok(GraphAnswer {
-                                fetched: Fetched::Found(session),
+                                fetched: Fetched::Found { session, raw: body },
                                 graph_request_id,
                                 status: 200,
                             });

@@ -12,6 +12,7 @@ use std::fmt;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 
+use crate::config::ApiVersion;
 use crate::error::ProxyError;
 
 /// Longest id accepted, after decoding.
@@ -57,24 +58,55 @@ impl fmt::Display for Kind {
     }
 }
 
-/// One Graph session, identified by validated, decoded ids.
+/// One Graph session, identified by validated, decoded ids, in one API version (v1.0 and
+/// beta bodies differ, so they are cached apart).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
     pub kind: Kind,
+    pub version: ApiVersion,
     pub event: Box<str>,
     pub session: Box<str>,
 }
 
+/// Which contract a request came in by: the proxy's own `/sessions/...` paths, or Graph's
+/// own paths (`/{v1.0|beta}/solutions/...`, for Graph SDKs pointed at the proxy), whose
+/// errors must be in Graph's shape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Style {
+    #[default]
+    Proxy,
+    Graph,
+}
+
+impl Style {
+    /// Graph-style for every path under a Graph API version, whether or not it routes.
+    pub fn of(path: &str) -> Style {
+        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        if matches!(first, "v1.0" | "beta") {
+            Style::Graph
+        } else {
+            Style::Proxy
+        }
+    }
+}
+
 impl SessionKey {
-    /// Builds a key from decoded ids, validating them.
+    /// Builds a v1.0 key from decoded ids, validating them.
     pub fn new(kind: Kind, event: &str, session: &str) -> Result<SessionKey, ProxyError> {
         validate_id(event, "event id")?;
         validate_id(session, "session id")?;
         Ok(SessionKey {
             kind,
+            version: ApiVersion::V1,
             event: event.into(),
             session: session.into(),
         })
+    }
+
+    /// The same session in another API version.
+    pub fn with_version(mut self, version: ApiVersion) -> SessionKey {
+        self.version = version;
+        self
     }
 
     /// `/solutions/virtualEvents/{kind}/{event}/sessions/{session}`, each id encoded as a
@@ -96,7 +128,8 @@ impl fmt::Display for SessionKey {
 }
 
 /// Maps a request to the session it names. `path` is the raw (still encoded) path and
-/// `query` the raw query, if the request line had a `?`.
+/// `query` the raw query, if the request line had a `?`. `/sessions/...` keys come back in
+/// v1.0; the caller sets the configured version.
 pub fn route(
     method: &http::Method,
     path: &str,
@@ -106,6 +139,9 @@ pub fn route(
         return Err(ProxyError::InvalidRequest(
             "query strings are not accepted: Graph's session endpoint takes none",
         ));
+    }
+    if Style::of(path) == Style::Graph {
+        return graph_route(method, path);
     }
     let Some(rest) = path.strip_prefix("/sessions/") else {
         return Err(ProxyError::RouteNotFound);
@@ -119,6 +155,35 @@ pub fn route(
     ) else {
         return Err(ProxyError::RouteNotFound);
     };
+    session_key(method, kind, event, session)
+}
+
+/// `/{v1.0|beta}/solutions/virtualEvents/{kind}/{event}/sessions/{session}`: Graph's own
+/// path for the same session; every other Graph path is `notSupported`.
+fn graph_route(method: &http::Method, path: &str) -> Result<SessionKey, ProxyError> {
+    let segments: Vec<&str> = path.split('/').collect();
+    let ["", version, "solutions", "virtualEvents", kind, event, "sessions", session] =
+        segments.as_slice()
+    else {
+        return Err(ProxyError::NotSupported);
+    };
+    let version = match *version {
+        "v1.0" => ApiVersion::V1,
+        "beta" => ApiVersion::Beta,
+        _ => return Err(ProxyError::NotSupported),
+    };
+    if Kind::from_segment(kind).is_none() {
+        return Err(ProxyError::NotSupported);
+    }
+    Ok(session_key(method, kind, event, session)?.with_version(version))
+}
+
+fn session_key(
+    method: &http::Method,
+    kind: &str,
+    event: &str,
+    session: &str,
+) -> Result<SessionKey, ProxyError> {
     let kind = Kind::from_segment(kind).ok_or(ProxyError::RouteNotFound)?;
     if method != http::Method::GET && method != http::Method::HEAD {
         return Err(ProxyError::MethodNotAllowed);

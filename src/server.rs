@@ -32,10 +32,10 @@ use crate::admin;
 use crate::cache::{Directives, Lookup, Outcome, SessionCache};
 use crate::callers::Callers;
 use crate::clock::Clock;
-use crate::config::Settings;
+use crate::config::{ApiVersion, Settings};
 use crate::error::{error_response, ProxyError};
 use crate::graph::{http_client, GraphClient, GraphOptions};
-use crate::routes;
+use crate::routes::{self, Style};
 use crate::telemetry::Metrics;
 use crate::token::{TokenOptions, TokenProvider};
 use crate::wire::GuardedIo;
@@ -73,6 +73,8 @@ pub struct AppState {
     /// More request headers than this, or more bytes of them, is a JSON 431.
     max_headers: usize,
     max_header_bytes: usize,
+    /// The Graph API version of `/sessions/...` requests.
+    api_version: ApiVersion,
     /// False until the listener is up; false again once shutdown begins.
     pub ready: AtomicBool,
     pub draining: AtomicBool,
@@ -121,7 +123,6 @@ impl Proxy {
             http,
             GraphOptions {
                 root: settings.graph.root(),
-                api_version: settings.graph.api_version.as_str(),
                 timeout: settings.graph.timeout,
                 max_retries: settings.graph.max_retries,
                 circuit_failures: settings.graph.circuit_failures,
@@ -152,6 +153,7 @@ impl Proxy {
                 limit: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
                 request_timeout: settings.server.request_timeout,
                 max_headers: settings.server.max_headers,
+                api_version: settings.graph.api_version,
                 max_header_bytes: settings.server.max_header_bytes.as_u64() as usize,
                 ready: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
@@ -298,6 +300,8 @@ struct AccessLog {
     outcome: Option<Outcome>,
     /// The error code, when the answer is an error.
     code: Option<&'static str>,
+    /// Which contract the request came in by (decides the error shape).
+    style: Style,
 }
 
 impl AccessLog {
@@ -328,7 +332,10 @@ pub async fn handle<B: hyper::body::Body>(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_string();
-    let mut log = AccessLog::default();
+    let mut log = AccessLog {
+        style: Style::of(req.uri().path()),
+        ..AccessLog::default()
+    };
     let response = match answer(state, &req, &mut log).await {
         Ok(response) => response,
         Err(error) => {
@@ -339,7 +346,7 @@ pub async fn handle<B: hyper::body::Body>(
             } else {
                 tracing::debug!(request_id, error = %error, "request refused");
             }
-            let mut response = error.to_response(&request_id);
+            let mut response = error.to_response_in(log.style, &request_id);
             if log.close {
                 // The unread body would otherwise be taken for the next request.
                 response
@@ -422,7 +429,10 @@ async fn answer<B: hyper::body::Body>(
     if req.uri().path().len() > MAX_PATH_BYTES {
         return Err(ProxyError::UriTooLong.into());
     }
-    let key = routes::route(req.method(), req.uri().path(), req.uri().query())?;
+    let mut key = routes::route(req.method(), req.uri().path(), req.uri().query())?;
+    if log.style == Style::Proxy {
+        key = key.with_version(state.api_version);
+    }
     log.kind = Some(key.kind.as_str());
     if log.close {
         return Err(
@@ -466,10 +476,18 @@ async fn answer<B: hyper::body::Body>(
         .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    let mut response = match &entry.body {
-        None => ProxyError::SessionNotFound.to_response(request_id),
-        Some(body) if !if_none_match(headers, &entry.etag) => {
-            let mut response = Response::new(Full::new(body.clone()));
+    // Graph-style callers get Graph's bytes exactly as sent (envelope and all).
+    let (body, etag) = match log.style {
+        Style::Proxy => (entry.body.clone(), &entry.etag),
+        Style::Graph => (
+            entry.body.as_ref().map(|_| entry.raw.clone()),
+            &entry.raw_etag,
+        ),
+    };
+    let mut response = match body {
+        None => ProxyError::SessionNotFound.to_response_in(log.style, request_id),
+        Some(body) if !if_none_match(headers, etag) => {
+            let mut response = Response::new(Full::new(body));
             response.headers_mut().insert(CONTENT_TYPE, JSON);
             response
         }
@@ -483,7 +501,7 @@ async fn answer<B: hyper::body::Body>(
     out.insert(CACHE_STATUS, cache_status);
     out.insert(AGE, HeaderValue::from(entry.age(now)));
     if entry.body.is_some() {
-        out.insert(ETAG, entry.etag.clone());
+        out.insert(ETAG, etag.clone());
     }
     if let Some(id) = &entry.graph_request_id {
         out.insert(X_GRAPH_REQUEST_ID, id.clone());

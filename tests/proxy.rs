@@ -534,7 +534,8 @@ async fn hostile_paths_never_reach_graph() {
         "/sessions/webinars/a/b/../../../users",
         "/solutions/virtualEvents/webinars/a/sessions/b",
         "/v1.0/users",
-        "/v1.0/solutions/virtualEvents/webinars/a/sessions/b",
+        "/v1.0/solutions/virtualEvents/webinars/a/sessions/b/attendanceReports",
+        "/v1.0/solutions/virtualEvents/webinars/a/sessions/%2e%2e",
         "/",
         "*",
     ]
