@@ -115,6 +115,15 @@ pub enum Cloud {
 }
 
 impl Cloud {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cloud::Global => "global",
+            Cloud::Usgov => "usgov",
+            Cloud::Dod => "dod",
+            Cloud::China => "china",
+        }
+    }
+
     /// Graph root without a trailing slash (reference/graph-facts.md, national clouds).
     pub fn graph_root(self) -> &'static str {
         match self {
@@ -793,6 +802,12 @@ impl Settings {
             }
             _ => {}
         }
+        if self.graph.cloud != Cloud::Global {
+            out.push(format!(
+                "graph.cloud = \"{}\": Microsoft documents the virtual event session API for the global cloud only; it may not exist here",
+                self.graph.cloud.name()
+            ));
+        }
         if self.callers.enabled_modes().contains(&CallerMode::None) {
             out.push("callers.mode = \"none\": every caller can read every session".to_string());
         }
@@ -1023,9 +1038,47 @@ mod tests {
     }
 
     #[test]
-    fn clouds_have_their_hosts() {
-        assert_eq!(Cloud::Usgov.graph_root(), "https://graph.microsoft.us");
-        assert_eq!(Cloud::Dod.login_host(), "login.microsoftonline.us");
-        assert_eq!(Cloud::China.login_host(), "login.chinacloudapi.cn");
+    fn clouds_have_their_hosts_and_scopes() {
+        // reference/graph-facts.md, national clouds.
+        let table = [
+            (
+                "global",
+                "https://graph.microsoft.com",
+                "login.microsoftonline.com",
+            ),
+            (
+                "usgov",
+                "https://graph.microsoft.us",
+                "login.microsoftonline.us",
+            ),
+            (
+                "dod",
+                "https://dod-graph.microsoft.us",
+                "login.microsoftonline.us",
+            ),
+            (
+                "china",
+                "https://microsoftgraph.chinacloudapi.cn",
+                "login.chinacloudapi.cn",
+            ),
+        ];
+        for (cloud, root, login) in table {
+            let text = format!("{MINIMAL}\n[graph]\ncloud = \"{cloud}\"\n");
+            let s = Settings::from_toml(&text, Purpose::Serve).unwrap();
+            assert_eq!(s.graph.root(), root, "{cloud}");
+            assert_eq!(s.scope(), format!("{root}/.default"), "{cloud}");
+            assert_eq!(
+                s.token_url(),
+                format!("https://{login}/11111111-2222-3333-4444-555555555555/oauth2/v2.0/token"),
+                "{cloud}"
+            );
+            let shown = s.redacted_toml();
+            assert!(shown.contains(root) && shown.contains(login), "{shown}");
+            assert_eq!(
+                s.warnings().iter().any(|w| w.contains("graph.cloud")),
+                cloud != "global",
+                "{cloud}"
+            );
+        }
     }
 }
