@@ -105,6 +105,68 @@ impl Default for ServerSettings {
 
 /// Microsoft cloud instance: decides the Graph root, the token host and the default scope.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum AssertionAlgorithm {
+    #[default]
+    #[serde(rename = "PS256")]
+    Ps256,
+    #[serde(rename = "RS256")]
+    Rs256,
+}
+
+/// A certificate credential: the private key (PEM) and the certificate's thumbprints.
+#[derive(Clone)]
+pub struct ClientCertificate {
+    pub key_pem: SecretString,
+    /// base64url SHA-256 of the certificate's DER (`x5t#S256`).
+    pub x5t_s256: String,
+    /// base64url SHA-1 of the DER (`x5t`, which Entra wants with RS256).
+    pub x5t: String,
+}
+
+impl std::fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCertificate")
+            .field("x5t_s256", &self.x5t_s256)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientCertificate {
+    /// Reads and checks a PEM certificate and its PEM RSA private key.
+    pub fn load(
+        certificate_file: &Path,
+        private_key_file: &Path,
+    ) -> Result<ClientCertificate, ConfigError> {
+        use base64::Engine;
+        use sha2::Digest;
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                key,
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let cert_text = read("auth.certificate_file", certificate_file)?;
+        let cert = pem::parse(&cert_text)
+            .ok()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .ok_or_else(|| {
+                ConfigError::invalid("auth.certificate_file", "not a PEM certificate")
+            })?;
+        let key_pem = read("auth.private_key_file", private_key_file)?;
+        jsonwebtoken::EncodingKey::from_rsa_pem(key_pem.as_bytes()).map_err(|_| {
+            ConfigError::invalid("auth.private_key_file", "not a PEM RSA private key")
+        })?;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        Ok(ClientCertificate {
+            key_pem: SecretString::from(key_pem),
+            x5t_s256: b64.encode(sha2::Sha256::digest(cert.contents())),
+            x5t: b64.encode(sha1::Sha1::digest(cert.contents())),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Cloud {
     #[default]
@@ -215,10 +277,18 @@ pub struct AuthSettings {
     pub client_secret: Option<SecretString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_secret_file: Option<PathBuf>,
+    /// PEM certificate registered on the app; with `private_key_file`, a signed client
+    /// assertion replaces the secret.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certificate_file: Option<PathBuf>,
+    /// PEM RSA private key of `certificate_file` (PKCS#1 or PKCS#8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub private_key_file: Option<PathBuf>,
+    /// Signature of the client assertion: PS256 (Microsoft's recommendation) or RS256.
+    pub assertion_algorithm: AssertionAlgorithm,
+    /// Read from the two files at start-up; never printed.
+    #[serde(skip)]
+    pub certificate: Option<ClientCertificate>,
     /// `{tenant}` is replaced by `tenant_id`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_url: Option<String>,
@@ -237,6 +307,8 @@ impl Default for AuthSettings {
             client_secret_file: None,
             certificate_file: None,
             private_key_file: None,
+            assertion_algorithm: AssertionAlgorithm::Ps256,
+            certificate: None,
             token_url: None,
             scope: None,
             refresh_before_expiry: Duration::from_secs(300),
@@ -522,6 +594,10 @@ impl Settings {
             }
             self.auth.client_secret = Some(SecretString::from(secret));
         }
+        if let (Some(cert), Some(key)) = (&self.auth.certificate_file, &self.auth.private_key_file)
+        {
+            self.auth.certificate = Some(ClientCertificate::load(cert, key)?);
+        }
         Ok(())
     }
 
@@ -614,11 +690,26 @@ impl Settings {
         }
 
         let a = &self.auth;
-        if a.certificate_file.is_some() || a.private_key_file.is_some() {
-            return Err(ConfigError::invalid(
-                "auth.certificate_file",
-                "certificate credentials are not supported by this version; use client_secret or client_secret_file",
-            ));
+        match (&a.certificate_file, &a.private_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "auth.private_key_file",
+                    "required with auth.certificate_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "auth.certificate_file",
+                    "required with auth.private_key_file",
+                ));
+            }
+            (Some(_), Some(_)) if a.client_secret.is_some() || a.client_secret_file.is_some() => {
+                return Err(ConfigError::invalid(
+                    "auth.certificate_file",
+                    "use either a certificate or a client secret, not both",
+                ));
+            }
+            _ => {}
         }
         if a.client_secret.is_some() && a.client_secret_file.is_some() {
             return Err(ConfigError::invalid(
@@ -659,11 +750,14 @@ impl Settings {
             }
             _ => {}
         }
-        if purpose == Purpose::Serve && a.client_secret.is_none() && a.client_secret_file.is_none()
+        if purpose == Purpose::Serve
+            && a.client_secret.is_none()
+            && a.client_secret_file.is_none()
+            && a.certificate_file.is_none()
         {
             return Err(ConfigError::invalid(
                 "auth.client_secret",
-                "required: set auth.client_secret (or GSP__AUTH__CLIENT_SECRET) or auth.client_secret_file",
+                "required: set auth.client_secret (or GSP__AUTH__CLIENT_SECRET), auth.client_secret_file, or auth.certificate_file with auth.private_key_file",
             ));
         }
         if let Some(secret) = &a.client_secret {
@@ -784,7 +878,16 @@ impl Settings {
     /// What `check-config` should warn about: things that only the running proxy can tell.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(key) = &self.auth.private_key_file {
+            if let Some(mode) = loose_permissions(key) {
+                out.push(format!(
+                    "auth.private_key_file {} is readable by group or others (mode {mode:o}): chmod 600 it",
+                    key.display()
+                ));
+            }
+        }
         match (&self.auth.client_secret, &self.auth.client_secret_file) {
+            (None, None) if self.auth.certificate_file.is_some() => {}
             (None, None) => out.push(
                 "auth.client_secret is not set: serve needs it (or GSP__AUTH__CLIENT_SECRET, or auth.client_secret_file)".to_string(),
             ),

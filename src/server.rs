@@ -37,7 +37,7 @@ use crate::error::{error_response, ProxyError};
 use crate::graph::{http_client, GraphClient, GraphOptions};
 use crate::routes::{self, Style};
 use crate::telemetry::Metrics;
-use crate::token::{TokenOptions, TokenProvider};
+use crate::token::{Credential, TokenOptions, TokenProvider};
 use crate::wire::GuardedIo;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -98,17 +98,20 @@ impl Proxy {
             .client_id
             .as_deref()
             .ok_or(BuildError::Missing("auth.client_id"))?;
-        let secret = settings
-            .auth
-            .client_secret
-            .clone()
-            .ok_or(BuildError::Missing("auth.client_secret"))?;
+        let credential = match (&settings.auth.certificate, &settings.auth.client_secret) {
+            (Some(certificate), _) => Credential::Certificate {
+                certificate: certificate.clone(),
+                algorithm: settings.auth.assertion_algorithm,
+            },
+            (None, Some(secret)) => Credential::Secret(secret.clone()),
+            (None, None) => return Err(BuildError::Missing("auth.client_secret")),
+        };
         let tokens = Arc::new(
             TokenProvider::new(
                 http.clone(),
                 TokenOptions {
                     client_id: client_id.to_string(),
-                    secret,
+                    credential,
                     token_url: settings.token_url(),
                     scope: settings.scope(),
                     refresh_before: settings.auth.refresh_before_expiry,

@@ -24,6 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
 
 use crate::clock::Clock;
+use crate::config::{AssertionAlgorithm, ClientCertificate};
 use crate::telemetry::{names, Metrics};
 
 /// Entra's token response: the standard fields, with `expires_in` as a number or a string,
@@ -189,8 +190,53 @@ struct Exchange {
     retry_after: Option<Duration>,
 }
 
+/// Signs client assertions: `aud` = the token URL, `iss` = `sub` = the client id, a fresh
+/// `jti`, `nbf`/`exp` around now; header `x5t#S256` (and `x5t` for RS256).
+struct AssertionSigner {
+    certificate: ClientCertificate,
+    algorithm: AssertionAlgorithm,
+    client_id: String,
+    audience: String,
+}
+
+impl AssertionSigner {
+    fn sign(&self) -> Result<String, TokenError> {
+        let (alg, x5t) = match self.algorithm {
+            AssertionAlgorithm::Ps256 => (jsonwebtoken::Algorithm::PS256, None),
+            AssertionAlgorithm::Rs256 => (
+                jsonwebtoken::Algorithm::RS256,
+                Some(self.certificate.x5t.clone()),
+            ),
+        };
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.x5t_s256 = Some(self.certificate.x5t_s256.clone());
+        header.x5t = x5t;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let claims = serde_json::json!({
+            "aud": self.audience,
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "nbf": now,
+            "iat": now,
+            "exp": now + ASSERTION_LIFETIME.as_secs(),
+        });
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(
+            self.certificate.key_pem.expose_secret().as_bytes(),
+        )
+        .map_err(|e| TokenError::Malformed(format!("private key: {e}")))?;
+        jsonwebtoken::encode(&header, &claims, &key)
+            .map_err(|e| TokenError::Malformed(format!("client assertion: {e}")))
+    }
+}
+
 pub struct TokenProvider {
     oauth: EntraClient,
+    /// Set for certificate credentials.
+    assertion: Option<AssertionSigner>,
     /// Shared with the Graph client: one pool, redirects off.
     http: reqwest::Client,
     scope: Scope,
@@ -223,7 +269,7 @@ const RETRY_CAP: Duration = Duration::from_secs(60);
 /// The proxy's identity towards the token endpoint.
 pub struct TokenOptions {
     pub client_id: String,
-    pub secret: SecretString,
+    pub credential: Credential,
     pub token_url: String,
     pub scope: String,
     pub refresh_before: Duration,
@@ -232,6 +278,21 @@ pub struct TokenOptions {
     pub timeout: Duration,
 }
 
+/// How the proxy proves its identity to the token endpoint.
+#[derive(Clone)]
+pub enum Credential {
+    /// `client_secret` in the form body, as Microsoft documents it.
+    Secret(SecretString),
+    /// A client assertion (RFC 7523) signed with the certificate's key, fresh per request.
+    Certificate {
+        certificate: ClientCertificate,
+        algorithm: AssertionAlgorithm,
+    },
+}
+
+/// Lifetime of a client assertion (Entra accepts at most 10 minutes).
+const ASSERTION_LIFETIME: Duration = Duration::from_secs(9 * 60);
+
 impl TokenProvider {
     pub fn new(
         http: reqwest::Client,
@@ -239,15 +300,31 @@ impl TokenProvider {
         clock: Clock,
         metrics: Arc<Metrics>,
     ) -> Result<TokenProvider, oauth2::url::ParseError> {
-        let oauth = Client::new(ClientId::new(options.client_id))
-            .set_client_secret(ClientSecret::new(
-                options.secret.expose_secret().to_string(),
-            ))
-            // Microsoft documents the secret in the form body.
+        let mut oauth = Client::new(ClientId::new(options.client_id.clone()))
+            // Microsoft documents the credential in the form body.
             .set_auth_type(AuthType::RequestBody)
-            .set_token_uri(TokenUrl::new(options.token_url)?);
+            .set_token_uri(TokenUrl::new(options.token_url.clone())?);
+        let mut assertion = None;
+        match options.credential {
+            Credential::Secret(secret) => {
+                oauth =
+                    oauth.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
+            }
+            Credential::Certificate {
+                certificate,
+                algorithm,
+            } => {
+                assertion = Some(AssertionSigner {
+                    certificate,
+                    algorithm,
+                    client_id: options.client_id,
+                    audience: options.token_url,
+                });
+            }
+        }
         Ok(TokenProvider {
             oauth,
+            assertion,
             http,
             scope: Scope::new(options.scope),
             refresh_before: options.refresh_before,
@@ -420,12 +497,19 @@ impl TokenProvider {
             }
         };
         let started = self.clock.now();
-        let result = self
+        let mut request = self
             .oauth
             .exchange_client_credentials()
-            .add_scope(self.scope.clone())
-            .request_async(&send)
-            .await;
+            .add_scope(self.scope.clone());
+        if let Some(signer) = &self.assertion {
+            request = request
+                .add_extra_param(
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                )
+                .add_extra_param("client_assertion", signer.sign()?);
+        }
+        let result = request.request_async(&send).await;
         let seen = exchange.lock().map(|e| e.clone()).unwrap_or_default();
         let response = result.map_err(|e| classify(e, &seen))?;
         let lifetime = response

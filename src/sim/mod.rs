@@ -47,6 +47,8 @@ pub struct SimConfig {
     pub token_lifetime: Duration,
     /// Served at `/{tenant}/discovery/v2.0/keys` (caller token keys), if set.
     pub jwks: Option<String>,
+    /// PEM certificate registered on the app: client assertions must be signed by its key.
+    pub client_certificate: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -57,6 +59,7 @@ impl Default for SimConfig {
             client_secret: "sim-client-secret".to_string(),
             token_lifetime: Duration::from_secs(3599),
             jwks: None,
+            client_certificate: None,
         }
     }
 }
@@ -233,13 +236,21 @@ impl Simulator {
             (&Method::POST, ["", _tenant, "oauth2", "v2.0", "token"]) => {
                 let tenant = segments[1].to_string();
                 let basic = req.headers().get(http::header::AUTHORIZATION).cloned();
+                let token_url = format!(
+                    "http://{}{}",
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or(""),
+                    req.uri().path()
+                );
                 let body = req
                     .into_body()
                     .collect()
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                self.token(&tenant, basic, &body).await
+                self.token(&tenant, basic, &token_url, &body).await
             }
             _ => self.graph(req).await,
         }
@@ -292,6 +303,7 @@ impl Simulator {
         &self,
         tenant: &str,
         basic: Option<HeaderValue>,
+        token_url: &str,
         body: &[u8],
     ) -> Result<Response<Full<Bytes>>, SimReset> {
         lock(&self.state.stats).token_requests += 1;
@@ -350,7 +362,16 @@ impl Simulator {
                 "AADSTS700016: Application was not found in the directory.",
             ));
         }
-        if secret.as_deref() != Some(config.client_secret.as_str()) {
+        if let Some(assertion) = form.get("client_assertion") {
+            if let Err(why) = self.check_assertion(&form, assertion, token_url) {
+                return Ok(entra_error(
+                    401,
+                    "invalid_client",
+                    700027,
+                    &format!("AADSTS700027: Client assertion failed signature validation: {why}."),
+                ));
+            }
+        } else if secret.as_deref() != Some(config.client_secret.as_str()) {
             return Ok(entra_error(
                 401,
                 "invalid_client",
@@ -400,6 +421,69 @@ impl Simulator {
             StatusCode::OK,
             &json!({"token_type": "Bearer", "expires_in": expires_in, "ext_expires_in": expires_in, "access_token": token}),
         ))
+    }
+
+    /// Verifies a client assertion as Entra does: signed (PS256 or RS256) by the registered
+    /// certificate's key, `x5t#S256` naming that certificate, `aud` = this token URL,
+    /// `iss` = `sub` = the client id, at most 10 minutes of validity.
+    fn check_assertion(
+        &self,
+        form: &HashMap<String, String>,
+        assertion: &str,
+        token_url: &str,
+    ) -> Result<(), &'static str> {
+        use base64::Engine;
+        use sha2::Digest;
+        if form.get("client_assertion_type").map(String::as_str)
+            != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        {
+            return Err("wrong client_assertion_type");
+        }
+        let cert_pem = self
+            .state
+            .config
+            .client_certificate
+            .as_deref()
+            .ok_or("no certificate registered")?;
+        let cert = pem::parse(cert_pem).map_err(|_| "bad registered certificate")?;
+        let thumbprint = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(sha2::Sha256::digest(cert.contents()));
+        let header = jsonwebtoken::decode_header(assertion).map_err(|_| "malformed assertion")?;
+        if header.x5t_s256.as_deref() != Some(thumbprint.as_str()) {
+            return Err("x5t#S256 does not name the registered certificate");
+        }
+        if !matches!(
+            header.alg,
+            jsonwebtoken::Algorithm::PS256 | jsonwebtoken::Algorithm::RS256
+        ) {
+            return Err("algorithm not accepted");
+        }
+        let key = jsonwebtoken::DecodingKey::from_rsa_pem(cert_pem.as_bytes())
+            .map_err(|_| "bad registered certificate")?;
+        let mut validation = jsonwebtoken::Validation::new(header.alg);
+        validation.set_audience(&[token_url]);
+        validation.set_issuer(&[self.state.config.client_id.as_str()]);
+        validation.sub = Some(self.state.config.client_id.clone());
+        validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+        validation.validate_nbf = true;
+        #[derive(Deserialize)]
+        struct Claims {
+            exp: u64,
+            jti: Option<String>,
+        }
+        let data = jsonwebtoken::decode::<Claims>(assertion, &key, &validation)
+            .map_err(|_| "signature or claims invalid")?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        if data.claims.exp > now + 600 + 60 {
+            return Err("valid for more than 10 minutes");
+        }
+        if data.claims.jti.is_none() {
+            return Err("no jti");
+        }
+        Ok(())
     }
 
     async fn graph(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, SimReset> {
