@@ -563,7 +563,6 @@ mod tests {
                 raw: Bytes::from_static(body),
             },
             graph_request_id: None,
-            status: 200,
         };
         let ended = Entry::new(
             answer(br#"{"endDateTime":"2023-08-09T22:00:00Z"}"#),
@@ -600,7 +599,6 @@ mod tests {
                     raw: Bytes::from_static(b"{}"),
                 },
                 graph_request_id: Some("r".into()),
-                status: 200,
             },
             now,
             &settings,

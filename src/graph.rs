@@ -46,8 +46,6 @@ pub struct GraphAnswer {
     pub fetched: Fetched,
     /// Graph's `request-id` header.
     pub graph_request_id: Option<String>,
-    /// Graph's HTTP status.
-    pub status: u16,
 }
 
 pub struct GraphClient {
@@ -211,14 +209,12 @@ impl GraphClient {
                             return Ok(GraphAnswer {
                                 fetched: Fetched::Found { session, raw: body },
                                 graph_request_id,
-                                status: 200,
                             });
                         }
                         StatusCode::NOT_FOUND => {
                             return Ok(GraphAnswer {
                                 fetched: Fetched::NotFound,
                                 graph_request_id,
-                                status: 404,
                             });
                         }
                         _ => {}
