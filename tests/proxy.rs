@@ -135,8 +135,8 @@ async fn tokens_are_reused_for_their_lifetime() {
     let stats = h.stats();
     assert_eq!(stats.graph_requests, 60);
     assert!(
-        (8..=10).contains(&stats.token_requests),
-        "about one token per 4 s lifetime over 30 s, got {}",
+        (8..=12).contains(&stats.token_requests),
+        "about one token per 4 s lifetime over 30 s (plus the real time the test took), got {}",
         stats.token_requests
     );
 }
