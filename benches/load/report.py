@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Turns the raw files compare.sh leaves in its work dir into markdown (stdout) and JSON.
+
+  report.py WORKDIR OUT.json
+"""
+
+import json
+import statistics
+import sys
+
+SERVERS = ["proxy", "nginx", "varnish", "ceiling"]
+PEERS = ["nginx", "varnish"]
+TARGET_PEER = 1.5     # proxy throughput >= 1.5x the better of nginx and Varnish
+TARGET_CEILING = 0.8  # proxy throughput >= 0.8x the ceiling
+MIB = 1024 * 1024
+
+
+def load_runs(path):
+    runs = {}
+    for line in open(path):
+        parts = line.split()
+        if not parts:
+            continue
+        server, rnd = parts[0], int(parts[1])
+        fields = dict(p.split("=", 1) for p in parts[2:])
+        run = {"round": rnd}
+        for k, v in fields.items():
+            run[k] = float(v) if "." in v else int(v)
+        run["cpu_us_per_req"] = run["cpu_s"] / run["requests"] * 1e6 if run["requests"] else None
+        runs.setdefault(server, []).append(run)
+    return runs
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def ms(us):
+    return f"{us / 1000:.3f}" if us is not None else "-"
+
+
+def verdict(ok):
+    return "**met**" if ok else "**not met**"
+
+
+def main():
+    work, out = sys.argv[1], sys.argv[2]
+    meta = json.load(open(f"{work}/meta.json"))
+    runs = load_runs(f"{work}/wrk.tsv")
+    rss = {}
+    for line in open(f"{work}/rss.tsv"):
+        s, kb, nproc = line.split()
+        rss[s] = {"peak_rss_kb": int(kb), "processes": int(nproc)}
+
+    summary = {}
+    for s in SERVERS:
+        r = runs.get(s, [])
+        summary[s] = {
+            "requests_per_s": med([x["rps"] for x in r]),
+            "p50_us": med([x["p50"] for x in r]),
+            "p99_us": med([x["p99"] for x in r]),
+            "p999_us": med([x["p999"] for x in r]),
+            "cpu_s": med([x["cpu_s"] for x in r]),
+            "cpu_us_per_request": med([x["cpu_us_per_req"] for x in r]),
+            "errors": sum(x["errors"] for x in r),
+            "peak_rss_mb": rss.get(s, {}).get("peak_rss_kb", 0) / 1024,
+            "processes": rss.get(s, {}).get("processes"),
+            "runs": r,
+        }
+
+    st = meta["settings"]
+    m = meta["machine"]
+    lines = []
+    w = lines.append
+    w("# graph-session-proxy: load comparison")
+    w("")
+    w(f"{m['date']}, commit {m['commit']}; {m['nproc']} CPUs ({m['cpu_model']}), "
+      f"{m['mem_total'].split(':', 1)[1].strip()}, Linux {m['kernel']}. "
+      f"{meta['versions']['nginx']}; {meta['versions']['varnish']}; "
+      f"{meta['versions']['wrk'].split(' [')[0]}; {meta['versions']['rustc']}.")
+    w("")
+    w(f"One hot cached session ({meta['body_bytes']} bytes of JSON), loopback, "
+      f"`wrk -t{st['wrk_threads']} -c{st['connections']} -d{st['duration_s']}s`, "
+      f"{st['rounds']} rounds in rotating order, median per server. wrk shares the "
+      f"{m['nproc']} CPUs with the server under test. CPU s: user+system seconds of the "
+      "server's processes during one run; peak RSS: VmHWM summed over its processes. "
+      f"Graph calls during the measured runs: {meta['graph_calls_during_measurement']} "
+      "(every answer a cache hit). "
+      f"CPU used by other processes during a run: at most "
+      f"{max(x.get('other_cpu_s', 0) for v in runs.values() for x in v):.1f} s "
+      f"(of {m['nproc'] * st['duration_s']} CPU-seconds per run; a run over 5% is repeated).")
+    if meta.get("fuzzing_seen"):
+        w("")
+        w("**Warning: a cargo-fuzz process was running during the run; numbers are skewed.**")
+    w("")
+    w("| server | req/s | p50 ms | p99 ms | p99.9 ms | CPU s | peak RSS MB | CPU µs/req | errors |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    labels = {
+        "proxy": "graph-session-proxy",
+        "nginx": "nginx (proxy_cache)",
+        "varnish": "Varnish (malloc)",
+        "ceiling": "ceiling (bare hyper)",
+    }
+    for s in SERVERS:
+        x = summary[s]
+        if x["requests_per_s"] is None:
+            w(f"| {labels[s]} | - | - | - | - | - | - | - | - |")
+            continue
+        w(f"| {labels[s]} | {x['requests_per_s']:,.0f} | {ms(x['p50_us'])} | {ms(x['p99_us'])} | "
+          f"{ms(x['p999_us'])} | {x['cpu_s']:.1f} | {x['peak_rss_mb']:.1f} | "
+          f"{x['cpu_us_per_request']:.1f} | {x['errors']} |")
+    w("")
+
+    proxy = summary["proxy"]
+    best_peer = max(PEERS, key=lambda p: summary[p]["requests_per_s"] or 0)
+    bp = summary[best_peer]
+    ratios = {
+        "best_peer": best_peer,
+        "proxy_over_best_peer_throughput": proxy["requests_per_s"] / bp["requests_per_s"],
+        "proxy_over_ceiling_throughput": proxy["requests_per_s"] / summary["ceiling"]["requests_per_s"],
+        "proxy_p99_over_best_peer_p99": proxy["p99_us"] / bp["p99_us"],
+    }
+    ratios["target_peer_met"] = ratios["proxy_over_best_peer_throughput"] >= TARGET_PEER
+    ratios["target_ceiling_met"] = ratios["proxy_over_ceiling_throughput"] >= TARGET_CEILING
+    w("| ratio | value | target |")
+    w("|---|---:|---|")
+    w(f"| proxy / best peer ({best_peer}) throughput | {ratios['proxy_over_best_peer_throughput']:.2f}× | "
+      f"≥ {TARGET_PEER}×: {verdict(ratios['target_peer_met'])} |")
+    w(f"| proxy / ceiling throughput | {ratios['proxy_over_ceiling_throughput']:.2f}× | "
+      f"≥ {TARGET_CEILING}×: {verdict(ratios['target_ceiling_met'])} |")
+    w(f"| proxy p99 / {best_peer} p99 | {ratios['proxy_p99_over_best_peer_p99']:.2f}× "
+      f"({ms(proxy['p99_us'])} vs {ms(bp['p99_us'])} ms) | lower is better |")
+    w("")
+    w("Per run (req/s): " + "; ".join(
+        f"{s} " + ", ".join(f"{x['rps']:,.0f}" for x in summary[s]["runs"]) for s in SERVERS))
+    w("")
+
+    w(f"## Cold stampede (proxy only: {st['cold_requests']:,} connections opened first, then "
+      "every first request sent at once)")
+    w("")
+    w("| case | Graph latency | Graph calls | answers | Cache-Status | p50 ms | p99 ms | max ms |")
+    w("|---|---:|---:|---|---|---:|---:|---:|")
+    stampedes = {}
+    g = st.get("stampede_graph_ms", 0)
+    cases = [
+        ("stampede_distinct", f"{st['cold_requests']:,} distinct keys (`gen-cold-N`)"),
+        ("stampede_one", "one new key (`gen-stampede-1`)"),
+        ("stampede_distinct_slow", f"{st['cold_requests']:,} distinct keys (`gen-cold-{g}ms-N`)"),
+        ("stampede_one_slow", f"one new key (`gen-stampede-{g}ms-1`)"),
+    ]
+    for name, label in cases:
+        try:
+            d = json.load(open(f"{work}/{name}.json"))
+        except FileNotFoundError:
+            continue
+        stampedes[name] = d
+        answers = ", ".join(f"{v:,}× {k}" for k, v in d["statuses"].items())
+        kinds = ", ".join(f"{v:,}× {k}" for k, v in sorted(d["cache_status"].items()))
+        w(f"| {label} | {d['graph_latency_ms']} ms | {d['graph_calls']:,} | {answers} | {kinds} | "
+          f"{d['p50_ms']:.1f} | {d['p99_ms']:.1f} | {d['max_ms']:.1f} |")
+    w("")
+    w("Graph latency: added by the simulator before each Graph answer. Latency is measured by "
+      "one Python asyncio client from its write to the end of the answer, so it includes the "
+      f"client's own queueing of {st['cold_requests']:,} answers on one core.")
+    w("")
+
+    mem = json.load(open(f"{work}/memory.json"))
+    n = st["mem_sessions"]
+    body_total = mem["body_bytes_total"]
+    rss_b = mem["rss_kb"] * 1024
+    idle_b = mem["rss_idle_kb"] * 1024
+    limit_b = 1.5 * body_total + 30 * MIB
+    memory = {
+        "sessions": n,
+        "answered_200": mem["ok"],
+        "statuses": mem["statuses"],
+        "fill_seconds": mem["seconds"],
+        "fill_requests_per_s": mem["requests_per_s"],
+        "body_bytes_mean": mem["body_bytes_mean"],
+        "body_bytes_total": body_total,
+        "cache_entries_metric": mem.get("graph_session_proxy_cache_entries"),
+        "cache_bytes_metric": mem.get("graph_session_proxy_cache_bytes"),
+        "rss_idle_mb": idle_b / MIB,
+        "rss_mb": rss_b / MIB,
+        "peak_rss_mb": mem["hwm_kb"] / 1024,
+        "rss_bytes_per_session": rss_b / n,
+        "rss_growth_bytes_per_session": (rss_b - idle_b) / n,
+        "rss_over_body": rss_b / body_total if body_total else None,
+        "limit_mb": limit_b / MIB,
+        "target_met": rss_b <= limit_b,
+    }
+    w(f"## Memory (fresh proxy, {n:,} distinct sessions cached over "
+      f"{st['mem_connections']} keep-alive connections)")
+    w("")
+    w("| measure | value |")
+    w("|---|---:|")
+    w(f"| answers | {', '.join(f'{v:,}× {k}' for k, v in mem['statuses'].items())} "
+      f"(in {mem['seconds']:.1f} s, {mem['requests_per_s']:,.0f} req/s, all misses) |")
+    ce = memory["cache_entries_metric"]
+    cb = memory["cache_bytes_metric"]
+    w(f"| `graph_session_proxy_cache_entries` | {ce:,.0f} |" if ce is not None else "| cache entries metric | missing |")
+    w(f"| `graph_session_proxy_cache_bytes` | {cb:,.0f} ({cb / MIB:.1f} MiB, {cb / n:,.0f} B/session) |"
+      if cb is not None else "| cache bytes metric | missing |")
+    w(f"| mean body | {mem['body_bytes_mean']:,.1f} B (total {body_total / MIB:.1f} MiB) |")
+    w(f"| RSS idle → full | {memory['rss_idle_mb']:.1f} → {memory['rss_mb']:.1f} MiB "
+      f"(peak {memory['peak_rss_mb']:.1f} MiB) |")
+    w(f"| RSS per cached session | {memory['rss_bytes_per_session']:,.0f} B "
+      f"({memory['rss_over_body']:.2f}× the body; growth over idle "
+      f"{memory['rss_growth_bytes_per_session']:,.0f} B) |")
+    w(f"| target RSS ≤ 1.5 × bodies + 30 MiB = {memory['limit_mb']:.1f} MiB | "
+      f"{verdict(memory['target_met'])} |")
+    w("")
+
+    try:
+        profile = open(f"{work}/profile.txt").read()
+    except FileNotFoundError:
+        profile = None
+    if profile:
+        w("## Profile of the proxy under the same load (perf, self time)")
+        w("")
+        w("```")
+        sections = profile.split("## ")
+        for sec in sections[1:3]:  # by binary, then self time by symbol
+            body = sec.splitlines()
+            w("# " + body[0])
+            w("\n".join(l.rstrip() for l in body[1:26]))
+        w("```")
+        w("")
+        w("Full profile (with inclusive times): benches/results/proxy-profile.txt.")
+        w("")
+
+    print("\n".join(lines))
+    result = dict(meta)
+    result.update({
+        "servers": summary,
+        "ratios": ratios,
+        "targets": {"proxy_over_best_peer": TARGET_PEER, "proxy_over_ceiling": TARGET_CEILING},
+        "stampede": stampedes,
+        "memory": memory,
+        "profile": profile,
+        "markdown": "\n".join(lines),
+    })
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
