@@ -236,6 +236,15 @@ impl Proxy {
                 tracing::info!("ready");
             }
         };
+        // What the exporter's own installer does: fold histogram samples regularly, so
+        // memory stays flat whether or not Prometheus scrapes.
+        let upkeep = async {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            while !state.draining.load(Ordering::SeqCst) {
+                every.tick().await;
+                state.metrics.upkeep();
+            }
+        };
         let signal = async {
             shutdown.await;
             tracing::info!("shutting down: draining requests in flight");
@@ -243,7 +252,10 @@ impl Proxy {
             state.draining.store(true, Ordering::SeqCst);
             let _ = stop_callers.send(());
         };
-        tokio::join!(callers, admin, readiness, signal);
+        tokio::select! {
+            () = async { tokio::join!(callers, admin, readiness, signal); } => {}
+            () = async { upkeep.await; std::future::pending::<()>().await } => {}
+        }
     }
 }
 

@@ -200,6 +200,12 @@ impl Metrics {
             .record(seconds);
     }
 
+    /// Folds recorded histogram samples into their buckets. Without it samples pile up
+    /// until the next scrape, so memory grows per request when nobody scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// Prometheus text format.
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
