@@ -70,10 +70,12 @@ pub struct Entry {
 const ENDED_AFTER: Duration = Duration::from_secs(3600);
 
 impl Entry {
-    fn new(answer: GraphAnswer, now: Instant, settings: &CacheSettings) -> Entry {
+    fn new(answer: GraphAnswer, now: Instant, settings: &CacheSettings, list: bool) -> Entry {
         let (body, raw, fresh_for, stale_for) = match answer.fetched {
             Fetched::Found { session, raw } => {
-                let fresh_for = if settings.smart_ttl
+                let fresh_for = if list {
+                    settings.list_ttl
+                } else if settings.smart_ttl
                     && ended_long_ago(&session, std::time::SystemTime::now())
                 {
                     settings.ttl_ended.max(settings.ttl)
@@ -132,7 +134,7 @@ impl Entry {
 
     fn weight(&self, key: &SessionKey) -> u32 {
         let bytes = key.event.len()
-            + key.session.len()
+            + key.session.as_ref().map_or(0, |s| s.len())
             + self.raw.len()
             + self.graph_request_id.as_ref().map_or(0, HeaderValue::len)
             + ENTRY_OVERHEAD;
@@ -390,7 +392,12 @@ impl SessionCache {
             let deadline = Instant::now() + this.fetch_timeout;
             let result = match this.graph.fetch(&task_key, deadline).await {
                 Ok(answer) => {
-                    let entry = Arc::new(Entry::new(answer, this.clock.now(), &this.settings));
+                    let entry = Arc::new(Entry::new(
+                        answer,
+                        this.clock.now(),
+                        &this.settings,
+                        task_key.is_list(),
+                    ));
                     this.store.insert(task_key.clone(), entry.clone());
                     Ok(entry)
                 }
@@ -421,19 +428,29 @@ impl SessionCache {
         Joined::Call(call, true)
     }
 
-    /// Drops one session, in every API version (and any failure remembered for it).
-    /// Returns whether it was cached.
+    /// Drops one session (or list), in every API version, with any failure remembered for
+    /// it. A session's purge also drops its event's list, whose summary of it may have
+    /// changed too. Returns whether the session (or list) was cached.
     pub fn purge(&self, key: &SessionKey) -> bool {
         let mut was_cached = false;
         for version in [ApiVersion::V1, ApiVersion::Beta] {
             let key = key.clone().with_version(version);
             self.failures.invalidate(&key);
             was_cached |= self.store.remove(&key).is_some();
+            if !key.is_list() {
+                let list = SessionKey {
+                    session: None,
+                    ..key
+                };
+                self.failures.invalidate(&list);
+                self.store.invalidate(&list);
+            }
         }
         was_cached
     }
 
-    /// Drops every cached session of one event. Returns how many.
+    /// Drops every cached session of one event, and its session list. Returns how many
+    /// sessions.
     pub fn purge_event(&self, kind: Kind, event: &str) -> usize {
         let keys: Vec<SessionKey> = self
             .store
@@ -446,7 +463,12 @@ impl SessionCache {
             self.failures.invalidate(key);
             self.store.invalidate(key);
         }
-        keys.len()
+        for version in [ApiVersion::V1, ApiVersion::Beta] {
+            if let Ok(list) = SessionKey::list(kind, event) {
+                self.failures.invalidate(&list.with_version(version));
+            }
+        }
+        keys.iter().filter(|key| !key.is_list()).count()
     }
 
     /// Drops everything.
@@ -568,12 +590,22 @@ mod tests {
             answer(br#"{"endDateTime":"2023-08-09T22:00:00Z"}"#),
             now,
             &settings,
+            false,
         );
         assert_eq!(ended.fresh_until - now, settings.ttl_ended);
+        // A list is never judged by endDateTime, and keeps its own ttl.
+        let list = Entry::new(
+            answer(br#"{"endDateTime":"2023-08-09T22:00:00Z","value":[]}"#),
+            now,
+            &settings,
+            true,
+        );
+        assert_eq!(list.fresh_until - now, settings.list_ttl);
         let live = Entry::new(
             answer(br#"{"endDateTime":"2999-01-01T00:00:00Z"}"#),
             now,
             &settings,
+            false,
         );
         assert_eq!(live.fresh_until - now, settings.ttl);
         assert_eq!(
@@ -602,6 +634,7 @@ mod tests {
             },
             now,
             &settings,
+            false,
         );
         assert!(entry.is_fresh(now));
         assert_eq!(entry.ttl(now), 300);

@@ -242,6 +242,8 @@ pub struct GraphSettings {
     /// How long an open circuit stops calls before one probe is let through.
     #[serde(with = "humantime_serde")]
     pub circuit_cooldown: Duration,
+    /// Session lists: `@odata.nextLink` pages followed at most (the first page included).
+    pub max_list_pages: u32,
 }
 
 impl Default for GraphSettings {
@@ -254,6 +256,7 @@ impl Default for GraphSettings {
             max_retries: 3,
             circuit_failures: 5,
             circuit_cooldown: Duration::from_secs(30),
+            max_list_pages: 20,
         }
     }
 }
@@ -345,6 +348,9 @@ pub struct CacheSettings {
     pub smart_ttl: bool,
     #[serde(with = "humantime_serde")]
     pub ttl_ended: Duration,
+    /// How long an event's session list is fresh.
+    #[serde(with = "humantime_serde")]
+    pub list_ttl: Duration,
 }
 
 impl Default for CacheSettings {
@@ -359,6 +365,7 @@ impl Default for CacheSettings {
             failure_ttl: Duration::from_secs(1),
             smart_ttl: true,
             ttl_ended: Duration::from_secs(3600),
+            list_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -627,6 +634,7 @@ impl Settings {
             ("cache.stale_if_error", self.cache.stale_if_error),
             ("cache.failure_ttl", self.cache.failure_ttl),
             ("cache.ttl_ended", self.cache.ttl_ended),
+            ("cache.list_ttl", self.cache.list_ttl),
         ] {
             if d > MAX {
                 return Err(ConfigError::invalid(key, "at most 10 years"));
@@ -684,6 +692,12 @@ impl Settings {
         positive("graph.timeout", g.timeout)?;
         if g.max_retries > 10 {
             return Err(ConfigError::invalid("graph.max_retries", "at most 10"));
+        }
+        if !(1..=1000).contains(&g.max_list_pages) {
+            return Err(ConfigError::invalid(
+                "graph.max_list_pages",
+                "from 1 to 1000",
+            ));
         }
         if let Some(url) = &g.base_url {
             check_http_url("graph.base_url", url)?;

@@ -39,6 +39,10 @@ pub enum ProxyError {
     NotSupported,
     #[error("Graph has no such session")]
     SessionNotFound,
+    #[error("Graph has no such event")]
+    EventNotFound,
+    #[error("Graph sent a session list page that cannot be followed: {0}")]
+    BadListPage(&'static str),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("only-if-cached and nothing is cached")]
@@ -124,14 +128,20 @@ impl ProxyError {
             E::RouteNotFound => answer(
                 StatusCode::NOT_FOUND,
                 "notFound",
-                "no such route: use GET /sessions/{webinars|townhalls}/{event}/{session}",
+                "no such route: use GET /sessions/{webinars|townhalls}/{event}/{session} or /sessions/{webinars|townhalls}/{event}",
             ),
             E::NotSupported => answer(
                 StatusCode::NOT_FOUND,
                 "notSupported",
-                "this proxy serves only GET /{v1.0|beta}/solutions/virtualEvents/{webinars|townhalls}/{event}/sessions/{session}",
+                "this proxy serves only GET /{v1.0|beta}/solutions/virtualEvents/{webinars|townhalls}/{event}/sessions[/{session}]",
             ),
             E::SessionNotFound => answer(StatusCode::NOT_FOUND, "notFound", "Graph has no such session"),
+            E::EventNotFound => answer(StatusCode::NOT_FOUND, "notFound", "Graph has no such event"),
+            E::BadListPage(why) => answer(
+                StatusCode::BAD_GATEWAY,
+                "upstreamError",
+                format!("Graph sent a session list page that cannot be followed: {why}"),
+            ),
             E::MethodNotAllowed => Answer {
                 header: Some((ALLOW, HeaderValue::from_static("GET, HEAD"))),
                 ..answer(

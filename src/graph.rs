@@ -55,6 +55,7 @@ pub struct GraphClient {
     tokens: Arc<TokenProvider>,
     timeout: Duration,
     max_retries: u32,
+    max_list_pages: u32,
     /// Closed while Graph throttles us or keeps failing; shared by every key.
     pub gate: Gate,
     clock: Clock,
@@ -70,6 +71,8 @@ pub struct GraphOptions {
     /// Consecutive failures that open the circuit (0 = never) and for how long.
     pub circuit_failures: u32,
     pub circuit_cooldown: Duration,
+    /// Session lists: pages followed at most.
+    pub max_list_pages: u32,
 }
 
 /// Outbound HTTP client for Graph and the token endpoint: rustls, pooled, no redirects
@@ -97,6 +100,7 @@ impl GraphClient {
             tokens,
             timeout: options.timeout,
             max_retries: options.max_retries,
+            max_list_pages: options.max_list_pages.max(1),
             gate: Gate::new(
                 options.circuit_failures,
                 options.circuit_cooldown,
@@ -111,13 +115,91 @@ impl GraphClient {
         format!("{}/{}{}", self.root, key.version.as_str(), key.graph_path())
     }
 
-    /// Fetches `key`, giving up at `deadline`.
+    /// Fetches `key` (a session, or an event's whole session list), giving up at `deadline`.
     pub async fn fetch(
         &self,
         key: &SessionKey,
         deadline: Instant,
     ) -> Result<GraphAnswer, ProxyError> {
-        let url = self.url(key);
+        if key.is_list() {
+            return self.fetch_list(key, deadline).await;
+        }
+        let got = self.get(&self.url(key), deadline).await?;
+        let fetched = match got.body {
+            Some(raw) => {
+                let session = unwrap_envelope(raw.clone()).ok_or_else(|| ProxyError::Upstream {
+                    status: 200,
+                    code: "invalidJson".to_string(),
+                })?;
+                Fetched::Found { session, raw }
+            }
+            None => Fetched::NotFound,
+        };
+        Ok(GraphAnswer {
+            fetched,
+            graph_request_id: got.graph_request_id,
+        })
+    }
+
+    /// An event's session list: the first page and every `@odata.nextLink` after it (up to
+    /// `max_list_pages`), merged into one collection. Each next link must name the same
+    /// Graph endpoint (same origin, same decoded path) with only a different query.
+    async fn fetch_list(
+        &self,
+        key: &SessionKey,
+        deadline: Instant,
+    ) -> Result<GraphAnswer, ProxyError> {
+        let first = reqwest::Url::parse(&self.url(key))
+            .map_err(|_| ProxyError::Internal("Graph list URL does not parse"))?;
+        let mut url = first.clone();
+        let mut merged = ListMerger::default();
+        let mut graph_request_id = None;
+        let mut pages = 0u32;
+        loop {
+            let got = self.get(url.as_str(), deadline).await?;
+            pages += 1;
+            let Some(body) = got.body else {
+                if pages == 1 {
+                    return Ok(GraphAnswer {
+                        fetched: Fetched::NotFound,
+                        graph_request_id: got.graph_request_id,
+                    });
+                }
+                return Err(ProxyError::BadListPage("a next page answered 404"));
+            };
+            if graph_request_id.is_none() {
+                graph_request_id = got.graph_request_id;
+            }
+            let next = merged.add(&body)?;
+            match next {
+                None => break,
+                Some(_) if pages >= self.max_list_pages => {
+                    tracing::warn!(
+                        list = %key,
+                        pages,
+                        "session list longer than graph.max_list_pages: answered truncated"
+                    );
+                    self.metrics
+                        .counter(names::LIST_TRUNCATED, &[])
+                        .increment(1);
+                    merged.truncated = true;
+                    break;
+                }
+                Some(next) => url = next_page(&first, &next)?,
+            }
+        }
+        let body = merged.finish();
+        Ok(GraphAnswer {
+            fetched: Fetched::Found {
+                session: body.clone(),
+                raw: body,
+            },
+            graph_request_id,
+        })
+    }
+
+    /// One Graph URL with retries: `Some(body)` for 200, `None` for 404, else the error.
+    async fn get(&self, url: &str, deadline: Instant) -> Result<Got, ProxyError> {
         let mut retries = 0u32;
         let mut renewed_token = false;
         loop {
@@ -136,7 +218,7 @@ impl GraphClient {
             let client_request_id = uuid::Uuid::new_v4().to_string();
             let mut request = self
                 .http
-                .get(&url)
+                .get(url)
                 .bearer_auth(token.bearer())
                 .header("client-request-id", &client_request_id)
                 .header(http::header::ACCEPT, "application/json");
@@ -200,20 +282,14 @@ impl GraphClient {
                     );
                     match status {
                         StatusCode::OK => {
-                            let session = unwrap_envelope(body.clone()).ok_or_else(|| {
-                                ProxyError::Upstream {
-                                    status: 200,
-                                    code: "invalidJson".to_string(),
-                                }
-                            })?;
-                            return Ok(GraphAnswer {
-                                fetched: Fetched::Found { session, raw: body },
+                            return Ok(Got {
+                                body: Some(body),
                                 graph_request_id,
                             });
                         }
                         StatusCode::NOT_FOUND => {
-                            return Ok(GraphAnswer {
-                                fetched: Fetched::NotFound,
+                            return Ok(Got {
+                                body: None,
                                 graph_request_id,
                             });
                         }
@@ -269,6 +345,121 @@ impl GraphClient {
             tokio::time::sleep(wait).await;
             retries += 1;
         }
+    }
+}
+
+/// One Graph answer worth keeping: `body` is `None` for a 404.
+struct Got {
+    body: Option<Bytes>,
+    graph_request_id: Option<String>,
+}
+
+/// Longest `@odata.nextLink` followed.
+const MAX_NEXT_LINK: usize = 8 * 1024;
+
+/// The URL of the next list page, if `next` names the same endpoint as `first`: same
+/// scheme, host and port, no user info or fragment, the same path segments (compared
+/// percent-decoded, since Graph may encode ids differently) and a query. Anything else
+/// is refused: a next link must never take the proxy, or its token, anywhere else.
+fn next_page(first: &reqwest::Url, next: &str) -> Result<reqwest::Url, ProxyError> {
+    if next.len() > MAX_NEXT_LINK {
+        return Err(ProxyError::BadListPage("@odata.nextLink too long"));
+    }
+    let url = reqwest::Url::parse(next)
+        .map_err(|_| ProxyError::BadListPage("@odata.nextLink is not a URL"))?;
+    let same_origin = url.scheme() == first.scheme()
+        && url.host_str() == first.host_str()
+        && url.port_or_known_default() == first.port_or_known_default();
+    if !same_origin {
+        return Err(ProxyError::BadListPage(
+            "@odata.nextLink points to another host",
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() || url.fragment().is_some() {
+        return Err(ProxyError::BadListPage(
+            "@odata.nextLink has user info or a fragment",
+        ));
+    }
+    let decoded = |u: &reqwest::Url| -> Option<Vec<String>> {
+        u.path()
+            .split('/')
+            .map(|segment| {
+                percent_encoding::percent_decode_str(segment)
+                    .decode_utf8()
+                    .ok()
+                    .map(|s| s.into_owned())
+            })
+            .collect()
+    };
+    match (decoded(&url), decoded(first)) {
+        (Some(a), Some(b)) if a == b => {}
+        _ => {
+            return Err(ProxyError::BadListPage(
+                "@odata.nextLink names another Graph path",
+            ))
+        }
+    }
+    if url.query().is_none_or(str::is_empty) {
+        return Err(ProxyError::BadListPage("@odata.nextLink has no query"));
+    }
+    Ok(url)
+}
+
+/// Merges the pages of a Graph collection into one
+/// `{"@odata.context": ..., "value": [...]}`, copying each item's bytes as Graph sent them.
+#[derive(Default)]
+struct ListMerger {
+    context: Option<String>,
+    items: Vec<u8>,
+    count: usize,
+    truncated: bool,
+}
+
+impl ListMerger {
+    /// Adds one page; returns its `@odata.nextLink`, if any.
+    fn add(&mut self, body: &[u8]) -> Result<Option<String>, ProxyError> {
+        #[derive(Deserialize)]
+        struct Page<'a> {
+            #[serde(rename = "@odata.context", borrow, default)]
+            context: Option<&'a RawValue>,
+            #[serde(borrow)]
+            value: Vec<&'a RawValue>,
+            #[serde(rename = "@odata.nextLink", default)]
+            next_link: Option<String>,
+        }
+        let page: Page = serde_json::from_slice(body).map_err(|_| ProxyError::Upstream {
+            status: 200,
+            code: "invalidJson".to_string(),
+        })?;
+        if self.context.is_none() {
+            self.context = page.context.map(|c| c.get().to_string());
+        }
+        for item in page.value {
+            if self.count > 0 {
+                self.items.push(b',');
+            }
+            self.items.extend_from_slice(item.get().as_bytes());
+            self.count += 1;
+        }
+        Ok(page.next_link)
+    }
+
+    fn finish(self) -> Bytes {
+        let mut out = Vec::with_capacity(self.items.len() + 128);
+        out.push(b'{');
+        if let Some(context) = &self.context {
+            out.extend_from_slice(b"\"@odata.context\":");
+            out.extend_from_slice(context.as_bytes());
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"value\":[");
+        out.extend_from_slice(&self.items);
+        out.push(b']');
+        if self.truncated {
+            out.extend_from_slice(b",\"@graphSessionProxy.truncated\":true");
+        }
+        out.push(b'}');
+        Bytes::from(out)
     }
 }
 
@@ -433,6 +624,64 @@ mod tests {
         assert_eq!(unwrap_envelope(bare.clone()).unwrap(), bare);
         assert!(unwrap_envelope(Bytes::from_static(b"[1,2]")).is_none());
         assert!(unwrap_envelope(Bytes::from_static(b"not json")).is_none());
+    }
+
+    #[test]
+    fn list_pages_merge_byte_for_byte() {
+        let mut merger = ListMerger::default();
+        let next = merger
+            .add(br#"{"@odata.context":"ctx","value":[{"id":"a", "n":1.50},{"id":"b"}],"@odata.nextLink":"https://g/x?$skiptoken=1"}"#)
+            .unwrap();
+        assert_eq!(next.as_deref(), Some("https://g/x?$skiptoken=1"));
+        assert_eq!(merger.add(br#"{"value":[{"id":"c"}]}"#).unwrap(), None);
+        assert_eq!(
+            merger.finish(),
+            &br#"{"@odata.context":"ctx","value":[{"id":"a", "n":1.50},{"id":"b"},{"id":"c"}]}"#[..]
+        );
+        let mut empty = ListMerger {
+            truncated: true,
+            ..ListMerger::default()
+        };
+        empty.add(br#"{"value":[]}"#).unwrap();
+        let body = empty.finish();
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed["@graphSessionProxy.truncated"], true);
+        assert!(ListMerger::default().add(b"{\"value\":{}}").is_err());
+        assert!(ListMerger::default().add(b"[]").is_err());
+    }
+
+    #[test]
+    fn next_links_must_name_the_same_endpoint() {
+        let first = reqwest::Url::parse(
+            "https://graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/a%40b/sessions",
+        )
+        .unwrap();
+        for ok in [
+            "https://graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/a%40b/sessions?$skiptoken=X",
+            "https://graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/a@b/sessions?$skiptoken=X",
+            "https://GRAPH.microsoft.com:443/v1.0/solutions/virtualEvents/webinars/a%40b/sessions?%24skiptoken=X",
+        ] {
+            assert!(next_page(&first, ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://evil.example/v1.0/solutions/virtualEvents/webinars/a%40b/sessions?$skiptoken=X",
+            "http://graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/a%40b/sessions?$skiptoken=X",
+            "https://graph.microsoft.com:8443/v1.0/solutions/virtualEvents/webinars/a%40b/sessions?$skiptoken=X",
+            "https://user:pw@graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/a%40b/sessions?$skiptoken=X",
+            "https://graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/a%40b/sessions#x",
+            "https://graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/a%40b/sessions",
+            "https://graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/other/sessions?$skiptoken=X",
+            "https://graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/a%40b/sessions/../../../../users?$top=1",
+            "https://graph.microsoft.com/v1.0/solutions/virtualEvents/webinars/a%40b/sessions/x?$skiptoken=X",
+            "https://graph.microsoft.com/beta/solutions/virtualEvents/webinars/a%40b/sessions?$skiptoken=X",
+            "https://graph.microsoft.com/v1.0/users?$skiptoken=X",
+            "/v1.0/solutions/virtualEvents/webinars/a%40b/sessions?$skiptoken=X",
+            "not a url",
+        ] {
+            assert!(next_page(&first, bad).is_err(), "{bad}");
+        }
+        let long = format!("{first}?$skiptoken={}", "x".repeat(MAX_NEXT_LINK));
+        assert!(next_page(&first, &long).is_err());
     }
 
     #[test]

@@ -155,6 +155,8 @@ async fn demo() -> anyhow::Result<()> {
          \x20 curl -si -H 'Authorization: Bearer demo-key' '{base}/sessions/webinars/{event}/{session}'\n\n\
          \x20 # a town hall session, key in x-api-key\n\
          \x20 curl -si -H 'x-api-key: demo-key' '{base}/sessions/townhalls/{th_event}/{th_session}'\n\n\
+         \x20 # a generated event's 25 sessions: three Graph pages merged into one list\n\
+         \x20 curl -s -H 'Authorization: Bearer demo-key' '{base}/sessions/webinars/gen-list-25'\n\n\
          \x20 # no key: 401 with a JSON error\n\
          \x20 curl -si '{base}/sessions/webinars/{event}/{session}'\n\n\
          \x20 # what the simulated Graph was asked\n\

@@ -1,6 +1,8 @@
 //! Request path -> typed [`SessionKey`], or a refusal. The allow-list lives here.
 //!
-//! Only `/sessions/{webinars|townhalls}/{event}/{session}` exists. Each id is
+//! Only `/sessions/{webinars|townhalls}/{event}/{session}` (one session) and
+//! `/sessions/{webinars|townhalls}/{event}` (the event's session list) exist, plus Graph's
+//! own paths for the same two resources. Each id is
 //! percent-decoded exactly once and must then consist of 1 to 256 characters from
 //! `A-Z a-z 0-9 - _ . @ = +`, and be neither `.` nor `..`. Because `%` itself is not
 //! allowed after decoding, a double-encoded slash (`%252F`) is refused as surely as an
@@ -58,14 +60,16 @@ impl fmt::Display for Kind {
     }
 }
 
-/// One Graph session, identified by validated, decoded ids, in one API version (v1.0 and
-/// beta bodies differ, so they are cached apart).
+/// One Graph session, or with `session: None` one event's session list, identified by
+/// validated, decoded ids, in one API version (v1.0 and beta bodies differ, so they are
+/// cached apart).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
     pub kind: Kind,
     pub version: ApiVersion,
     pub event: Box<str>,
-    pub session: Box<str>,
+    /// `None`: the list of the event's sessions (summaries).
+    pub session: Option<Box<str>>,
 }
 
 /// Which contract a request came in by: the proxy's own `/sessions/...` paths, or Graph's
@@ -99,8 +103,24 @@ impl SessionKey {
             kind,
             version: ApiVersion::V1,
             event: event.into(),
-            session: session.into(),
+            session: Some(session.into()),
         })
+    }
+
+    /// Builds a v1.0 key for the session list of one event, validating the id.
+    pub fn list(kind: Kind, event: &str) -> Result<SessionKey, ProxyError> {
+        validate_id(event, "event id")?;
+        Ok(SessionKey {
+            kind,
+            version: ApiVersion::V1,
+            event: event.into(),
+            session: None,
+        })
+    }
+
+    /// Whether this names an event's session list rather than one session.
+    pub fn is_list(&self) -> bool {
+        self.session.is_none()
     }
 
     /// The same session in another API version.
@@ -109,21 +129,29 @@ impl SessionKey {
         self
     }
 
-    /// `/solutions/virtualEvents/{kind}/{event}/sessions/{session}`, each id encoded as a
-    /// single segment. Append it to `{graph root}/{api version}`.
+    /// `/solutions/virtualEvents/{kind}/{event}/sessions/{session}` (or without the
+    /// `/{session}` for a list), each id encoded as a single segment. Append it to
+    /// `{graph root}/{api version}`.
     pub fn graph_path(&self) -> String {
-        format!(
-            "/solutions/virtualEvents/{}/{}/sessions/{}",
+        let mut path = format!(
+            "/solutions/virtualEvents/{}/{}/sessions",
             self.kind,
             utf8_percent_encode(&self.event, SEGMENT),
-            utf8_percent_encode(&self.session, SEGMENT)
-        )
+        );
+        if let Some(session) = &self.session {
+            path.push('/');
+            path.extend(utf8_percent_encode(session, SEGMENT));
+        }
+        path
     }
 }
 
 impl fmt::Display for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.kind, self.event, self.session)
+        match &self.session {
+            Some(session) => write!(f, "{}/{}/{}", self.kind, self.event, session),
+            None => write!(f, "{}/{}/sessions", self.kind, self.event),
+        }
     }
 }
 
@@ -146,28 +174,28 @@ pub fn route(
     let Some(rest) = path.strip_prefix("/sessions/") else {
         return Err(ProxyError::RouteNotFound);
     };
-    let mut segments = rest.split('/');
-    let (Some(kind), Some(event), Some(session), None) = (
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-    ) else {
-        return Err(ProxyError::RouteNotFound);
-    };
-    session_key(method, kind, event, session)
+    let segments: Vec<&str> = rest.split('/').collect();
+    match segments.as_slice() {
+        [kind, event] => session_key(method, kind, event, None),
+        [kind, event, session] => session_key(method, kind, event, Some(session)),
+        _ => Err(ProxyError::RouteNotFound),
+    }
 }
 
-/// `/{v1.0|beta}/solutions/virtualEvents/{kind}/{event}/sessions/{session}`: Graph's own
-/// path for the same session; every other Graph path is `notSupported`.
+/// `/{v1.0|beta}/solutions/virtualEvents/{kind}/{event}/sessions[/{session}]`: Graph's own
+/// paths for the same resources; every other Graph path is `notSupported`.
 fn graph_route(method: &http::Method, path: &str) -> Result<SessionKey, ProxyError> {
     let segments: Vec<&str> = path.split('/').collect();
-    let ["", version, "solutions", "virtualEvents", kind, event, "sessions", session] =
-        segments.as_slice()
-    else {
-        return Err(ProxyError::NotSupported);
+    let (version, kind, event, session) = match segments.as_slice() {
+        ["", version, "solutions", "virtualEvents", kind, event, "sessions", session] => {
+            (*version, *kind, *event, Some(*session))
+        }
+        ["", version, "solutions", "virtualEvents", kind, event, "sessions"] => {
+            (*version, *kind, *event, None)
+        }
+        _ => return Err(ProxyError::NotSupported),
     };
-    let version = match *version {
+    let version = match version {
         "v1.0" => ApiVersion::V1,
         "beta" => ApiVersion::Beta,
         _ => return Err(ProxyError::NotSupported),
@@ -182,15 +210,20 @@ fn session_key(
     method: &http::Method,
     kind: &str,
     event: &str,
-    session: &str,
+    session: Option<&str>,
 ) -> Result<SessionKey, ProxyError> {
     let kind = Kind::from_segment(kind).ok_or(ProxyError::RouteNotFound)?;
     if method != http::Method::GET && method != http::Method::HEAD {
         return Err(ProxyError::MethodNotAllowed);
     }
     let event = decode_id(event, "event id")?;
-    let session = decode_id(session, "session id")?;
-    SessionKey::new(kind, &event, &session)
+    match session {
+        Some(session) => {
+            let session = decode_id(session, "session id")?;
+            SessionKey::new(kind, &event, &session)
+        }
+        None => SessionKey::list(kind, &event),
+    }
 }
 
 /// One percent-decoding; anything that is not UTF-8 afterwards is refused.
@@ -242,7 +275,7 @@ mod tests {
     fn encoded_at_sign_decodes_once() {
         let key = get("/sessions/townhalls/a%40b/MSpk%3D%2B").unwrap();
         assert_eq!(&*key.event, "a@b");
-        assert_eq!(&*key.session, "MSpk=+");
+        assert_eq!(key.session.as_deref(), Some("MSpk=+"));
         assert_eq!(
             key.graph_path(),
             "/solutions/virtualEvents/townhalls/a%40b/sessions/MSpk%3D%2B"
@@ -281,8 +314,8 @@ mod tests {
             "/",
             "/sessions",
             "/sessions/",
-            "/sessions/webinars/a",
             "/sessions/webinars/a/b/",
+            "/sessions/webinars/a/",
             "/sessions/webinars/a/b/c",
             "/sessions/meetings/a/b",
             "/sessions/Webinars/a/b",
@@ -298,6 +331,42 @@ mod tests {
                 "{path}: {r:?}"
             );
         }
+    }
+
+    #[test]
+    fn session_lists_route_on_both_styles() {
+        let key = get("/sessions/webinars/a%40b").unwrap();
+        assert!(key.is_list());
+        assert_eq!(&*key.event, "a@b");
+        assert_eq!(
+            key.graph_path(),
+            "/solutions/virtualEvents/webinars/a%40b/sessions"
+        );
+        let key = get("/beta/solutions/virtualEvents/townhalls/a/sessions").unwrap();
+        assert!(key.is_list());
+        assert_eq!(key.version, ApiVersion::Beta);
+        assert_eq!(
+            key.graph_path(),
+            "/solutions/virtualEvents/townhalls/a/sessions"
+        );
+        for hostile in [
+            "/sessions/webinars/%2E%2E",
+            "/sessions/webinars/a%2Fb",
+            "/v1.0/solutions/virtualEvents/webinars/a%2F..%2F/sessions",
+        ] {
+            assert!(
+                matches!(get(hostile), Err(ProxyError::InvalidId(_))),
+                "{hostile}"
+            );
+        }
+        assert!(matches!(
+            route(&Method::GET, "/sessions/webinars/a", Some("$skiptoken=x")),
+            Err(ProxyError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            route(&Method::DELETE, "/sessions/webinars/a", None),
+            Err(ProxyError::MethodNotAllowed)
+        ));
     }
 
     #[test]
@@ -362,7 +431,7 @@ mod tests {
                 let path = format!("/sessions/{kind}/{}/{}", encode_some(&event, &mask), encode_some(&session, &mask));
                 let key = route(&http::Method::GET, &path, None).unwrap();
                 prop_assert_eq!(&*key.event, event.as_str());
-                prop_assert_eq!(&*key.session, session.as_str());
+                prop_assert_eq!(key.session.as_deref(), Some(session.as_str()));
                 let graph = key.graph_path();
                 let segments: Vec<&str> = graph.split('/').collect();
                 prop_assert_eq!(segments.len(), 7);
@@ -380,9 +449,18 @@ mod tests {
                     if let Ok(key) = route(&http::Method::GET, &candidate, None) {
                         let graph = key.graph_path();
                         let segments: Vec<&str> = graph.split('/').collect();
-                        prop_assert_eq!(segments.len(), 7, "{}", graph);
-                        prop_assert!(matches!(segments[3], "webinars" | "townhalls"));
-                        for segment in [segments[4], segments[6]] {
+                        let ids: Vec<&str> = match segments.as_slice() {
+                            ["", "solutions", "virtualEvents", kind, event, "sessions", session] if key.session.is_some() => {
+                                prop_assert!(matches!(*kind, "webinars" | "townhalls"));
+                                vec![event, session]
+                            }
+                            ["", "solutions", "virtualEvents", kind, event, "sessions"] if key.is_list() => {
+                                prop_assert!(matches!(*kind, "webinars" | "townhalls"));
+                                vec![event]
+                            }
+                            _ => return Err(TestCaseError::fail(format!("unexpected Graph path {graph}"))),
+                        };
+                        for segment in ids {
                             let decoded = decode(segment);
                             prop_assert!(!decoded.is_empty() && decoded != "." && decoded != "..");
                             prop_assert!(decoded.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@=+".contains(&b)), "{}", decoded);

@@ -130,6 +130,7 @@ impl Proxy {
                 max_retries: settings.graph.max_retries,
                 circuit_failures: settings.graph.circuit_failures,
                 circuit_cooldown: settings.graph.circuit_cooldown,
+                max_list_pages: settings.graph.max_list_pages,
             },
             tokens.clone(),
             clock.clone(),
@@ -307,6 +308,8 @@ pub fn caller_service(
 struct AccessLog {
     caller: Option<Arc<str>>,
     kind: Option<&'static str>,
+    /// The request named an event's session list.
+    list: bool,
     cache: Option<HeaderValue>,
     graph_request_id: Option<HeaderValue>,
     /// Close the connection after answering (a body we did not read).
@@ -398,10 +401,10 @@ pub async fn handle<B: hyper::body::Body>(
         [
             (
                 "route",
-                if log.kind.is_some() {
-                    "session"
-                } else {
-                    "other"
+                match (log.kind, log.list) {
+                    (Some(_), false) => "session",
+                    (Some(_), true) => "list",
+                    (None, _) => "other",
                 },
             ),
             ("status", class),
@@ -449,6 +452,7 @@ async fn answer<B: hyper::body::Body>(
         key = key.with_version(state.api_version);
     }
     log.kind = Some(key.kind.as_str());
+    log.list = key.is_list();
     if log.close {
         return Err(
             ProxyError::InvalidRequest("GET and HEAD requests must not have a body").into(),
@@ -500,6 +504,7 @@ async fn answer<B: hyper::body::Body>(
         ),
     };
     let mut response = match body {
+        None if key.is_list() => ProxyError::EventNotFound.to_response_in(log.style, request_id),
         None => ProxyError::SessionNotFound.to_response_in(log.style, request_id),
         Some(body) if !if_none_match(headers, etag) => {
             let mut response = Response::new(Full::new(body));

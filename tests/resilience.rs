@@ -17,19 +17,6 @@ fn status_of(r: &reqwest::Response) -> String {
 }
 
 /// Polls (bounded) until the simulator has seen `n` Graph requests.
-async fn wait_for_graph_requests(h: &Harness, n: u64) {
-    for _ in 0..200 {
-        if h.stats().graph_requests >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "the simulator saw {} Graph requests, expected {n}",
-        h.stats().graph_requests
-    );
-}
-
 #[tokio::test]
 async fn graph_503_after_ttl_serves_stale_if_error_to_every_caller() {
     let h = Harness::start().await;
@@ -256,7 +243,7 @@ async fn stale_while_revalidate_answers_at_once_with_one_background_refresh() {
             "a stale answer waited for Graph: {took:?}"
         );
     }
-    wait_for_graph_requests(&h, 2).await;
+    h.wait_for_graph_requests(2).await;
     // Let the one refresh finish, then check nobody started a second one.
     tokio::time::sleep(Duration::from_millis(1700)).await;
     assert_eq!(

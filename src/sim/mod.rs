@@ -9,6 +9,9 @@
 //! - `GET /{v1.0|beta}/solutions/virtualEvents/{webinars|townhalls}/{event}/sessions/{session}`:
 //!   the seed page's example session, a small catalogue, and any session id starting with
 //!   `gen-` (generated on the fly); 404 `NotFound` for the rest; 401 without a valid token.
+//! - `GET /{v1.0|beta}/solutions/virtualEvents/{webinars|townhalls}/{event}/sessions`: the
+//!   event's sessions as summaries, `list_page_size` per page with an `@odata.nextLink`
+//!   (`?$skiptoken=N`) to the next page; an event `gen-list-N` has N generated sessions.
 //! - `GET /{tenant}/discovery/v2.0/keys`: the caller-token key set, when configured.
 //! - `GET /_sim/stats`, `POST /_sim/faults` (JSON, merged; `{"clear": true}` resets).
 
@@ -93,6 +96,10 @@ pub struct Faults {
     pub expires_in_as_string: bool,
     /// The key set endpoint answers 503.
     pub jwks_down: bool,
+    /// Sessions per list page (absent: 10).
+    pub list_page_size: Option<usize>,
+    /// Sent as every list page's `@odata.nextLink` instead of the real next page.
+    pub next_link: Option<String>,
 }
 
 /// Counts of what the simulator was asked.
@@ -572,6 +579,13 @@ impl Simulator {
         if let Some(status) = injected {
             return injected_status(status, faults.retry_after.as_deref());
         }
+        let path = req.uri().path();
+        let segments: Vec<&str> = path.split('/').collect();
+        if let ["", version, "solutions", "virtualEvents", kind, event, "sessions"] =
+            segments.as_slice()
+        {
+            return self.list_answer(req, version, kind, event, faults);
+        }
         if req.uri().query().is_some() {
             return graph_error(
                 400,
@@ -579,8 +593,6 @@ impl Simulator {
                 "This method doesn't support OData query parameters.",
             );
         }
-        let path = req.uri().path();
-        let segments: Vec<&str> = path.split('/').collect();
         let ["", version, "solutions", "virtualEvents", kind, event, "sessions", session] =
             segments.as_slice()
         else {
@@ -617,6 +629,116 @@ impl Simulator {
         );
         r
     }
+}
+
+impl Simulator {
+    /// One page of an event's session list (summaries), with a next link while more remain.
+    fn list_answer(
+        &self,
+        req: &Request<Incoming>,
+        version: &str,
+        kind: &str,
+        raw_event: &str,
+        faults: &Faults,
+    ) -> Response<Full<Bytes>> {
+        if !matches!(version, "v1.0" | "beta") || !matches!(kind, "webinars" | "townhalls") {
+            return graph_error(400, "BadRequest", "Resource not found for the segment.");
+        }
+        let Ok(event) = percent_decode_str(raw_event).decode_utf8() else {
+            return graph_error(400, "BadRequest", "Invalid segment.");
+        };
+        let skip = match req.uri().query() {
+            None => 0,
+            Some(query) => match query
+                .strip_prefix("$skiptoken=")
+                .or_else(|| query.strip_prefix("%24skiptoken="))
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                Some(n) => n,
+                None => {
+                    return graph_error(
+                        400,
+                        "BadRequest",
+                        "Invalid $skiptoken or unsupported query option.",
+                    )
+                }
+            },
+        };
+        let mut bodies: Vec<(String, Bytes)> = lock(&self.state.sessions)
+            .iter()
+            .filter(|((k, e, _), _)| k == kind && *e == event)
+            .map(|((_, _, id), body)| (id.clone(), body.clone()))
+            .collect();
+        if let Some(n) = event
+            .strip_prefix("gen-list-")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            for i in 0..n.min(10_000) {
+                let id = format!("gen-{i:04}");
+                if !bodies.iter().any(|(known, _)| *known == id) {
+                    let body = generated_body(kind, &event, &id);
+                    bodies.push((id, body));
+                }
+            }
+        }
+        if bodies.is_empty() {
+            return graph_error(404, "NotFound", "The requested event was not found.");
+        }
+        bodies.sort_by(|a, b| a.0.cmp(&b.0));
+        let page_size = faults.list_page_size.unwrap_or(10).max(1);
+        let items: Vec<serde_json::Value> = bodies
+            .iter()
+            .skip(skip)
+            .take(page_size)
+            .map(|(_, body)| summary(body))
+            .collect();
+        let mut page = serde_json::Map::new();
+        page.insert(
+            "@odata.context".to_string(),
+            json!(format!("https://graph.microsoft.com/{version}/$metadata#solutions/virtualEvents/{kind}('{event}')/sessions")),
+        );
+        page.insert("value".to_string(), json!(items));
+        if skip + page_size < bodies.len() {
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            let next = faults.next_link.clone().unwrap_or_else(|| {
+                format!(
+                    "http://{host}/{version}/solutions/virtualEvents/{kind}/{raw_event}/sessions?$skiptoken={}",
+                    skip + page_size
+                )
+            });
+            page.insert("@odata.nextLink".to_string(), json!(next));
+        }
+        let mut r = json_response(StatusCode::OK, &serde_json::Value::Object(page));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"),
+        );
+        r
+    }
+}
+
+/// A list item as Graph sends it: id, subject, start, end and join URL; the rest null.
+fn summary(body: &[u8]) -> serde_json::Value {
+    let parsed: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let session = parsed.get("value").cloned().unwrap_or(parsed);
+    let mut out = serde_json::Map::new();
+    if let Some(map) = session.as_object() {
+        for (key, value) in map {
+            if key == "@odata.context" {
+                continue;
+            }
+            let keep = matches!(
+                key.as_str(),
+                "@odata.type" | "id" | "subject" | "startDateTime" | "endDateTime" | "joinWebUrl"
+            );
+            out.insert(key.clone(), if keep { value.clone() } else { json!(null) });
+        }
+    }
+    serde_json::Value::Object(out)
 }
 
 /// Dropping the connection without an answer.

@@ -120,6 +120,30 @@ impl Harness {
         self.sim.stats()
     }
 
+    /// Waits (real time, up to 3 s) until the simulator has seen `n` Graph requests:
+    /// background refreshes run on their own tasks.
+    pub async fn wait_for_graph_requests(&self, n: u64) {
+        for _ in 0..300 {
+            if self.stats().graph_requests >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!(
+            "the simulator saw {} Graph requests, expected {n}",
+            self.stats().graph_requests
+        );
+    }
+
+    /// `DELETE {admin}{path}` without an admin token.
+    pub async fn admin_delete(&self, path: &str) -> reqwest::Response {
+        self.http
+            .delete(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub fn faults(&self, faults: Faults) {
         self.sim.set_faults(faults);
     }
