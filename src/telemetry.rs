@@ -64,6 +64,7 @@ pub mod names {
     pub const GATE_STATE: &str = "graph_session_proxy_graph_gate_state";
     pub const PURGES: &str = "graph_session_proxy_purges_total";
     pub const READY: &str = "graph_session_proxy_ready";
+    pub const TLS_RELOADS: &str = "graph_session_proxy_tls_reloads_total";
 }
 
 const HELP: &[(&str, &str)] = &[
@@ -105,6 +106,10 @@ const HELP: &[(&str, &str)] = &[
     ),
     (names::PURGES, "Purges through the admin API, by scope."),
     (names::READY, "1 while ready to serve."),
+    (
+        names::TLS_RELOADS,
+        "Caller-listener certificate reloads after a file change, by outcome (ok, error).",
+    ),
 ];
 
 static METADATA: metrics::Metadata<'static> =
