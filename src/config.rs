@@ -77,10 +77,17 @@ pub struct ServerSettings {
     /// More request headers than this (count or bytes) is a 431.
     pub max_headers: usize,
     pub max_header_bytes: ByteSize,
+    /// PEM certificate chain (end-entity first); with `tls_key_file`, the caller listener
+    /// serves HTTPS (ALPN h2 and http/1.1). The admin listener stays plain HTTP.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// How often the two TLS files are checked for changes (modification time and size);
+    /// a change reloads them for new connections.
+    #[serde(with = "humantime_serde")]
+    pub tls_reload_interval: Duration,
 }
 
 impl Default for ServerSettings {
@@ -99,7 +106,24 @@ impl Default for ServerSettings {
             max_header_bytes: ByteSize::kib(16),
             tls_cert_file: None,
             tls_key_file: None,
+            tls_reload_interval: Duration::from_secs(10),
         }
+    }
+}
+
+impl ServerSettings {
+    /// Reads and parses the TLS certificate and key, so that a file serve could not use is
+    /// a configuration error (exit 2) at start-up rather than a listener that fails every
+    /// handshake. `check-config` skips files that do not exist where it runs (they may be
+    /// mounted only where the proxy runs; [`Settings::warnings`] says so).
+    fn check_tls_files(&self, purpose: Purpose) -> Result<(), ConfigError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) else {
+            return Ok(());
+        };
+        if purpose == Purpose::Check && !(cert.exists() && key.exists()) {
+            return Ok(());
+        }
+        crate::tls::load(cert, key).map(drop)
     }
 }
 
@@ -581,6 +605,7 @@ impl Settings {
         if purpose != Purpose::Check {
             settings.read_secret_file()?;
         }
+        settings.server.check_tls_files(purpose)?;
         Ok(settings)
     }
 
@@ -615,6 +640,10 @@ impl Settings {
         for (key, d) in [
             ("server.request_timeout", self.server.request_timeout),
             ("server.shutdown_grace", self.server.shutdown_grace),
+            (
+                "server.tls_reload_interval",
+                self.server.tls_reload_interval,
+            ),
             (
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
@@ -681,12 +710,22 @@ impl Settings {
                 "from 1KiB to 1MiB",
             ));
         }
-        if s.tls_cert_file.is_some() || s.tls_key_file.is_some() {
-            return Err(ConfigError::invalid(
-                "server.tls_cert_file",
-                "TLS on the caller listener is not supported by this version; terminate TLS in front of the proxy",
-            ));
+        match (&s.tls_cert_file, &s.tls_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "server.tls_key_file",
+                    "required with server.tls_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "server.tls_cert_file",
+                    "required with server.tls_key_file",
+                ));
+            }
+            _ => {}
         }
+        positive("server.tls_reload_interval", s.tls_reload_interval)?;
 
         let g = &self.graph;
         positive("graph.timeout", g.timeout)?;
@@ -896,6 +935,22 @@ impl Settings {
             if let Some(mode) = loose_permissions(key) {
                 out.push(format!(
                     "auth.private_key_file {} is readable by group or others (mode {mode:o}): chmod 600 it",
+                    key.display()
+                ));
+            }
+        }
+        if let (Some(cert), Some(key)) = (&self.server.tls_cert_file, &self.server.tls_key_file) {
+            for (name, path) in [("server.tls_cert_file", cert), ("server.tls_key_file", key)] {
+                if !path.exists() {
+                    out.push(format!(
+                        "{name} {} does not exist here: serve reads it at start-up",
+                        path.display()
+                    ));
+                }
+            }
+            if let Some(mode) = loose_permissions(key) {
+                out.push(format!(
+                    "server.tls_key_file {} is readable by group or others (mode {mode:o}): chmod 600 it",
                     key.display()
                 ));
             }
@@ -1151,6 +1206,89 @@ mod tests {
             "{:?}",
             s.warnings()
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tls_keys_come_in_pairs() {
+        for (set, missing) in [
+            ("tls_cert_file = \"/x/tls.crt\"", "server.tls_key_file"),
+            ("tls_key_file = \"/x/tls.key\"", "server.tls_cert_file"),
+        ] {
+            let text = format!("[server]\n{set}\n{MINIMAL}");
+            for purpose in [Purpose::Serve, Purpose::Check, Purpose::Embedded] {
+                let err = Settings::from_toml(&text, purpose).unwrap_err().to_string();
+                assert!(err.contains(missing), "{err}");
+            }
+        }
+        let text = format!("[server]\ntls_reload_interval = \"0s\"\n{MINIMAL}");
+        let err = Settings::from_toml(&text, Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.tls_reload_interval"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_are_read_at_load_except_where_absent_for_check_config() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("gsp-tls-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = dir.join("tls.crt");
+        let key = dir.join("tls.key");
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = |cert: &Path, key: &Path| {
+            format!(
+                "[server]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n{MINIMAL}",
+                cert.display().to_string(),
+                key.display().to_string()
+            )
+        };
+        let good = Settings::from_toml(&text(&cert, &key), Purpose::Serve).unwrap();
+        assert!(
+            !good.warnings().iter().any(|w| w.contains("tls")),
+            "{:?}",
+            good.warnings()
+        );
+        assert_eq!(good.server.tls_reload_interval, Duration::from_secs(10));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(
+            good.warnings()
+                .iter()
+                .any(|w| w.contains("server.tls_key_file") && w.contains("chmod 600")),
+            "{:?}",
+            good.warnings()
+        );
+
+        // Absent: an error for serve; for check-config a warning (mounted elsewhere).
+        let absent = dir.join("absent.key");
+        let err = Settings::from_toml(&text(&cert, &absent), Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.tls_key_file") && err.contains("cannot read"),
+            "{err}"
+        );
+        let checked = Settings::from_toml(&text(&cert, &absent), Purpose::Check).unwrap();
+        assert!(
+            checked
+                .warnings()
+                .iter()
+                .any(|w| w.contains("server.tls_key_file") && w.contains("does not exist")),
+            "{:?}",
+            checked.warnings()
+        );
+
+        // Present but unusable: an error for check-config too.
+        std::fs::write(&cert, "not a certificate\n").unwrap();
+        for purpose in [Purpose::Serve, Purpose::Check] {
+            let err = Settings::from_toml(&text(&cert, &key), purpose)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("server.tls_cert_file"), "{err}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! listener (server)                 accept, HTTP/1.1 or HTTP/2, graceful shutdown
+//!   -> tls (when configured)        rustls handshake in the connection's task, ALPN h2/http1.1
 //!   -> wire::GuardedIo              raw '#', control and non-UTF-8 target bytes -> '%'
 //!   -> tower-http layers (server)   sensitive headers, request id, panic -> JSON 500
 //!   -> handler (server)             draining? concurrency permit, request timeout
@@ -36,5 +37,6 @@ pub mod routes;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 pub mod wire;

@@ -69,7 +69,8 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+        // Also a configuration error found while building (the TLS certificate).
+        Err(e) if e.chain().any(|c| c.downcast_ref::<ConfigError>().is_some()) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }

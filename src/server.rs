@@ -19,8 +19,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceBuilder};
@@ -37,6 +39,7 @@ use crate::error::{error_response, ProxyError};
 use crate::graph::{http_client, GraphClient, GraphOptions};
 use crate::routes::{self, Style};
 use crate::telemetry::Metrics;
+use crate::tls::{self, CertificateFiles};
 use crate::token::{Credential, TokenOptions, TokenProvider};
 use crate::wire::GuardedIo;
 
@@ -59,6 +62,10 @@ pub enum BuildError {
     TokenUrl(#[source] oauth2::url::ParseError),
     #[error("configuration key `{0}` is required")]
     Missing(&'static str),
+    #[error("cannot use the caller listener's TLS certificate")]
+    Tls(#[source] crate::config::ConfigError),
+    #[error("cannot set up TLS")]
+    TlsConfig(#[source] rustls::Error),
 }
 
 /// Shared by every request.
@@ -86,6 +93,8 @@ pub struct Proxy {
     pub state: Arc<AppState>,
     connections: ConnectionOptions,
     ready_requires_token: bool,
+    /// The caller listener's certificate files and how often to check them for changes.
+    tls_files: Option<(Arc<CertificateFiles>, Duration)>,
 }
 
 impl Proxy {
@@ -143,6 +152,21 @@ impl Proxy {
             clock,
             metrics.clone(),
         );
+        let tls_files = match (
+            &settings.server.tls_cert_file,
+            &settings.server.tls_key_file,
+        ) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                CertificateFiles::load(cert, key).map_err(BuildError::Tls)?,
+            )),
+            _ => None,
+        };
+        let tls_config = match &tls_files {
+            Some(files) => Some(Arc::new(
+                tls::server_config(files.clone()).map_err(BuildError::TlsConfig)?,
+            )),
+            None => None,
+        };
         if callers.is_open() {
             tracing::warn!(
                 "callers.mode = \"none\": every caller can read every session this proxy can reach"
@@ -170,8 +194,10 @@ impl Proxy {
                 ),
             }),
             ready_requires_token: settings.server.ready_requires_token,
+            tls_files: tls_files.map(|files| (files, settings.server.tls_reload_interval)),
             connections: ConnectionOptions {
                 guard: true,
+                tls: tls_config,
                 max_connections: settings.server.max_connections,
                 header_read_timeout: settings.server.header_read_timeout,
                 // Twice the handler's limits: between the two, callers get a JSON 431.
@@ -246,6 +272,13 @@ impl Proxy {
                 state.metrics.upkeep();
             }
         };
+        // New certificates are picked up until the process ends.
+        let reload = async {
+            match &self.tls_files {
+                Some((files, every)) => files.clone().watch(*every, state.metrics.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
         let signal = async {
             shutdown.await;
             tracing::info!("shutting down: draining requests in flight");
@@ -256,6 +289,7 @@ impl Proxy {
         tokio::select! {
             () = async { tokio::join!(callers, admin, readiness, signal); } => {}
             () = async { upkeep.await; std::future::pending::<()>().await } => {}
+            () = reload => {}
         }
     }
 }
@@ -642,6 +676,9 @@ fn if_none_match(headers: &http::HeaderMap, etag: &HeaderValue) -> bool {
 pub struct ConnectionOptions {
     /// Pass HTTP/1 request targets through [`GuardedIo`] (the caller listener).
     pub guard: bool,
+    /// Serve HTTPS with this configuration (the caller listener, when configured). The
+    /// handshake runs in the connection's own task, bounded by `header_read_timeout`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Close a connection whose request headers have not all arrived in this time.
     pub header_read_timeout: Duration,
     /// Hyper's hard limits, above the handler's own JSON-answered ones: beyond them hyper
@@ -662,6 +699,7 @@ impl ConnectionOptions {
     pub fn internal(grace: Duration) -> ConnectionOptions {
         ConnectionOptions {
             guard: false,
+            tls: None,
             header_read_timeout: Duration::from_secs(30),
             hard_max_headers: 100,
             hard_max_buf: 400 * 1024,
@@ -689,7 +727,7 @@ pub async fn accept_loop<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -701,8 +739,12 @@ pub async fn accept_loop<S, B>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(options.h2_max_streams)
         .max_header_list_size(options.h2_max_header_list);
+    let builder = Arc::new(builder);
     let guard = options.guard;
     let grace = options.grace;
+    let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    // A client gets as long for its TLS handshake as for its request headers.
+    let handshake_timeout = options.header_read_timeout;
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
     tokio::pin!(shutdown);
@@ -728,14 +770,29 @@ pub async fn accept_loop<S, B>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(service.clone());
-                if guard {
-                    let io = TokioIo::new(GuardedIo::new(stream));
-                    spawn_connection(graceful.watch(builder.serve_connection(io, service).into_owned()), slot);
-                } else {
-                    let io = TokioIo::new(stream);
-                    spawn_connection(graceful.watch(builder.serve_connection(io, service).into_owned()), slot);
-                }
+                let service = service.clone();
+                let builder = builder.clone();
+                // Taken before the handshake, so that shutdown also waits (within the
+                // grace) for connections still shaking hands.
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
+                // Everything slow happens in the connection's task: one client that never
+                // finishes its handshake must not hold up accepting the next.
+                tokio::spawn(async move {
+                    let _slot = slot; // released when the connection ends
+                    match tls {
+                        None => serve_connection(&builder, watcher, stream, service, guard).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => {
+                                    serve_connection(&builder, watcher, stream, service, guard).await;
+                                }
+                                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                                Err(_elapsed) => tracing::debug!("TLS handshake timed out"),
+                            }
+                        }
+                    }
+                });
             }
             () = &mut shutdown => break,
         }
@@ -747,18 +804,38 @@ pub async fn accept_loop<S, B>(
     }
 }
 
-fn spawn_connection<E>(
-    connection: impl Future<Output = Result<(), E>> + Send + 'static,
-    slot: tokio::sync::OwnedSemaphorePermit,
+/// Serves one connection (plain or decrypted TLS) to its end, under graceful shutdown;
+/// with `guard`, HTTP/1 request targets pass through [`GuardedIo`] first.
+async fn serve_connection<I, S, B>(
+    builder: &Builder<TokioExecutor>,
+    watcher: Watcher,
+    io: I,
+    service: S,
+    guard: bool,
 ) where
-    E: std::fmt::Display,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    tokio::spawn(async move {
-        let _slot = slot; // released when the connection ends
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
-    });
+    let service = TowerToHyperService::new(service);
+    let result = if guard {
+        let io = TokioIo::new(GuardedIo::new(io));
+        watcher
+            .watch(builder.serve_connection(io, service).into_owned())
+            .await
+    } else {
+        let io = TokioIo::new(io);
+        watcher
+            .watch(builder.serve_connection(io, service).into_owned())
+            .await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,7 @@ pub mod names {
     pub const PURGES: &str = "graph_session_proxy_purges_total";
     pub const READY: &str = "graph_session_proxy_ready";
     pub const LIST_TRUNCATED: &str = "graph_session_proxy_list_truncated_total";
+    pub const TLS_RELOADS: &str = "graph_session_proxy_tls_reloads_total";
 }
 
 const HELP: &[(&str, &str)] = &[
@@ -109,6 +110,10 @@ const HELP: &[(&str, &str)] = &[
     (
         names::LIST_TRUNCATED,
         "Session lists cut at graph.max_list_pages.",
+    ),
+    (
+        names::TLS_RELOADS,
+        "Caller-listener certificate reloads after a file change, by outcome (ok, error).",
     ),
 ];
 
