@@ -17,6 +17,7 @@ use tower::Service;
 use crate::error::error_response;
 use crate::routes;
 use crate::server::AppState;
+use crate::shared::Purge;
 use crate::telemetry::names;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -33,7 +34,7 @@ pub fn service(
        + 'static {
     tower::service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(&state, &req)) }
+        async move { Ok::<_, Infallible>(handle(&state, &req).await) }
     })
 }
 
@@ -48,7 +49,7 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<B
 
 /// One admin request. Probes and metrics are open (kubelets and Prometheus call them);
 /// purges need the admin token when one is configured.
-pub fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
+pub async fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
     let (method, path) = (req.method(), req.uri().path());
     match (method, path) {
         (&Method::GET | &Method::HEAD, "/healthz") => {
@@ -84,7 +85,7 @@ pub fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
                 );
                 return r;
             }
-            purge(state, p)
+            purge(state, p).await
         }
         (_, "/healthz" | "/readyz" | "/metrics") => {
             let mut r = error_response(
@@ -119,16 +120,18 @@ fn authorized(state: &AppState, headers: &http::HeaderMap) -> bool {
     })
 }
 
-/// `DELETE /cache`, `/cache/sessions/{kind}/{event}/{session}`, `/cache/events/{kind}/{event}`.
-fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
+/// `DELETE /cache`, `/cache/sessions/{kind}/{event}[/{session}]`, `/cache/events/{kind}/{event}`.
+/// With a shared tier, the purge also leaves Redis and reaches every replica
+/// (`"shared": true`), or could not (`false`: Redis unavailable; this replica is purged).
+async fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
     if path == "/cache" {
         state
             .metrics
             .counter(names::PURGES, &[("scope", "all")])
             .increment(1);
-        state.cache.purge_all();
-        tracing::info!("purged the whole cache");
-        return json_response(StatusCode::OK, json!({"purged": "all"}));
+        let (_, _, shared) = state.cache.purge_everywhere(Purge::All).await;
+        tracing::info!(?shared, "purged the whole cache");
+        return json_response(StatusCode::OK, json!({"purged": "all", "shared": shared}));
     }
     if let Some(session_path) = path
         .strip_prefix("/cache")
@@ -140,11 +143,12 @@ fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
                     .metrics
                     .counter(names::PURGES, &[("scope", "session")])
                     .increment(1);
-                let was_cached = state.cache.purge(&key);
-                tracing::info!(%key, was_cached, "purged a session");
+                let name = key.to_string();
+                let (_, was_cached, shared) = state.cache.purge_everywhere(Purge::Key(key)).await;
+                tracing::info!(key = name, was_cached, ?shared, "purged a session");
                 json_response(
                     StatusCode::OK,
-                    json!({"purged": key.to_string(), "wasCached": was_cached}),
+                    json!({"purged": name, "wasCached": was_cached, "shared": shared}),
                 )
             }
             Err(e) => e.to_response(""),
@@ -158,11 +162,14 @@ fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
                     .metrics
                     .counter(names::PURGES, &[("scope", "event")])
                     .increment(1);
-                let removed = state.cache.purge_event(key.kind, &key.event);
-                tracing::info!(kind = %key.kind, event = %key.event, removed, "purged an event");
+                let (removed, _, shared) = state
+                    .cache
+                    .purge_everywhere(Purge::Event(key.kind, key.event.to_string()))
+                    .await;
+                tracing::info!(kind = %key.kind, event = %key.event, removed, ?shared, "purged an event");
                 json_response(
                     StatusCode::OK,
-                    json!({"purged": format!("{}/{}", key.kind, key.event), "sessions": removed}),
+                    json!({"purged": format!("{}/{}", key.kind, key.event), "sessions": removed, "shared": shared}),
                 )
             }
             Err(e) => e.to_response(""),
@@ -182,6 +189,10 @@ fn metrics(state: &AppState) -> Response<Full<Bytes>> {
     for s in ["open", "probing", "throttled", "circuit_open"] {
         m.gauge(names::GATE_STATE, &[("state", s)])
             .set(if s == gate { 1.0 } else { 0.0 });
+    }
+    if let Some(shared) = state.cache.shared() {
+        m.gauge(names::SHARED_UP, &[])
+            .set(if shared.is_up() { 1.0 } else { 0.0 });
     }
     m.gauge(names::READY, &[])
         .set(if state.ready.load(Ordering::SeqCst) {

@@ -38,6 +38,7 @@ use crate::config::{ApiVersion, CacheSettings};
 use crate::error::ProxyError;
 use crate::graph::{Fetched, GraphAnswer, GraphClient};
 use crate::routes::{Kind, SessionKey};
+use crate::shared::{Lock, Purge, SharedGate, SharedTier, Unavailable};
 use crate::telemetry::{names, Metrics};
 
 /// Rough per-entry bookkeeping (moka node, Arc, headers) added to the weigher's count.
@@ -64,6 +65,8 @@ pub struct Entry {
     /// From then on a read triggers a background refresh while the entry is still fresh.
     pub refresh_from: Instant,
     pub graph_request_id: Option<HeaderValue>,
+    /// Loaded from the shared tier (Redis) rather than from Graph by this replica.
+    pub tier2: bool,
 }
 
 /// An `endDateTime` further back than this marks a session as over (for `smart_ttl`).
@@ -107,7 +110,90 @@ impl Entry {
             graph_request_id: answer
                 .graph_request_id
                 .and_then(|id| HeaderValue::from_str(&id).ok()),
+            tier2: false,
         }
+    }
+
+    /// The entry as stored in the shared tier: a JSON header line with its freshness as
+    /// wall-clock times, then Graph's bytes. `None` when the session is not a slice of
+    /// Graph's body (never the case for what [`Entry::new`] builds).
+    pub fn to_shared(&self, clock: &Clock) -> Option<Vec<u8>> {
+        let now = clock.now();
+        let stored_ms = clock
+            .wall_ms()
+            .saturating_sub(now.saturating_duration_since(self.stored_at).as_millis() as u64);
+        let offset = |t: Instant| t.saturating_duration_since(self.stored_at).as_millis() as u64;
+        let session = match &self.body {
+            None => None,
+            Some(body) => {
+                let start = (body.as_ptr() as usize).checked_sub(self.raw.as_ptr() as usize)?;
+                if start + body.len() > self.raw.len() {
+                    return None;
+                }
+                Some([start, body.len()])
+            }
+        };
+        let header = SharedHeader {
+            v: 1,
+            stored_ms,
+            fresh_ms: offset(self.fresh_until),
+            revalidate_ms: offset(self.revalidate_until),
+            stale_ms: offset(self.stale_until),
+            refresh_ms: offset(self.refresh_from),
+            session,
+            graph_request_id: self
+                .graph_request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        };
+        let mut out = serde_json::to_vec(&header).ok()?;
+        out.push(b'\n');
+        out.extend_from_slice(&self.raw);
+        Some(out)
+    }
+
+    /// An entry read back from the shared tier, its instants on this replica's clock.
+    /// `None` for anything malformed (the tier is then treated as a miss).
+    pub fn from_shared(record: &Bytes, clock: &Clock) -> Option<Entry> {
+        let split = record.iter().position(|b| *b == b'\n')?;
+        let header: SharedHeader = serde_json::from_slice(&record[..split]).ok()?;
+        if header.v != 1 {
+            return None;
+        }
+        let raw = record.slice(split + 1..);
+        let body = match header.session {
+            Some([start, len]) if start.checked_add(len)? <= raw.len() => {
+                Some(raw.slice(start..start + len))
+            }
+            Some(_) => return None,
+            None => None,
+        };
+        let now = clock.now();
+        let age = Duration::from_millis(clock.wall_ms().saturating_sub(header.stored_ms));
+        let stored_at = now.checked_sub(age).unwrap_or(now);
+        let at = |ms: u64| stored_at + Duration::from_millis(ms);
+        let etag = etag_of(body.as_deref().unwrap_or(b""));
+        let raw_etag = if raw.len() == body.as_ref().map_or(0, Bytes::len) {
+            etag.clone()
+        } else {
+            etag_of(&raw)
+        };
+        Some(Entry {
+            body,
+            etag,
+            raw,
+            raw_etag,
+            stored_at,
+            fresh_until: at(header.fresh_ms),
+            revalidate_until: at(header.revalidate_ms),
+            stale_until: at(header.stale_ms),
+            refresh_from: at(header.refresh_ms),
+            graph_request_id: header
+                .graph_request_id
+                .and_then(|id| HeaderValue::from_str(&id).ok()),
+            tier2: true,
+        })
     }
 
     /// How long moka keeps the entry: until neither stale window can use it.
@@ -142,6 +228,21 @@ impl Entry {
     }
 }
 
+/// The header line of an entry in the shared tier; times in ms (wall clock for
+/// `stored_ms`, offsets from it for the rest).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SharedHeader {
+    v: u8,
+    stored_ms: u64,
+    fresh_ms: u64,
+    revalidate_ms: u64,
+    stale_ms: u64,
+    refresh_ms: u64,
+    /// Where the session lies in Graph's body (start, length); absent for a 404.
+    session: Option<[usize; 2]>,
+    graph_request_id: Option<String>,
+}
+
 /// `"<32 hex digits of SHA-256>"`.
 pub fn etag_of(body: &[u8]) -> HeaderValue {
     let digest = Sha256::digest(body);
@@ -167,6 +268,19 @@ pub enum Outcome {
     Revalidated,
     /// Graph failed; a stale entry within `stale_if_error` was served instead.
     StaleIfError,
+    /// Not in this replica's memory, fresh in the shared tier (Redis): Graph not contacted.
+    Tier2,
+}
+
+/// Why a shared call is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Nothing servable here.
+    Miss,
+    /// A background refresh (refresh-ahead or stale-while-revalidate).
+    Refresh,
+    /// `Cache-Control: no-cache`: Graph must be asked (or an answer newer than the request).
+    Revalidate,
 }
 
 /// A lookup's answer.
@@ -202,7 +316,12 @@ pub struct SessionCache {
     fetch_timeout: Duration,
     clock: Clock,
     metrics: Arc<Metrics>,
+    /// Redis, when `[cache.shared]` is configured.
+    shared: Option<Arc<SharedTier>>,
 }
+
+/// How often a replica waiting for another's Graph call looks for its answer.
+const SHARED_POLL: Duration = Duration::from_millis(20);
 
 /// Keeps each entry in moka for as long as it may be served (fresh or stale).
 struct KeepWhileServable;
@@ -235,6 +354,7 @@ impl SessionCache {
         fetch_timeout: Duration,
         clock: Clock,
         metrics: Arc<Metrics>,
+        shared: Option<Arc<SharedTier>>,
     ) -> Arc<SessionCache> {
         let evictions = metrics.clone();
         let store = moka::sync::Cache::builder()
@@ -267,7 +387,13 @@ impl SessionCache {
             fetch_timeout,
             clock,
             metrics,
+            shared,
         })
+    }
+
+    /// The shared tier, when configured.
+    pub fn shared(&self) -> Option<&Arc<SharedTier>> {
+        self.shared.as_ref()
     }
 
     pub fn now(&self) -> Instant {
@@ -299,7 +425,14 @@ impl SessionCache {
         }
         let result = match self.recent_failure(key, now) {
             Some(error) => Err(error),
-            None => match self.join_or_start(key, directives.no_cache) {
+            None => match self.join_or_start(
+                key,
+                if directives.no_cache {
+                    Mode::Revalidate
+                } else {
+                    Mode::Miss
+                },
+            ) {
                 Joined::Fresh(entry) => Ok(Lookup {
                     entry,
                     outcome: Outcome::Hit,
@@ -309,12 +442,13 @@ impl SessionCache {
                         self.metrics.counter(names::COALESCED, &[]).increment(1);
                     }
                     call.await.map(|entry| Lookup {
-                        entry,
-                        outcome: match (started, directives.no_cache) {
-                            (true, true) => Outcome::Revalidated,
-                            (true, false) => Outcome::Miss,
-                            (false, _) => Outcome::Collapsed,
+                        outcome: match (entry.tier2, started, directives.no_cache) {
+                            (true, _, _) => Outcome::Tier2,
+                            (false, true, true) => Outcome::Revalidated,
+                            (false, true, false) => Outcome::Miss,
+                            (false, false, _) => Outcome::Collapsed,
                         },
+                        entry,
                     })
                 }
             },
@@ -370,18 +504,18 @@ impl SessionCache {
             return;
         }
         // The shared call runs as its own task: dropping our handle does not cancel it.
-        drop(self.join_or_start(key, true));
+        drop(self.join_or_start(key, Mode::Refresh));
     }
 
     /// Joins the Graph call in progress for `key`, or starts one.
-    /// With `force`, a fresh entry does not stop a new call (refreshes, `no-cache`).
-    fn join_or_start(self: &Arc<Self>, key: &SessionKey, force: bool) -> Joined {
+    /// Except for a miss, a fresh entry does not stop a new call (refreshes, `no-cache`).
+    fn join_or_start(self: &Arc<Self>, key: &SessionKey, mode: Mode) -> Joined {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(call) = inflight.get(key) {
             return Joined::Call(call.clone(), false);
         }
         // A call may have finished between our cache read and taking this lock.
-        if !force {
+        if mode == Mode::Miss {
             if let Some(entry) = self.store.get(key).filter(|e| e.is_fresh(self.clock.now())) {
                 return Joined::Fresh(entry);
             }
@@ -390,25 +524,9 @@ impl SessionCache {
         let task_key = key.clone();
         let task = tokio::spawn(async move {
             let deadline = Instant::now() + this.fetch_timeout;
-            let result = match this.graph.fetch(&task_key, deadline).await {
-                Ok(answer) => {
-                    let entry = Arc::new(Entry::new(
-                        answer,
-                        this.clock.now(),
-                        &this.settings,
-                        task_key.is_list(),
-                    ));
-                    this.store.insert(task_key.clone(), entry.clone());
-                    Ok(entry)
-                }
-                Err(e) => {
-                    let e = Arc::new(e);
-                    if !this.settings.failure_ttl.is_zero() {
-                        let until = this.clock.now() + this.settings.failure_ttl;
-                        this.failures.insert(task_key.clone(), (e.clone(), until));
-                    }
-                    Err(e)
-                }
+            let result = match this.shared.clone() {
+                Some(shared) => this.load_shared(&shared, &task_key, mode, deadline).await,
+                None => this.fetch_from_graph(&task_key, deadline).await,
             };
             // Stored (or failed) before leaving `inflight`, so a later caller either
             // finds the entry or starts a new call; never neither.
@@ -426,6 +544,227 @@ impl SessionCache {
         .shared();
         inflight.insert(key.clone(), call.clone());
         Joined::Call(call, true)
+    }
+
+    /// Asks Graph for `key` and stores the answer in memory (or remembers the failure).
+    async fn fetch_from_graph(
+        self: &Arc<Self>,
+        key: &SessionKey,
+        deadline: Instant,
+    ) -> FetchResult {
+        match self.graph.fetch(key, deadline).await {
+            Ok(answer) => {
+                let entry = Arc::new(Entry::new(
+                    answer,
+                    self.clock.now(),
+                    &self.settings,
+                    key.is_list(),
+                ));
+                self.store.insert(key.clone(), entry.clone());
+                Ok(entry)
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                if !self.settings.failure_ttl.is_zero() {
+                    let until = self.clock.now() + self.settings.failure_ttl;
+                    self.failures.insert(key.clone(), (e.clone(), until));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A shared call with the Redis tier: a usable entry there is taken as it is;
+    /// otherwise one replica (the lock holder) asks Graph and stores the answer in Redis
+    /// while the others wait for it. Whenever Redis fails, this replica carries on alone.
+    async fn load_shared(
+        self: &Arc<Self>,
+        shared: &Arc<SharedTier>,
+        key: &SessionKey,
+        mode: Mode,
+        deadline: Instant,
+    ) -> FetchResult {
+        let started_ms = self.clock.wall_ms();
+        if mode != Mode::Revalidate {
+            match shared.lookup(key).await {
+                Ok((record, _locked, gate)) => {
+                    self.apply_shared_gate(gate);
+                    let found = record.and_then(|r| Entry::from_shared(&r, &self.clock));
+                    let result = match found {
+                        Some(entry) => match self.adopt(key, entry, mode, started_ms) {
+                            Ok(entry) => {
+                                self.count_lookup("hit");
+                                return Ok(entry);
+                            }
+                            Err(()) => "stale",
+                        },
+                        None => "miss",
+                    };
+                    self.count_lookup(result);
+                }
+                Err(Unavailable) => {
+                    self.count_lookup("unavailable");
+                    return self.fetch_from_graph(key, deadline).await;
+                }
+            }
+        }
+        loop {
+            match shared.try_lock(key).await {
+                Lock::Acquired(token) => {
+                    let result = self.fetch_from_graph(key, deadline).await;
+                    if let Ok(entry) = &result {
+                        match entry.to_shared(&self.clock) {
+                            Some(record) => shared.put(key, &record, entry.keep_for()).await,
+                            None => self
+                                .metrics
+                                .counter(names::SHARED_SKIPPED, &[("reason", "layout")])
+                                .increment(1),
+                        }
+                    }
+                    self.publish_gate(shared).await;
+                    shared.unlock(key, &token).await;
+                    return result;
+                }
+                Lock::Unavailable => return self.fetch_from_graph(key, deadline).await,
+                Lock::Busy => {}
+            }
+            // Another replica is asking Graph: wait for its answer, or for its lock to go
+            // (it finished without storing, or died and the lock expired).
+            self.count_lookup("waited");
+            loop {
+                if Instant::now() + SHARED_POLL >= deadline {
+                    return Err(Arc::new(ProxyError::UpstreamTimeout));
+                }
+                let jitter = Duration::from_millis(rand::random::<u64>() % 10);
+                tokio::time::sleep(SHARED_POLL + jitter).await;
+                match shared.lookup(key).await {
+                    Ok((record, locked, gate)) => {
+                        self.apply_shared_gate(gate);
+                        if let Some(entry) =
+                            record.and_then(|r| Entry::from_shared(&r, &self.clock))
+                        {
+                            if let Ok(entry) = self.adopt(key, entry, mode, started_ms) {
+                                return Ok(entry);
+                            }
+                        }
+                        if !locked {
+                            break; // try to take the lock
+                        }
+                    }
+                    Err(Unavailable) => return self.fetch_from_graph(key, deadline).await,
+                }
+            }
+        }
+    }
+
+    /// Takes an entry read from the shared tier into memory when it can answer this call;
+    /// a stale one is still kept (when memory has nothing) for the stale windows.
+    fn adopt(
+        &self,
+        key: &SessionKey,
+        entry: Entry,
+        mode: Mode,
+        started_ms: u64,
+    ) -> Result<Arc<Entry>, ()> {
+        let now = self.clock.now();
+        let usable = entry.is_fresh(now)
+            && match mode {
+                Mode::Miss => true,
+                Mode::Refresh => now < entry.refresh_from,
+                // Stored after the revalidation began.
+                Mode::Revalidate => {
+                    let stored_ms = self.clock.wall_ms().saturating_sub(
+                        now.saturating_duration_since(entry.stored_at).as_millis() as u64,
+                    );
+                    stored_ms + 1 >= started_ms
+                }
+            };
+        if usable {
+            let entry = Arc::new(entry);
+            self.store.insert(key.clone(), entry.clone());
+            return Ok(entry);
+        }
+        if entry.body.is_some() && now < entry.stale_until && self.store.get(key).is_none() {
+            let mut entry = entry;
+            entry.tier2 = false;
+            self.store.insert(key.clone(), Arc::new(entry));
+        }
+        Err(())
+    }
+
+    /// Closes this replica's Graph gate when another replica published a closed one.
+    fn apply_shared_gate(&self, gate: Option<SharedGate>) {
+        let Some(gate) = gate else { return };
+        let left = gate.until_ms.saturating_sub(self.clock.wall_ms());
+        if left > 0 {
+            self.graph.gate.close_for(
+                self.clock.now(),
+                Duration::from_millis(left),
+                gate.throttled,
+            );
+        }
+    }
+
+    /// Publishes this replica's closed Graph gate (429 or open circuit) to the others.
+    async fn publish_gate(&self, shared: &SharedTier) {
+        if let Some((left, throttled)) = self.graph.gate.closed_for(self.clock.now()) {
+            let now_ms = self.clock.wall_ms();
+            shared
+                .close_gate(
+                    SharedGate {
+                        until_ms: now_ms + left.as_millis() as u64,
+                        throttled,
+                    },
+                    now_ms,
+                )
+                .await;
+        }
+    }
+
+    fn count_lookup(&self, result: &'static str) {
+        self.metrics
+            .counter(names::SHARED_LOOKUPS, &[("result", result)])
+            .increment(1);
+    }
+
+    /// A purge through the admin API: here at once, then in Redis and, by broadcast, on
+    /// every other replica. Returns whether the shared tier took it (`None`: no tier).
+    pub async fn purge_everywhere(&self, purge: Purge) -> (usize, bool, Option<bool>) {
+        let (removed, was_cached) = self.purge_here(&purge);
+        let shared = match &self.shared {
+            Some(shared) => Some(shared.purge(&purge).await),
+            None => None,
+        };
+        (removed, was_cached, shared)
+    }
+
+    /// Applies a purge to this replica's memory: (sessions removed for an event, whether a
+    /// key was cached).
+    pub fn purge_here(&self, purge: &Purge) -> (usize, bool) {
+        match purge {
+            Purge::Key(key) => (0, self.purge(key)),
+            Purge::Event(kind, event) => (self.purge_event(*kind, event), false),
+            Purge::All => {
+                self.purge_all();
+                (0, false)
+            }
+        }
+    }
+
+    /// Follows purges broadcast by other replicas (never returns without a shared tier).
+    pub async fn follow_purges(self: Arc<Self>) {
+        match self.shared.clone() {
+            Some(shared) => {
+                let cache = self.clone();
+                shared
+                    .follow_purges(move |purge| {
+                        tracing::debug!(?purge, "applying a shared purge");
+                        cache.purge_here(&purge);
+                    })
+                    .await
+            }
+            None => std::future::pending().await,
+        }
     }
 
     /// Drops one session (or list), in every API version, with any failure remembered for
@@ -618,6 +957,60 @@ mod tests {
             settings.stale_while_revalidate
         );
         assert_eq!(live.keep_for(), settings.ttl + settings.stale_if_error);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_survive_the_shared_tier_with_their_age_and_windows() {
+        let settings = CacheSettings::default();
+        let clock = Clock::new();
+        let raw = Bytes::from_static(br#"{"value": {"id":"s1","n":1.50} }"#);
+        let session = crate::graph::unwrap_envelope(raw.clone()).unwrap();
+        let entry = Entry::new(
+            GraphAnswer {
+                fetched: Fetched::Found {
+                    session,
+                    raw: raw.clone(),
+                },
+                graph_request_id: Some("rid".into()),
+            },
+            clock.now(),
+            &settings,
+            false,
+        );
+        let record = Bytes::from(entry.to_shared(&clock).unwrap());
+        clock.advance(Duration::from_secs(100));
+        let back = Entry::from_shared(&record, &clock).unwrap();
+        assert!(back.tier2);
+        assert_eq!(back.body.as_deref(), Some(&br#"{"id":"s1","n":1.50}"#[..]));
+        assert_eq!(back.raw, raw);
+        assert_eq!(back.etag, entry.etag);
+        assert_eq!(back.raw_etag, entry.raw_etag);
+        let now = clock.now();
+        assert_eq!(back.age(now), 100);
+        assert_eq!(back.ttl(now), 200);
+        assert_eq!(back.keep_for(), entry.keep_for());
+        assert_eq!(back.refresh_from - back.stored_at, Duration::from_secs(240));
+        assert_eq!(back.graph_request_id.unwrap(), "rid");
+        // A 404 round-trips as a 404; garbage is a miss, never a panic.
+        let gone = Entry::new(
+            GraphAnswer {
+                fetched: Fetched::NotFound,
+                graph_request_id: None,
+            },
+            clock.now(),
+            &settings,
+            false,
+        );
+        let back = Entry::from_shared(&Bytes::from(gone.to_shared(&clock).unwrap()), &clock);
+        assert!(back.unwrap().body.is_none());
+        for garbage in [
+            &b""[..],
+            b"{}",
+            b"{\"v\":2}\n{}",
+            b"{\"v\":1,\"stored_ms\":0,\"fresh_ms\":0,\"revalidate_ms\":0,\"stale_ms\":0,\"refresh_ms\":0,\"session\":[5,99],\"graph_request_id\":null}\n{}",
+        ] {
+            assert!(Entry::from_shared(&Bytes::copy_from_slice(garbage), &clock).is_none());
+        }
     }
 
     #[tokio::test(start_paused = true)]

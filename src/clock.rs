@@ -27,6 +27,19 @@ impl Clock {
         Instant::now() + Duration::from_nanos(self.skew_nanos.load(Ordering::Relaxed))
     }
 
+    /// Wall-clock time on the same timeline: what other replicas compare instants by
+    /// (through the shared cache tier). Tests' advances move it too.
+    pub fn wall(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now() + Duration::from_nanos(self.skew_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Milliseconds since the Unix epoch by [`Clock::wall`].
+    pub fn wall_ms(&self) -> u64 {
+        self.wall()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
     /// Moves this clock (and every clone of it) forward.
     pub fn advance(&self, by: Duration) {
         let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);

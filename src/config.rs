@@ -375,6 +375,62 @@ pub struct CacheSettings {
     /// How long an event's session list is fresh.
     #[serde(with = "humantime_serde")]
     pub list_ttl: Duration,
+    /// A second cache tier in Redis, shared by replicas; absent = memory only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedSettings>,
+}
+
+/// `[cache.shared]`: Redis as the second tier, cross-replica single flight, shared throttle
+/// gate and purge broadcast.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharedSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://...` (TLS). Prefer
+    /// `GSP__CACHE__SHARED__REDIS_URL` or `redis_url_file` when it carries a password.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "redact")]
+    pub redis_url: Option<SecretString>,
+    /// A file holding the URL (read once at start-up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url_file: Option<PathBuf>,
+    /// A file holding the password, used with a URL that has none (read once at start-up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// Bound on one Redis command; a slower Redis counts as down for that request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// After a Redis failure, Redis is left alone this long (memory and Graph only).
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// Expiry of the cross-replica single-flight lock: a replica that dies holding it
+    /// blocks the others at most this long.
+    #[serde(with = "humantime_serde")]
+    pub lock_ttl: Duration,
+    /// Larger bodies stay in memory only.
+    pub max_body_bytes: ByteSize,
+    /// From `password_file`, at start-up.
+    #[serde(skip)]
+    pub password: Option<SecretString>,
+}
+
+impl Default for SharedSettings {
+    fn default() -> Self {
+        SharedSettings {
+            redis_url: None,
+            redis_url_file: None,
+            password_file: None,
+            key_prefix: "gsp:".to_string(),
+            timeout: Duration::from_millis(250),
+            connect_timeout: Duration::from_secs(1),
+            retry_interval: Duration::from_secs(1),
+            lock_ttl: Duration::from_secs(15),
+            max_body_bytes: ByteSize::mib(1),
+            password: None,
+        }
+    }
 }
 
 impl Default for CacheSettings {
@@ -390,6 +446,7 @@ impl Default for CacheSettings {
             smart_ttl: true,
             ttl_ended: Duration::from_secs(3600),
             list_ttl: Duration::from_secs(60),
+            shared: None,
         }
     }
 }
@@ -524,6 +581,8 @@ const TEXT_KEYS: &[&str] = &[
     "auth.scope",
     "auth.token_url",
     "graph.base_url",
+    "cache.shared.redis_url",
+    "cache.shared.key_prefix",
     "log.level",
     "callers.jwt.issuer",
     "callers.jwt.audience",
@@ -630,6 +689,29 @@ impl Settings {
         {
             self.auth.certificate = Some(ClientCertificate::load(cert, key)?);
         }
+        if let Some(shared) = &mut self.cache.shared {
+            let read = |key: &'static str, path: &PathBuf| -> Result<String, ConfigError> {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                    key,
+                    path: path.clone(),
+                    source,
+                })?;
+                let text = text.trim().to_string();
+                if text.is_empty() {
+                    return Err(ConfigError::invalid(key, "the file is empty"));
+                }
+                Ok(text)
+            };
+            if let Some(path) = &shared.redis_url_file {
+                let url = read("cache.shared.redis_url_file", path)?;
+                check_redis_url("cache.shared.redis_url_file", &url)?;
+                shared.redis_url = Some(SecretString::from(url));
+            }
+            if let Some(path) = &shared.password_file {
+                let password = read("cache.shared.password_file", path)?;
+                shared.password = Some(SecretString::from(password));
+            }
+        }
         Ok(())
     }
 
@@ -731,6 +813,44 @@ impl Settings {
         positive("graph.timeout", g.timeout)?;
         if g.max_retries > 10 {
             return Err(ConfigError::invalid("graph.max_retries", "at most 10"));
+        }
+        if let Some(shared) = &self.cache.shared {
+            match (&shared.redis_url, &shared.redis_url_file) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        "cache.shared.redis_url_file",
+                        "set either cache.shared.redis_url or cache.shared.redis_url_file, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(ConfigError::invalid(
+                        "cache.shared.redis_url",
+                        "required in [cache.shared] (or GSP__CACHE__SHARED__REDIS_URL, or cache.shared.redis_url_file)",
+                    ))
+                }
+                (Some(url), None) => {
+                    check_redis_url("cache.shared.redis_url", url.expose_secret())?
+                }
+                (None, Some(_)) => {}
+            }
+            if shared.key_prefix.is_empty()
+                || shared.key_prefix.len() > 64
+                || !shared.key_prefix.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(ConfigError::invalid(
+                    "cache.shared.key_prefix",
+                    "1 to 64 printable ASCII characters without spaces",
+                ));
+            }
+            positive("cache.shared.timeout", shared.timeout)?;
+            positive("cache.shared.connect_timeout", shared.connect_timeout)?;
+            positive("cache.shared.lock_ttl", shared.lock_ttl)?;
+            if shared.max_body_bytes.as_u64() > 512 * 1024 * 1024 {
+                return Err(ConfigError::invalid(
+                    "cache.shared.max_body_bytes",
+                    "at most 512MiB (Redis's limit for one value)",
+                ));
+            }
         }
         if !(1..=1000).contains(&g.max_list_pages) {
             return Err(ConfigError::invalid(
@@ -1018,6 +1138,21 @@ impl Settings {
             self.scope()
         )
     }
+}
+
+/// `redis://`, `rediss://` (TLS) or `redis+unix://` / `unix://` URLs that the client accepts.
+fn check_redis_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme));
+    if !scheme_ok || redis::Client::open(url).is_err() {
+        // Never echo the URL: it may carry a password.
+        return Err(ConfigError::invalid(
+            key,
+            "not a redis://, rediss:// or redis+unix:// URL",
+        ));
+    }
+    Ok(())
 }
 
 /// The file's permission bits when group or others may read it.

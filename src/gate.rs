@@ -161,6 +161,34 @@ impl Gate {
         *state = next;
     }
 
+    /// Closes the gate for `wait` because another replica saw Graph throttle or fail
+    /// (through the shared tier). A probe in flight here is left to report.
+    pub fn close_for(&self, now: Instant, wait: Duration, throttled: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *state = match *state {
+            State::Open { .. } => State::Closed {
+                until: now + wait,
+                throttled,
+            },
+            State::Closed {
+                until,
+                throttled: was,
+            } => State::Closed {
+                until: until.max(now + wait),
+                throttled: was || throttled,
+            },
+            probing @ State::Probing { .. } => probing,
+        };
+    }
+
+    /// Time left and whether throttled, while the gate is closed.
+    pub fn closed_for(&self, now: Instant) -> Option<(Duration, bool)> {
+        match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            State::Closed { until, throttled } if now < until => Some((until - now, throttled)),
+            _ => None,
+        }
+    }
+
     /// `open`, `probing`, `throttled` or `circuit_open`.
     pub fn describe(&self, now: Instant) -> &'static str {
         match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {

@@ -9,10 +9,11 @@
 //!   -> wire::GuardedIo              raw '#', control and non-UTF-8 target bytes -> '%'
 //!   -> tower-http layers (server)   sensitive headers, request id, panic -> JSON 500
 //!   -> handler (server)             draining? concurrency permit, request timeout
-//!   -> routes::route                /sessions/{kind}/{event}/{session} -> SessionKey, or 4xx
+//!   -> routes::route                /sessions/{kind}/{event}[/{session}] -> SessionKey, or 4xx
 //!   -> callers (+ jwt)              API key or Entra ID token -> Caller, then its kind/event limits
 //!   -> cache::SessionCache          fresh entry? -> answer (Graph untouched)
 //!        miss: one shared task per key
+//!   -> shared::SharedTier           (optional) Redis tier 2: entry? else one replica's lock
 //!   -> graph::GraphClient           {root}/{version}/solutions/virtualEvents/..., retries
 //!        gate::Gate                 no Graph calls while throttled (429) or failing (circuit)
 //!   -> token::TokenProvider         client-credentials token, cached, one refresh at a time
@@ -35,6 +36,7 @@ pub mod graph;
 pub mod jwt;
 pub mod routes;
 pub mod server;
+pub mod shared;
 pub mod sim;
 pub mod telemetry;
 pub mod tls;

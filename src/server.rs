@@ -38,6 +38,7 @@ use crate::config::{ApiVersion, Settings};
 use crate::error::{error_response, ProxyError};
 use crate::graph::{http_client, GraphClient, GraphOptions};
 use crate::routes::{self, Style};
+use crate::shared::SharedTier;
 use crate::telemetry::Metrics;
 use crate::tls::{self, CertificateFiles};
 use crate::token::{Credential, TokenOptions, TokenProvider};
@@ -66,6 +67,8 @@ pub enum BuildError {
     Tls(#[source] crate::config::ConfigError),
     #[error("cannot set up TLS")]
     TlsConfig(#[source] rustls::Error),
+    #[error("cache.shared.redis_url cannot be used")]
+    Redis(#[source] redis::RedisError),
 }
 
 /// Shared by every request.
@@ -145,12 +148,19 @@ impl Proxy {
             clock.clone(),
             metrics.clone(),
         ));
+        let shared = match &settings.cache.shared {
+            Some(shared) => Some(Arc::new(
+                SharedTier::new(shared, metrics.clone()).map_err(BuildError::Redis)?,
+            )),
+            None => None,
+        };
         let cache = SessionCache::new(
             &settings.cache,
             graph,
             settings.server.request_timeout,
             clock,
             metrics.clone(),
+            shared,
         );
         let tls_files = match (
             &settings.server.tls_cert_file,
@@ -286,10 +296,13 @@ impl Proxy {
             state.draining.store(true, Ordering::SeqCst);
             let _ = stop_callers.send(());
         };
+        // Purges broadcast by other replicas (with a shared tier; otherwise idle).
+        let purges = state.cache.clone().follow_purges();
         tokio::select! {
             () = async { tokio::join!(callers, admin, readiness, signal); } => {}
             () = async { upkeep.await; std::future::pending::<()>().await } => {}
             () = reload => {}
+            () = purges => {}
         }
     }
 }
@@ -366,6 +379,7 @@ impl AccessLog {
             (Some(Outcome::StaleWhileRevalidate), _) => "stale_while_revalidate",
             (Some(Outcome::StaleIfError), _) => "stale_if_error",
             (Some(Outcome::MaxStale), _) => "max_stale",
+            (Some(Outcome::Tier2), _) => "tier2_hit",
             (None, Some(_)) => "miss",
             (None, None) => "none",
         }
@@ -586,6 +600,10 @@ fn cache_status(lookup: &Lookup, now: tokio::time::Instant) -> HeaderValue {
         }
         Outcome::StaleIfError => format!(
             "graph-session-proxy; fwd=stale; ttl={}; detail=stale-if-error",
+            entry.ttl(now)
+        ),
+        Outcome::Tier2 => format!(
+            "graph-session-proxy; hit; ttl={}; detail=tier2",
             entry.ttl(now)
         ),
     };

@@ -66,6 +66,10 @@ pub mod names {
     pub const READY: &str = "graph_session_proxy_ready";
     pub const LIST_TRUNCATED: &str = "graph_session_proxy_list_truncated_total";
     pub const TLS_RELOADS: &str = "graph_session_proxy_tls_reloads_total";
+    pub const SHARED_ERRORS: &str = "graph_session_proxy_shared_errors_total";
+    pub const SHARED_SKIPPED: &str = "graph_session_proxy_shared_skipped_total";
+    pub const SHARED_UP: &str = "graph_session_proxy_shared_up";
+    pub const SHARED_LOOKUPS: &str = "graph_session_proxy_shared_lookups_total";
 }
 
 const HELP: &[(&str, &str)] = &[
@@ -114,6 +118,22 @@ const HELP: &[(&str, &str)] = &[
     (
         names::TLS_RELOADS,
         "Caller-listener certificate reloads after a file change, by outcome (ok, error).",
+    ),
+    (
+        names::SHARED_ERRORS,
+        "Failed or timed-out Redis steps of the shared cache tier, by operation.",
+    ),
+    (
+        names::SHARED_SKIPPED,
+        "Entries kept out of the shared tier, by reason.",
+    ),
+    (
+        names::SHARED_UP,
+        "1 while the last Redis step of the shared tier worked (absent without a shared tier).",
+    ),
+    (
+        names::SHARED_LOOKUPS,
+        "Shared-tier lookups by result (hit, stale, miss, waited, unavailable).",
     ),
 ];
 

@@ -55,8 +55,53 @@ pub struct Harness {
     pub sim_addr: SocketAddr,
     pub clock: Clock,
     pub http: reqwest::Client,
+    /// The settings the proxy was built from (for more instances of it).
+    pub settings: Settings,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Another proxy instance beside the harness's own (same simulator, same clock).
+pub struct Instance {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Instance {
+    pub fn url(&self, kind: &str, event: &str, session: &str) -> String {
+        format!("http://{}/sessions/{kind}/{event}/{session}", self.proxy)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts a proxy from `settings` on fresh loopback ports.
+pub async fn spawn_proxy(
+    settings: &Settings,
+    clock: &Clock,
+) -> (
+    SocketAddr,
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let proxy = Proxy::build(settings, clock.clone()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(proxy.serve(listener, admin_listener, async {
+        let _ = stopped.await;
+    }));
+    (addr, admin, stop, done)
 }
 
 impl Harness {
@@ -74,15 +119,7 @@ impl Harness {
         settings.auth.token_url = Some(format!("http://{sim_addr}/{{tenant}}/oauth2/v2.0/token"));
         tweak(&mut settings);
         settings.validate(Purpose::Embedded).unwrap();
-        let proxy = Proxy::build(&settings, clock.clone()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let admin = admin_listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let done = tokio::spawn(proxy.serve(listener, admin_listener, async {
-            let _ = stopped.await;
-        }));
+        let (addr, admin, stop, done) = spawn_proxy(&settings, &clock).await;
         Harness {
             proxy: addr,
             admin,
@@ -93,6 +130,7 @@ impl Harness {
                 .pool_max_idle_per_host(256)
                 .build()
                 .unwrap(),
+            settings,
             stop: Some(stop),
             done: Some(done),
         }
@@ -100,6 +138,16 @@ impl Harness {
 
     pub fn url(&self, kind: &str, event: &str, session: &str) -> String {
         format!("http://{}/sessions/{kind}/{event}/{session}", self.proxy)
+    }
+
+    /// One more proxy with the same settings, simulator and clock.
+    pub async fn another_instance(&self) -> Instance {
+        let (proxy, admin, stop, _done) = spawn_proxy(&self.settings, &self.clock).await;
+        Instance {
+            proxy,
+            admin,
+            stop: Some(stop),
+        }
     }
 
     pub fn seed_url(&self) -> String {
@@ -200,5 +248,94 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResponse {
         status,
         head,
         body: buf[split..].to_vec(),
+    }
+}
+
+/// A real `redis-server` of our own on a free loopback port, with a password, no
+/// persistence; stopped (and started again on the same port) at will, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    pub password: String,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("gsp-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = RedisServer {
+            port,
+            password: format!("pw-{port}"),
+            dir,
+            child: None,
+        };
+        server.resume();
+        server
+    }
+
+    /// (Re)starts the server on its port and waits until it answers.
+    pub fn resume(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--requirepass", &self.password])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--enable-debug-command", "yes"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}): the shared-cache tests need a real Redis. \
+                     Install it (Debian/Ubuntu: apt-get install redis-server) or run .ci/test, \
+                     which installs it when missing"
+                )
+            });
+        self.child = Some(child);
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!(
+            "redis-server did not start listening on 127.0.0.1:{}",
+            self.port
+        );
+    }
+
+    /// Kills the server (as a crash would).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://:{}@127.0.0.1:{}/0", self.password, self.port)
+    }
+
+    /// A direct connection, for the tests' own inspection.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,0 +1,392 @@
+//! Several replicas sharing one real `redis-server` (`[cache.shared]`): tier-2 hits,
+//! one Graph call between replicas, a shared throttle gate, purges that reach every
+//! replica, and Redis failures that no caller notices.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use graph_session_proxy::config::SharedSettings;
+use graph_session_proxy::sim::{Faults, SimConfig};
+
+async fn harness(redis: &RedisServer, tweak: impl FnOnce(&mut SharedSettings)) -> Harness {
+    let url = redis.url();
+    Harness::with(
+        move |s| {
+            let mut shared = SharedSettings {
+                redis_url: Some(url.into()),
+                retry_interval: Duration::from_millis(200),
+                ..SharedSettings::default()
+            };
+            tweak(&mut shared);
+            s.cache.shared = Some(shared);
+        },
+        SimConfig::default(),
+    )
+    .await
+}
+
+async fn get(h: &Harness, url: &str, extra: Option<(&str, &str)>) -> reqwest::Response {
+    let mut request = h.http.get(url).bearer_auth(API_KEY);
+    if let Some((name, value)) = extra {
+        request = request.header(name, value);
+    }
+    request.send().await.unwrap()
+}
+
+fn cache_status(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+async fn metrics(h: &Harness, admin: std::net::SocketAddr) -> String {
+    h.http
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn three_replicas_make_one_graph_call_for_300_concurrent_first_gets() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |_| {}).await;
+    let b = h.another_instance().await;
+    let c = h.another_instance().await;
+    h.faults(Faults {
+        graph_latency_ms: 300,
+        ..Faults::default()
+    });
+    let urls = [
+        h.url("webinars", "shared-event", "gen-stampede"),
+        b.url("webinars", "shared-event", "gen-stampede"),
+        c.url("webinars", "shared-event", "gen-stampede"),
+    ];
+    let requests = (0..300).map(|i| {
+        let url = urls[i % 3].clone();
+        let h = &h;
+        async move {
+            let r = get(h, &url, None).await;
+            (r.status(), cache_status(&r), r.bytes().await.unwrap())
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let stats = h.stats();
+    assert_eq!(stats.graph_requests, 1, "{stats:?}");
+    let first = &answers[0].2;
+    for (status, cache, body) in &answers {
+        assert_eq!(*status, 200, "{cache}");
+        assert_eq!(body, first);
+    }
+    let tier2 = answers
+        .iter()
+        .filter(|a| a.1.contains("detail=tier2"))
+        .count();
+    assert!(
+        tier2 >= 200,
+        "replicas B and C got it from Redis: {tier2} tier-2 answers"
+    );
+}
+
+#[tokio::test]
+async fn a_session_fetched_through_a_is_a_tier2_hit_on_b_with_a_truthful_age() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |_| {}).await;
+    let b = h.another_instance().await;
+    let first = get(&h, &h.url("townhalls", "ev", "gen-t2"), None).await;
+    assert!(cache_status(&first).contains("fwd=miss"));
+    let body = first.bytes().await.unwrap();
+    h.clock.advance(Duration::from_secs(100));
+    let on_b = get(&h, &b.url("townhalls", "ev", "gen-t2"), None).await;
+    assert_eq!(on_b.status(), 200);
+    let status = cache_status(&on_b);
+    assert!(status.contains("; hit; ttl=200; detail=tier2"), "{status}");
+    assert_eq!(on_b.headers()["age"], "100");
+    assert_eq!(on_b.bytes().await.unwrap(), body);
+    // Now in B's memory: a plain hit.
+    let again = get(&h, &b.url("townhalls", "ev", "gen-t2"), None).await;
+    assert!(cache_status(&again).contains("; hit; ttl=200"), "{again:?}");
+    assert!(!cache_status(&again).contains("tier2"));
+    // Lists and 404s are shared too.
+    let list = format!("http://{}/sessions/webinars/gen-list-3", h.proxy);
+    assert_eq!(get(&h, &list, None).await.status(), 200);
+    let list_b = get(
+        &h,
+        &format!("http://{}/sessions/webinars/gen-list-3", b.proxy),
+        None,
+    )
+    .await;
+    assert!(cache_status(&list_b).contains("detail=tier2"));
+    assert_eq!(
+        get(&h, &h.url("webinars", "ev", "missing"), None)
+            .await
+            .status(),
+        404
+    );
+    let missing_b = get(&h, &b.url("webinars", "ev", "missing"), None).await;
+    assert_eq!(missing_b.status(), 404);
+    assert!(cache_status(&missing_b).contains("detail=tier2"));
+    assert_eq!(h.stats().graph_requests, 3, "{:?}", h.stats());
+    let m = metrics(&h, b.admin).await;
+    assert!(m.contains("graph_session_proxy_shared_up 1"), "{m}");
+    assert!(
+        m.contains("graph_session_proxy_shared_lookups_total{result=\"hit\"} 3"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_429_seen_by_a_keeps_b_and_c_away_from_graph_until_retry_after() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |_| {}).await;
+    let b = h.another_instance().await;
+    let c = h.another_instance().await;
+    // Tokens first, so the only Graph traffic below is what the gate lets through.
+    for url in [
+        h.url("webinars", "ev", "gen-warm-a"),
+        b.url("webinars", "ev", "gen-warm-b"),
+        c.url("webinars", "ev", "gen-warm-c"),
+    ] {
+        assert_eq!(get(&h, &url, None).await.status(), 200);
+    }
+    h.faults(Faults {
+        graph_status: Some(429),
+        graph_status_count: Some(1),
+        retry_after: Some("30".into()),
+        ..Faults::default()
+    });
+    let throttled = get(&h, &h.url("webinars", "ev", "gen-429-a"), None).await;
+    assert_eq!(throttled.status(), 503);
+    let before = h.stats().graph_requests;
+    assert_eq!(before, 4);
+    let mut conn = redis.connection().await;
+    let gate: Option<String> = redis::cmd("GET")
+        .arg("gsp:gate")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(gate.is_some_and(|g| g.ends_with(" throttled")), "published");
+    for (i, url) in [
+        b.url("webinars", "ev", "gen-429-b"),
+        c.url("townhalls", "other", "gen-429-c"),
+        b.url("webinars", "ev2", "gen-429-d"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        h.clock.advance(Duration::from_secs(5));
+        let r = get(&h, url, None).await;
+        assert_eq!(r.status(), 503, "{url}");
+        let retry_after: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            retry_after <= 30 - 5 * (i as u64 + 1) + 1,
+            "{url}: Retry-After {retry_after}"
+        );
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "upstreamThrottled");
+    }
+    assert_eq!(h.stats().graph_requests, before, "B and C kept away");
+    h.clock.advance(Duration::from_secs(16)); // 31 s after the 429
+    assert_eq!(
+        get(&h, &b.url("webinars", "ev", "gen-429-b"), None)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        get(&h, &c.url("townhalls", "other", "gen-429-c"), None)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(h.stats().graph_requests, before + 2);
+}
+
+#[tokio::test]
+async fn a_purge_through_b_leaves_the_memory_of_a_and_c() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |_| {}).await;
+    let b = h.another_instance().await;
+    let c = h.another_instance().await;
+    let path =
+        |proxy: std::net::SocketAddr| format!("http://{proxy}/sessions/webinars/ev/gen-purge");
+    for proxy in [h.proxy, b.proxy, c.proxy] {
+        assert_eq!(get(&h, &path(proxy), None).await.status(), 200);
+    }
+    assert_eq!(h.stats().graph_requests, 1);
+    for proxy in [h.proxy, c.proxy] {
+        let r = get(&h, &path(proxy), Some(("cache-control", "only-if-cached"))).await;
+        assert_eq!(r.status(), 200, "cached everywhere before the purge");
+    }
+    let r = h
+        .http
+        .delete(format!(
+            "http://{}/cache/sessions/webinars/ev/gen-purge",
+            b.admin
+        ))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["shared"], true, "{v}");
+    for proxy in [h.proxy, c.proxy] {
+        let mut gone = false;
+        for _ in 0..200 {
+            let r = get(&h, &path(proxy), Some(("cache-control", "only-if-cached"))).await;
+            if r.status() == 504 {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(gone, "{proxy} still has the purged session in memory");
+    }
+    // And Redis no longer has it: the next read asks Graph.
+    let r = get(&h, &path(c.proxy), None).await;
+    assert!(cache_status(&r).contains("fwd=miss"), "{r:?}");
+    assert_eq!(h.stats().graph_requests, 2);
+}
+
+#[tokio::test]
+async fn redis_stopped_mid_load_is_invisible_and_sharing_resumes_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let h = harness(&redis, |_| {}).await;
+    let b = h.another_instance().await;
+    let proxies = [h.proxy, b.proxy];
+    let mut statuses = Vec::new();
+    for round in 0..3 {
+        if round == 1 {
+            redis.stop();
+        }
+        let requests = (0..100).map(|i| {
+            let url = format!(
+                "http://{}/sessions/webinars/ev/gen-load-{round}-{}",
+                proxies[i % 2],
+                i / 2
+            );
+            let h = &h;
+            async move { get(h, &url, None).await.status() }
+        });
+        statuses.extend(futures::future::join_all(requests).await);
+    }
+    assert_eq!(statuses.len(), 300);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let m = metrics(&h, h.admin).await;
+    assert!(m.contains("graph_session_proxy_shared_up 0"), "{m}");
+    assert!(m.contains("graph_session_proxy_shared_errors_total"), "{m}");
+
+    redis.resume();
+    let started = Instant::now();
+    let mut resumed = false;
+    for i in 0..100 {
+        let url = |proxy| format!("http://{proxy}/sessions/webinars/ev/gen-back-{i}");
+        assert_eq!(get(&h, &url(h.proxy), None).await.status(), 200);
+        let on_b = get(&h, &url(b.proxy), None).await;
+        assert_eq!(on_b.status(), 200);
+        if cache_status(&on_b).contains("detail=tier2") {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        resumed,
+        "sharing did not resume within {:?}",
+        started.elapsed()
+    );
+    let m = metrics(&h, h.admin).await;
+    assert!(m.contains("graph_session_proxy_shared_up 1"), "{m}");
+}
+
+#[tokio::test]
+async fn a_slow_redis_costs_callers_at_most_its_timeout() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |s| s.timeout = Duration::from_millis(100)).await;
+    assert_eq!(
+        get(&h, &h.url("webinars", "ev", "gen-warm"), None)
+            .await
+            .status(),
+        200
+    );
+    let mut conn = redis.connection().await;
+    let sleeper = tokio::spawn(async move {
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(2)
+            .query_async(&mut conn)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let r = get(&h, &h.url("webinars", "ev", "gen-while-slow"), None).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?} while Redis slept 2 s",
+        started.elapsed()
+    );
+    sleeper.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_lock_holder_blocks_the_others_only_until_the_lock_expires() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |_| {}).await;
+    // A replica that took the lock and died: nobody will release it.
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("SET")
+        .arg("gsp:lock:webinars:ev:v1.0:s:gen-orphan")
+        .arg("dead-replica")
+        .arg("PX")
+        .arg(1500)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let r = get(&h, &h.url("webinars", "ev", "gen-orphan"), None).await;
+    assert_eq!(r.status(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
+        "waited {waited:?}"
+    );
+    assert_eq!(h.stats().graph_requests, 1);
+}
+
+#[tokio::test]
+async fn bodies_over_max_body_bytes_stay_in_memory() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |s| s.max_body_bytes = bytesize::ByteSize::b(200)).await;
+    let b = h.another_instance().await;
+    assert_eq!(
+        get(&h, &h.url("webinars", "ev", "gen-big"), None)
+            .await
+            .status(),
+        200
+    );
+    let on_b = get(&h, &b.url("webinars", "ev", "gen-big"), None).await;
+    assert!(cache_status(&on_b).contains("fwd=miss"), "{on_b:?}");
+    assert_eq!(h.stats().graph_requests, 2);
+    let m = metrics(&h, h.admin).await;
+    assert!(
+        m.contains("graph_session_proxy_shared_skipped_total{reason=\"too_large\"} 1"),
+        "{m}"
+    );
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("gsp:e:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
