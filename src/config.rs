@@ -1255,6 +1255,95 @@ mod tests {
     }
 
     #[test]
+    fn shared_tier_settings_are_checked_without_echoing_passwords() {
+        let with = |table: &str| format!("{MINIMAL}\n[cache.shared]\n{table}\n");
+        let s = Settings::from_toml(
+            &with("redis_url = \"rediss://:pa55word@redis.internal:6380/2\""),
+            Purpose::Serve,
+        )
+        .unwrap();
+        let shared = s.cache.shared.as_ref().unwrap();
+        assert_eq!(shared.key_prefix, "gsp:");
+        assert_eq!(shared.timeout, Duration::from_millis(250));
+        let shown = s.redacted_toml();
+        assert!(!shown.contains("pa55word"), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+        for (table, key) in [
+            ("key_prefix = \"gsp:\"", "cache.shared.redis_url"),
+            (
+                "redis_url = \"http://:pa55word@redis:6379\"",
+                "cache.shared.redis_url",
+            ),
+            (
+                "redis_url = \"redis://:pa55word@[::1\"",
+                "cache.shared.redis_url",
+            ),
+            (
+                "redis_url = \"redis://r\"\nredis_url_file = \"/x\"",
+                "cache.shared.redis_url_file",
+            ),
+            (
+                "redis_url = \"redis://r\"\nkey_prefix = \"\"",
+                "cache.shared.key_prefix",
+            ),
+            (
+                "redis_url = \"redis://r\"\nkey_prefix = \"a b\"",
+                "cache.shared.key_prefix",
+            ),
+            (
+                "redis_url = \"redis://r\"\ntimeout = \"0s\"",
+                "cache.shared.timeout",
+            ),
+            (
+                "redis_url = \"redis://r\"\nlock_ttl = \"0s\"",
+                "cache.shared.lock_ttl",
+            ),
+            (
+                "redis_url = \"redis://r\"\nmax_body_bytes = \"1GiB\"",
+                "cache.shared.max_body_bytes",
+            ),
+            (
+                "redis_url = \"redis://r\"\nredis_host = \"r\"",
+                "redis_host",
+            ),
+        ] {
+            let err = Settings::from_toml(&with(table), Purpose::Serve)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{table}: {err}");
+            assert!(!err.contains("pa55word"), "{table}: {err}");
+        }
+    }
+
+    #[test]
+    fn shared_tier_secrets_come_from_files() {
+        let dir = std::env::temp_dir().join(format!("gsp-shared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = dir.join("url");
+        let password = dir.join("password");
+        std::fs::write(&url, "redis://redis.internal:6379/0\n").unwrap();
+        std::fs::write(&password, "from-a-file\n").unwrap();
+        let text = format!(
+            "{MINIMAL}\n[cache.shared]\nredis_url_file = {:?}\npassword_file = {:?}\n",
+            url.display().to_string(),
+            password.display().to_string()
+        );
+        let s = Settings::from_toml(&text, Purpose::Serve).unwrap();
+        let shared = s.cache.shared.unwrap();
+        assert_eq!(
+            shared.redis_url.unwrap().expose_secret(),
+            "redis://redis.internal:6379/0"
+        );
+        assert_eq!(shared.password.unwrap().expose_secret(), "from-a-file");
+        std::fs::write(&url, "ftp://nope\n").unwrap();
+        let err = Settings::from_toml(&text, Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.shared.redis_url_file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let text = format!("{MINIMAL}\n[cache]\nttll = \"5m\"\n");
         let err = Settings::from_toml(&text, Purpose::Serve)

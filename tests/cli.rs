@@ -171,6 +171,48 @@ fn numeric_looking_text_from_the_environment_stays_text() {
 }
 
 #[test]
+fn the_redis_url_from_the_environment_turns_the_shared_tier_on_and_stays_secret() {
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/graph-session-proxy.toml"
+    ));
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env(
+            "GSP__CACHE__SHARED__REDIS_URL",
+            "redis://:s3cr3t-redis@redis:6379/0",
+        )
+        .env("GSP__CACHE__SHARED__TIMEOUT", "100ms")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("[cache.shared]"), "{stdout}");
+    assert!(stdout.contains("redis_url = \"[redacted]\""), "{stdout}");
+    assert!(stdout.contains("timeout = \"100ms\""), "{stdout}");
+    assert!(!stdout.contains("s3cr3t-redis"), "{stdout}");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env(
+            "GSP__CACHE__SHARED__REDIS_URL",
+            "http://:s3cr3t-redis@redis",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cache.shared.redis_url"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t-redis"), "{stderr}");
+}
+
+#[test]
 fn toml_syntax_errors_are_reported_once() {
     let (code, _, stderr) = check(&write("syntax.toml", "[server\nlisten = 1\n"));
     assert_eq!(code, 2);
