@@ -262,26 +262,41 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("gsp-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut server = RedisServer {
-            port,
-            password: format!("pw-{port}"),
-            dir,
-            child: None,
-        };
-        server.resume();
-        server
+        // A free port is only free until someone takes it: a test running beside this one
+        // may pick the same one. Then our server exits at once and another port is tried.
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = std::env::temp_dir().join(format!("gsp-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut server = RedisServer {
+                port,
+                password: format!("pw-{port}"),
+                dir,
+                child: None,
+            };
+            if server.try_resume() {
+                return server;
+            }
+        }
+        panic!("could not start redis-server on a free loopback port");
     }
 
     /// (Re)starts the server on its port and waits until it answers.
     pub fn resume(&mut self) {
-        let child = std::process::Command::new("redis-server")
+        assert!(
+            self.try_resume(),
+            "redis-server could not listen on 127.0.0.1:{} again",
+            self.port
+        );
+    }
+
+    /// Starts the server; false when it exited (its port was taken meanwhile).
+    fn try_resume(&mut self) -> bool {
+        let mut child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--requirepass", &self.password])
             .args(["--save", "", "--appendonly", "no"])
@@ -298,17 +313,23 @@ impl RedisServer {
                      which installs it when missing"
                 )
             });
-        self.child = Some(child);
         for _ in 0..500 {
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                // Ours, not another test's: still running a moment later.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                if child.try_wait().ok().flatten().is_some() {
+                    return false;
+                }
+                self.child = Some(child);
+                return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        panic!(
-            "redis-server did not start listening on 127.0.0.1:{}",
-            self.port
-        );
+        let _ = child.kill();
+        false
     }
 
     /// Kills the server (as a crash would).
