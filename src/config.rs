@@ -395,6 +395,9 @@ pub struct SharedSettings {
     /// A file holding the password, used with a URL that has none (read once at start-up).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// `rediss://` only: the CA certificate(s) (PEM) to trust instead of the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Prefix of every key and channel, so several deployments can share one Redis.
     pub key_prefix: String,
     /// Bound on one Redis command; a slower Redis counts as down for that request.
@@ -414,6 +417,9 @@ pub struct SharedSettings {
     /// From `password_file`, at start-up.
     #[serde(skip)]
     pub password: Option<SecretString>,
+    /// From `ca_file`, at start-up.
+    #[serde(skip)]
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for SharedSettings {
@@ -429,6 +435,8 @@ impl Default for SharedSettings {
             lock_ttl: Duration::from_secs(15),
             max_body_bytes: ByteSize::mib(1),
             password: None,
+            ca_file: None,
+            ca_pem: None,
         }
     }
 }
@@ -710,6 +718,26 @@ impl Settings {
             if let Some(path) = &shared.password_file {
                 let password = read("cache.shared.password_file", path)?;
                 shared.password = Some(SecretString::from(password));
+            }
+            if let Some(path) = &shared.ca_file {
+                let tls = shared
+                    .redis_url
+                    .as_ref()
+                    .is_some_and(|url| url.expose_secret().starts_with("rediss://"));
+                if !tls {
+                    return Err(ConfigError::invalid(
+                        "cache.shared.ca_file",
+                        "only for a rediss:// URL",
+                    ));
+                }
+                let pem = read("cache.shared.ca_file", path)?;
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(ConfigError::invalid(
+                        "cache.shared.ca_file",
+                        "not a PEM certificate",
+                    ));
+                }
+                shared.ca_pem = Some(pem.into_bytes());
             }
         }
         Ok(())
@@ -1335,6 +1363,27 @@ mod tests {
             "redis://redis.internal:6379/0"
         );
         assert_eq!(shared.password.unwrap().expose_secret(), "from-a-file");
+        // A CA only makes sense for TLS, and must be a certificate.
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let with_ca = |url: &str| {
+            format!(
+                "{MINIMAL}\n[cache.shared]\nredis_url = {url:?}\nca_file = {:?}\n",
+                ca.display().to_string()
+            )
+        };
+        for (url, expected) in [
+            ("redis://r:6379", "only for a rediss:// URL"),
+            ("rediss://r:6380", "not a PEM certificate"),
+        ] {
+            let err = Settings::from_toml(&with_ca(url), Purpose::Serve)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("cache.shared.ca_file") && err.contains(expected),
+                "{err}"
+            );
+        }
         std::fs::write(&url, "ftp://nope\n").unwrap();
         let err = Settings::from_toml(&text, Purpose::Serve)
             .unwrap_err()

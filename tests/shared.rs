@@ -390,3 +390,59 @@ async fn bodies_over_max_body_bytes_stay_in_memory() {
         .unwrap();
     assert!(keys.is_empty(), "{keys:?}");
 }
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_is_shared_like_plain_redis() {
+    let redis = RedisServer::start_tls();
+    let ca = redis.dir.join("redis.crt");
+    let h = harness(&redis, |s| s.ca_pem = Some(std::fs::read(&ca).unwrap())).await;
+    let b = h.another_instance().await;
+    assert_eq!(
+        get(&h, &h.url("webinars", "ev", "gen-tls"), None)
+            .await
+            .status(),
+        200
+    );
+    let on_b = get(&h, &b.url("webinars", "ev", "gen-tls"), None).await;
+    assert!(cache_status(&on_b).contains("detail=tier2"), "{on_b:?}");
+    assert_eq!(h.stats().graph_requests, 1);
+    // Without the CA the certificate is not trusted: memory and Graph only, callers fine.
+    let untrusting = harness(&redis, |_| {}).await;
+    let r = get(
+        &untrusting,
+        &untrusting.url("webinars", "ev", "gen-tls"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(cache_status(&r).contains("fwd=miss"), "{r:?}");
+    let m = metrics(&untrusting, untrusting.admin).await;
+    assert!(m.contains("graph_session_proxy_shared_up 0"), "{m}");
+}
+
+#[tokio::test]
+async fn a_full_redis_is_invisible_to_callers() {
+    let redis = RedisServer::start_with(
+        &["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"],
+        false,
+    );
+    let h = harness(&redis, |_| {}).await;
+    let b = h.another_instance().await;
+    // Fill Redis beyond maxmemory through A; every answer stays 200.
+    let requests = (0..600).map(|i| {
+        let url = if i % 2 == 0 {
+            h.url("webinars", "ev", &format!("gen-full-{i}"))
+        } else {
+            b.url("webinars", "ev", &format!("gen-full-{i}"))
+        };
+        let h = &h;
+        async move { get(h, &url, None).await.status() }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let m = metrics(&h, h.admin).await;
+    assert!(
+        m.contains("graph_session_proxy_shared_errors_total{op=\"set\"}"),
+        "writes refused by a full Redis are counted: {m}"
+    );
+}

@@ -256,12 +256,26 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResponse {
 pub struct RedisServer {
     pub port: u16,
     pub password: String,
-    dir: std::path::PathBuf,
+    pub dir: std::path::PathBuf,
     child: Option<std::process::Child>,
+    /// More `redis-server` arguments.
+    extra: Vec<String>,
+    /// Serving TLS only (a certificate for `localhost` in `dir/redis.crt`).
+    tls: bool,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[], false)
+    }
+
+    /// A TLS-only server with a self-signed certificate for `localhost`, which is also its
+    /// own CA (`dir/redis.crt`).
+    pub fn start_tls() -> RedisServer {
+        RedisServer::start_with(&[], true)
+    }
+
+    pub fn start_with(extra: &[&str], tls: bool) -> RedisServer {
         // A free port is only free until someone takes it: a test running beside this one
         // may pick the same one. Then our server exits at once and another port is tried.
         for _ in 0..10 {
@@ -277,7 +291,18 @@ impl RedisServer {
                 password: format!("pw-{port}"),
                 dir,
                 child: None,
+                extra: extra.iter().map(|a| a.to_string()).collect(),
+                tls,
             };
+            if tls {
+                let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+                std::fs::write(server.dir.join("redis.crt"), made.cert.pem()).unwrap();
+                std::fs::write(
+                    server.dir.join("redis.key"),
+                    made.signing_key.serialize_pem(),
+                )
+                .unwrap();
+            }
             if server.try_resume() {
                 return server;
             }
@@ -296,8 +321,21 @@ impl RedisServer {
 
     /// Starts the server; false when it exited (its port was taken meanwhile).
     fn try_resume(&mut self) -> bool {
-        let mut child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = std::process::Command::new("redis-server");
+        if self.tls {
+            let file = |name: &str| self.dir.join(name).display().to_string();
+            command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--tls-cert-file", &file("redis.crt")])
+                .args(["--tls-key-file", &file("redis.key")])
+                .args(["--tls-ca-cert-file", &file("redis.crt")])
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        let mut child = command
+            .args(["--bind", "127.0.0.1"])
+            .args(&self.extra)
             .args(["--requirepass", &self.password])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--enable-debug-command", "yes"])
@@ -341,7 +379,11 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://:{}@127.0.0.1:{}/0", self.password, self.port)
+        if self.tls {
+            format!("rediss://:{}@localhost:{}/0", self.password, self.port)
+        } else {
+            format!("redis://:{}@127.0.0.1:{}/0", self.password, self.port)
+        }
     }
 
     /// A direct connection, for the tests' own inspection.
