@@ -755,6 +755,7 @@ impl SessionCache {
     pub async fn follow_purges(self: Arc<Self>) {
         match self.shared.clone() {
             Some(shared) => {
+                shared.warm_up().await;
                 let cache = self.clone();
                 shared
                     .follow_purges(move |purge| {

@@ -127,6 +127,7 @@ pub struct SharedTier {
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
+    connect_timeout: Duration,
     retry_interval: Duration,
     lock_ttl: Duration,
     max_body: usize,
@@ -175,6 +176,7 @@ impl SharedTier {
             conn,
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
+            connect_timeout: settings.connect_timeout,
             retry_interval: settings.retry_interval,
             lock_ttl: settings.lock_ttl,
             max_body: settings.max_body_bytes.as_u64() as usize,
@@ -483,6 +485,23 @@ impl SharedTier {
                 return true;
             }
             cursor = next;
+        }
+    }
+
+    /// Connects ahead of the first caller, so a miss does not pay for the connection (and
+    /// a TLS handshake) within `timeout`.
+    pub async fn warm_up(&self) {
+        let mut conn = self.conn.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(
+            self.timeout + self.connect_timeout,
+            ping.query_async::<String>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(_)) => tracing::info!("shared cache (Redis) connected"),
+            Ok(Err(e)) => self.failed("connect", &e.to_string()),
+            Err(_) => self.failed("connect", "timed out"),
         }
     }
 

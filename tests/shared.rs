@@ -14,9 +14,12 @@ async fn harness(redis: &RedisServer, tweak: impl FnOnce(&mut SharedSettings)) -
     let url = redis.url();
     Harness::with(
         move |s| {
+            // Generous Redis timeouts: CI machines are noisy, and a step that times out
+            // makes a replica go it alone (a second Graph call) by design.
             let mut shared = SharedSettings {
                 redis_url: Some(url.into()),
                 retry_interval: Duration::from_millis(200),
+                timeout: Duration::from_secs(2),
                 ..SharedSettings::default()
             };
             tweak(&mut shared);
@@ -322,7 +325,7 @@ async fn a_slow_redis_costs_callers_at_most_its_timeout() {
     let sleeper = tokio::spawn(async move {
         let _: redis::RedisResult<()> = redis::cmd("DEBUG")
             .arg("SLEEP")
-            .arg(2)
+            .arg(1.5)
             .query_async(&mut conn)
             .await;
     });
@@ -331,8 +334,8 @@ async fn a_slow_redis_costs_callers_at_most_its_timeout() {
     let r = get(&h, &h.url("webinars", "ev", "gen-while-slow"), None).await;
     assert_eq!(r.status(), 200);
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
-        "took {:?} while Redis slept 2 s",
+        started.elapsed() < Duration::from_millis(1000),
+        "took {:?} while Redis slept 1.5 s",
         started.elapsed()
     );
     sleeper.await.unwrap();
@@ -342,13 +345,14 @@ async fn a_slow_redis_costs_callers_at_most_its_timeout() {
 async fn a_dead_lock_holder_blocks_the_others_only_until_the_lock_expires() {
     let redis = RedisServer::start();
     let h = harness(&redis, |_| {}).await;
-    // A replica that took the lock and died: nobody will release it.
+    // A replica that took the lock and died: nobody will release it. (Redis expires keys
+    // in real time, so this test waits for real, briefly.)
     let mut conn = redis.connection().await;
     let _: () = redis::cmd("SET")
         .arg("gsp:lock:webinars:ev:v1.0:s:gen-orphan")
         .arg("dead-replica")
         .arg("PX")
-        .arg(1500)
+        .arg(700)
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -357,7 +361,7 @@ async fn a_dead_lock_holder_blocks_the_others_only_until_the_lock_expires() {
     assert_eq!(r.status(), 200);
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
+        waited >= Duration::from_millis(650) && waited < Duration::from_secs(3),
         "waited {waited:?}"
     );
     assert_eq!(h.stats().graph_requests, 1);
