@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Validates every manifest in deploy/kubernetes against the Kubernetes OpenAPI schemas
-# (strict: unknown fields are errors), offline, with kubernetes-validate from PyPI.
-# Exits non-zero when any manifest fails.
+# Validates every manifest in deploy/kubernetes and in the overlay deploy/overlays/shared-cache
+# against the Kubernetes OpenAPI schemas (strict: unknown fields are errors), offline, with
+# kubernetes-validate from PyPI. Exits non-zero when any manifest fails.
 #
 #   deploy/kubernetes/validate.sh                 # the oldest supported and the newest version
 #   K8S_VERSIONS="1.31.0" deploy/kubernetes/validate.sh
 #
-# Also, when they are installed: yamllint on the YAML, and `kubectl kustomize` to check
-# that the kustomization renders (the rendered output is validated too).
+# Also, when they are installed: yamllint on the YAML, and `kubectl kustomize` (or a
+# `kustomize` binary) to check that the base and the overlay render; both rendered outputs
+# are validated too, and the overlay's is cross-checked by check_shared_cache.py (which
+# pods each selector picks, how the proxy reaches Redis). Without either tool the overlay's
+# patches cannot be checked: the script says SKIP and checks only that its files exist.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,6 +23,14 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
 fi
 
 manifests=(*.yaml)
+overlay=../overlays/shared-cache
+# The overlay's complete objects; its patches are partial objects, checked once rendered.
+overlay_manifests=(
+  "$overlay/redis-deployment.yaml"
+  "$overlay/redis-service.yaml"
+  "$overlay/networkpolicy.yaml"
+  "$overlay/secret.example.yaml"
+)
 version_args=()
 for v in "${versions[@]}"; do
   if [[ "$v" == latest ]]; then
@@ -34,6 +45,9 @@ status=0
 # and do not fail; kustomization.yaml is not a Kubernetes resource and is skipped.
 for f in "${manifests[@]}"; do
   [[ "$f" == kustomization.yaml ]] && continue
+  python3 -m kubernetes_validate --strict "${version_args[@]}" "$f" || status=1
+done
+for f in "${overlay_manifests[@]}"; do
   python3 -m kubernetes_validate --strict "${version_args[@]}" "$f" || status=1
 done
 
@@ -71,23 +85,48 @@ if errors:
 print("INFO services and servicemonitor select the deployment's pods and ports")
 PY
 
-if command -v kubectl >/dev/null 2>&1; then
-  rendered=$(mktemp --suffix=.yaml)
-  trap 'rm -f "$rendered"' EXIT
-  if kubectl kustomize . >"$rendered"; then
-    echo "INFO kustomization.yaml renders $(grep -c '^kind:' "$rendered") resources"
-    python3 -m kubernetes_validate --strict --quiet "${version_args[@]}" "$rendered" || status=1
+rendered_dir=$(mktemp -d)
+trap 'rm -rf "$rendered_dir"' EXIT
+# render DIR OUT: with `kubectl kustomize`, else `kustomize build`; 2 when neither exists.
+render() {
+  if command -v kubectl >/dev/null 2>&1; then
+    kubectl kustomize "$1" >"$2"
+  elif command -v kustomize >/dev/null 2>&1; then
+    kustomize build "$1" >"$2"
   else
-    echo "ERROR kubectl kustomize failed"
-    status=1
+    return 2
   fi
+}
+
+rc=0
+render . "$rendered_dir/base.yaml" || rc=$?
+if [[ $rc -eq 0 ]]; then
+  echo "INFO kustomization.yaml renders $(grep -c '^kind:' "$rendered_dir/base.yaml") resources"
+  python3 -m kubernetes_validate --strict --quiet "${version_args[@]}" "$rendered_dir/base.yaml" || status=1
+elif [[ $rc -eq 2 ]]; then
+  echo "SKIP neither kubectl nor kustomize found: kustomization.yaml not rendered"
 else
-  echo "SKIP kubectl not found: kustomization.yaml not rendered"
+  echo "ERROR kustomization.yaml does not render"
+  status=1
+fi
+
+rc=0
+render "$overlay" "$rendered_dir/overlay.yaml" || rc=$?
+if [[ $rc -eq 0 ]]; then
+  echo "INFO $overlay renders $(grep -c '^kind:' "$rendered_dir/overlay.yaml") resources"
+  python3 -m kubernetes_validate --strict --quiet "${version_args[@]}" "$rendered_dir/overlay.yaml" || status=1
+  python3 check_shared_cache.py "$rendered_dir/overlay.yaml" "$overlay/secret.example.yaml" || status=1
+elif [[ $rc -eq 2 ]]; then
+  echo "SKIP neither kubectl nor kustomize found: $overlay not rendered (its patches unchecked)"
+  python3 check_shared_cache.py --files-only "$overlay" || status=1
+else
+  echo "ERROR $overlay does not render"
+  status=1
 fi
 
 if python3 -c 'import yamllint' 2>/dev/null; then
   python3 -m yamllint -s -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable, truthy: {check-keys: false}}}' \
-    "${manifests[@]}" && echo "INFO yamllint passed" || status=1
+    "${manifests[@]}" "$overlay"/*.yaml && echo "INFO yamllint passed" || status=1
 else
   echo "SKIP yamllint not installed (python3 -m pip install yamllint)"
 fi
