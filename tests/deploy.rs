@@ -142,10 +142,13 @@ fn chain(e: &ConfigError) -> String {
 }
 
 fn configmap_text() -> String {
-    block_scalar(&read("deploy/kubernetes/configmap.yaml"), "config.toml")
+    block_scalar(
+        &read("deploy/kubernetes/base/configmap.yaml"),
+        "config.toml",
+    )
 }
 
-/// The configuration in deploy/kubernetes/configmap.yaml, through the proxy's loader.
+/// The configuration in deploy/kubernetes/base/configmap.yaml, through the proxy's loader.
 fn configmap_settings() -> Settings {
     let text = configmap_text();
     load_with_env(&text, &[], Purpose::Check).unwrap_or_else(|e| {
@@ -250,7 +253,7 @@ fn dockerfile_matches_the_manifests() {
 #[test]
 fn deployment_matches_the_configuration() {
     let settings = configmap_settings();
-    let deployment = read("deploy/kubernetes/deployment.yaml");
+    let deployment = read("deploy/kubernetes/base/deployment.yaml");
     let lines: Vec<&str> = deployment.lines().collect();
 
     let ports = container_ports(&deployment);
@@ -286,7 +289,7 @@ fn deployment_matches_the_configuration() {
     assert!(args.contains(CONFIG_PATH), "{args}");
 
     // The Secret example is what the Deployment mounts.
-    let secret = read("deploy/kubernetes/secret.example.yaml");
+    let secret = read("deploy/kubernetes/base/secret.example.yaml");
     let secret_name = value(&block(&secret, "metadata"), "name");
     assert_eq!(value(&lines, "secretName"), secret_name);
     let key = values(block(&secret, "stringData"), "client-secret");
@@ -325,7 +328,7 @@ fn deployment_matches_the_configuration() {
 
 #[test]
 fn kustomization_lists_the_manifests_but_not_the_examples() {
-    let kustomization = read("deploy/kubernetes/kustomization.yaml");
+    let kustomization = read("deploy/kubernetes/base/kustomization.yaml");
     let resources: Vec<String> = block(&kustomization, "resources")
         .iter()
         .filter(|l| !l.trim_start().starts_with('#'))
@@ -348,13 +351,16 @@ fn kustomization_lists_the_manifests_but_not_the_examples() {
     }
     for file in &resources {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("deploy/kubernetes")
+            .join("deploy/kubernetes/base")
             .join(file);
         assert!(path.is_file(), "{}", path.display());
     }
     assert!(!resources.iter().any(|r| r == "secret.example.yaml"));
     assert!(!resources.iter().any(|r| r == "servicemonitor.yaml"));
     assert!(kustomization.contains("\nnamespace: graph-session-proxy\n"));
+    // `kubectl apply -k deploy/kubernetes` applies the base.
+    let top = read("deploy/kubernetes/kustomization.yaml");
+    assert!(top.contains("resources:\n  - base\n"), "{top}");
 }
 
 #[test]
@@ -409,7 +415,7 @@ fn systemd_unit_matches_and_is_hardened() {
     assert!(stop > seconds(settings.server.shutdown_grace));
 }
 
-const OVERLAY: &str = "deploy/overlays/shared-cache";
+const OVERLAY: &str = "deploy/kubernetes/overlays/shared-cache";
 
 fn overlay(file: &str) -> String {
     read(&format!("{OVERLAY}/{file}"))
@@ -504,10 +510,7 @@ fn shared_cache_overlay_wires_the_proxy_to_redis() {
             l.strip_prefix("path:").unwrap_or(l).trim().to_string()
         })
         .collect();
-    assert!(
-        listed.contains(&"../../kubernetes".to_string()),
-        "{listed:?}"
-    );
+    assert!(listed.contains(&"../../base".to_string()), "{listed:?}");
     for file in &listed {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join(OVERLAY)

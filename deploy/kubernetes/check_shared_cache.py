@@ -1,4 +1,4 @@
-"""What the schemas cannot see in the rendered overlay deploy/overlays/shared-cache.
+"""What the schemas cannot see in the rendered overlay deploy/kubernetes/overlays/shared-cache.
 
     check_shared_cache.py RENDERED.yaml SECRET_EXAMPLE.yaml   # the output of kustomize
     check_shared_cache.py --files-only OVERLAY_DIR            # no kustomize: files exist

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Validates every manifest in deploy/kubernetes and in the overlay deploy/overlays/shared-cache
+# Validates every manifest in deploy/kubernetes/base and in the overlay
+# deploy/kubernetes/overlays/shared-cache
 # against the Kubernetes OpenAPI schemas (strict: unknown fields are errors), offline, with
 # kubernetes-validate from PyPI. Exits non-zero when any manifest fails.
 #
@@ -22,8 +23,8 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
   python3 -m pip install --quiet kubernetes-validate
 fi
 
-manifests=(*.yaml)
-overlay=../overlays/shared-cache
+manifests=(base/*.yaml)
+overlay=overlays/shared-cache
 # The overlay's complete objects; its patches are partial objects, checked once rendered.
 overlay_manifests=(
   "$overlay/redis-deployment.yaml"
@@ -44,7 +45,7 @@ status=0
 # Resources without a schema in the tool (the ServiceMonitor CRD) are reported as WARN
 # and do not fail; kustomization.yaml is not a Kubernetes resource and is skipped.
 for f in "${manifests[@]}"; do
-  [[ "$f" == kustomization.yaml ]] && continue
+  [[ "$f" == */kustomization.yaml ]] && continue
   python3 -m kubernetes_validate --strict "${version_args[@]}" "$f" || status=1
 done
 for f in "${overlay_manifests[@]}"; do
@@ -56,7 +57,7 @@ done
 python3 - <<'PY' || status=1
 import sys, yaml
 docs = {}
-for name in ["deployment.yaml", "service.yaml", "servicemonitor.yaml"]:
+for name in ["base/deployment.yaml", "base/service.yaml", "base/servicemonitor.yaml"]:
     with open(name) as f:
         for d in yaml.safe_load_all(f):
             docs[(d["kind"], d["metadata"]["name"])] = d
@@ -126,7 +127,7 @@ fi
 
 if python3 -c 'import yamllint' 2>/dev/null; then
   python3 -m yamllint -s -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable, truthy: {check-keys: false}}}' \
-    "${manifests[@]}" "$overlay"/*.yaml && echo "INFO yamllint passed" || status=1
+    kustomization.yaml "${manifests[@]}" "$overlay"/*.yaml && echo "INFO yamllint passed" || status=1
 else
   echo "SKIP yamllint not installed (python3 -m pip install yamllint)"
 fi
