@@ -450,3 +450,24 @@ async fn a_full_redis_is_invisible_to_callers() {
         "writes refused by a full Redis are counted: {m}"
     );
 }
+
+#[tokio::test]
+async fn the_password_may_come_apart_from_the_url() {
+    let redis = RedisServer::start();
+    let bare = format!("redis://127.0.0.1:{}/0", redis.port);
+    let password = redis.password.clone();
+    let h = harness(&redis, move |s| {
+        s.redis_url = Some(bare.into());
+        s.password = Some(password.into());
+    })
+    .await;
+    let b = h.another_instance().await;
+    assert_eq!(
+        get(&h, &h.url("webinars", "ev", "gen-pw"), None)
+            .await
+            .status(),
+        200
+    );
+    let on_b = get(&h, &b.url("webinars", "ev", "gen-pw"), None).await;
+    assert!(cache_status(&on_b).contains("detail=tier2"), "{on_b:?}");
+}
