@@ -2,9 +2,11 @@
 # "Prove it is fast": graph-session-proxy against nginx and Varnish (both as caching
 # reverse proxies in front of the same simulated Graph) and against a "ceiling" (a bare
 # hyper server answering the same bytes), on one machine over loopback; then a cold
-# stampede round and a memory round for the proxy alone.
+# stampede round and a memory round for the proxy alone; last, the tier-2 round
+# (benches/load/tier2.sh: two proxies sharing one Redis, tier-2 hits against tier-1 hits).
 #
 #   DURATION=20 ROUNDS=3 bash benches/load/compare.sh
+#   bash benches/load/tier2.sh             (the tier-2 round alone)
 #
 # Environment: DURATION (s per wrk run, 20), ROUNDS (3), CONNS (wrk connections, 64),
 # THREADS (wrk threads, 2), WARMUP (s, 3), COLD (stampede size, 1000), STAMPEDE_GRAPH_MS
@@ -12,8 +14,10 @@
 # (100000), MEM_CONNS (200), QUIET_WAIT (s to wait for an idle machine, 1800), RETRIES
 # (tries of a run disturbed by other processes, 3), PROFILE (auto: a perf profile of the
 # proxy under load, in benches/results/proxy-profile.txt, when it misses a throughput
-# target; 1: always; 0: never), KEEP_WORK (1: keep the temp dir).
-# Markdown on stdout, progress on stderr, JSON in benches/results/latest.json.
+# target; 1: always; 0: never), KEEP_WORK (1: keep the temp dir), TIER2 (0: skip the
+# tier-2 round; its own settings are in tier2.sh's header).
+# Markdown on stdout, progress on stderr, JSON in benches/results/latest.json (and
+# benches/results/tier2.json).
 # Needs root for apt-get when nginx, varnish or wrk are missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -530,3 +534,10 @@ json.dump({
 EOF
 mkdir -p "$ROOT/benches/results"
 python3 "$ROOT/benches/load/report.py" "$WORK" "$ROOT/benches/results/latest.json"
+
+# ---------------------------------------------------------------- 11. tier 2
+# Its own servers (Redis, simulator, two proxies); ours above are idle by now.
+if [[ "${TIER2:-1}" != 0 ]]; then
+    echo
+    bash "$ROOT/benches/load/tier2.sh"
+fi

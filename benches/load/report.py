@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Turns the raw files compare.sh leaves in its work dir into markdown (stdout) and JSON.
 
-  report.py WORKDIR OUT.json
+  report.py WORKDIR OUT.json          compare.sh's rounds
+  report.py tier2 WORKDIR OUT.json    tier2.sh's round (tier-2 hits against tier-1 hits)
 """
 
 import json
@@ -44,7 +45,125 @@ def verdict(ok):
     return "**met**" if ok else "**not met**"
 
 
+def tier2_report(work, out):
+    meta = json.load(open(f"{work}/meta.json"))
+    fill = json.load(open(f"{work}/fill.json"))
+    st, m, rd = meta["settings"], meta["machine"], meta["redis"]
+    runs = {}
+    for line in open(f"{work}/runs.tsv"):
+        parts = line.split()
+        if not parts:
+            continue
+        run = json.load(open(parts[2]))
+        run["repeat"] = int(parts[1])
+        for p in parts[3:]:
+            k, v = p.split("=", 1)
+            run[k] = float(v)
+        n = run["answered"] or 1
+        run["b_cpu_us_per_req"] = run["b_cpu_s"] / n * 1e6
+        run["redis_cpu_us_per_req"] = run["redis_cpu_s"] / n * 1e6
+        run["client_cpu_us_per_req"] = run["client_cpu_s"] / n * 1e6
+        runs.setdefault(parts[0], []).append(run)
+
+    def summarize(rs, expect_kind):
+        s = {k: med([r[k] for r in rs]) for k in (
+            "requests_per_s", "p50_us", "p99_us", "p999_us", "mean_us", "b_cpu_us_per_req",
+            "redis_cpu_us_per_req", "client_cpu_us_per_req", "other_cpu_s")}
+        s["requests_per_run"] = rs[0]["requests"]
+        s["connections"] = rs[0]["connections"]
+        # Every answer of every repeat a 200 of the expected kind, and no Graph call.
+        s["all_as_expected"] = all(
+            r["statuses"] == {"200": r["requests"]} and r["cache_status"] == {expect_kind: r["requests"]}
+            and not r["errors"] and r["graph_calls"] == 0 for r in rs)
+        s["cache_status_seen"] = [r["cache_status"] for r in rs]
+        s["graph_calls"] = sum(r["graph_calls"] for r in rs)
+        s["redis_keyspace_hits_per_req"] = med([r["redis_keyspace_hits"] / r["requests"] for r in rs])
+        s["runs"] = rs
+        return s
+
+    kinds = {"tier2": "tier2", "tier1": "hit", "tier2_serial": "tier2", "tier1_serial": "hit"}
+    summary = {p: summarize(runs[p], kinds[p]) for p in kinds if p in runs}
+    entries = rd["entries_after_fill"]
+    redis_bytes = (rd["used_memory_full"] - rd["used_memory_empty"]) / entries if entries else None
+
+    lines = []
+    w = lines.append
+    w("## Tier 2 (Redis) against tier 1 (memory): the hit path")
+    w("")
+    w(f"{m['date']}, commit {m['commit']}; {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}; "
+      f"{meta['versions']['redis']}.")
+    w("")
+    w(f"Proxy A filled Redis with {fill['answered']:,} sessions ({meta['fill_graph_calls']:,} Graph calls, "
+      f"{fill['requests_per_s']:,.0f} req/s of misses). Then, {st['repeats']} times, a fresh proxy B "
+      f"(same `[cache.shared]`) was asked for {st['keys']:,} of them once each over "
+      f"{st['connections']} keep-alive connections (`tier 2`: memory miss, one Redis round trip), then "
+      f"for the same keys again (`tier 1`: from B's memory); the `serial` rows ask for "
+      f"{st['serial_keys']:,} more sessions over one connection, one at a time. Medians of the "
+      f"{st['repeats']} repeats. The client (benches/load/walk.rs, {st['client_threads']} threads), B "
+      "and Redis share the machine's CPUs with each other and with whatever else runs on it: "
+      "treat absolute numbers as noisy and the differences as the result.")
+    w("")
+    w("| pass | conns | req/s | p50 ms | p99 ms | p99.9 ms | mean ms | B CPU µs/req | Redis CPU µs/req "
+      "| client CPU µs/req | other CPU s | as expected |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    labels = {"tier2": "tier-2 hit", "tier1": "tier-1 hit",
+              "tier2_serial": "tier-2 hit, serial", "tier1_serial": "tier-1 hit, serial"}
+    for p, x in summary.items():
+        ok = "yes" if x["all_as_expected"] else "**no**: " + "; ".join(
+            ", ".join(f"{v:,}× {k}" for k, v in c.items()) for c in x["cache_status_seen"])
+        w(f"| {labels[p]} | {x['connections']} | {x['requests_per_s']:,.0f} | {ms(x['p50_us'])} | "
+          f"{ms(x['p99_us'])} | {ms(x['p999_us'])} | {ms(x['mean_us'])} | {x['b_cpu_us_per_req']:.1f} | "
+          f"{x['redis_cpu_us_per_req']:.1f} | {x['client_cpu_us_per_req']:.1f} | {x['other_cpu_s']:.1f} | {ok} |")
+    w("")
+    cost = {}
+    for label, t2, t1 in (("under load", "tier2", "tier1"), ("serial", "tier2_serial", "tier1_serial")):
+        if t2 in summary and t1 in summary:
+            a, b = summary[t2], summary[t1]
+            cost[label] = {
+                "p50_us": a["p50_us"] - b["p50_us"],
+                "mean_us": a["mean_us"] - b["mean_us"],
+                "b_cpu_us_per_req": a["b_cpu_us_per_req"] - b["b_cpu_us_per_req"],
+                "b_and_redis_cpu_us_per_req": (a["b_cpu_us_per_req"] + a["redis_cpu_us_per_req"])
+                - (b["b_cpu_us_per_req"] + b["redis_cpu_us_per_req"]),
+                "throughput_ratio": a["requests_per_s"] / b["requests_per_s"],
+            }
+    w("| cost of tier 2 over tier 1 | p50 µs | mean µs | B CPU µs/req | B + Redis CPU µs/req | throughput |")
+    w("|---|---:|---:|---:|---:|---:|")
+    for label, c in cost.items():
+        w(f"| {label} | +{c['p50_us']:.0f} | +{c['mean_us']:.0f} | +{c['b_cpu_us_per_req']:.1f} | "
+          f"+{c['b_and_redis_cpu_us_per_req']:.1f} | {c['throughput_ratio']:.2f}× |")
+    w("")
+    w("| Redis | value |")
+    w("|---|---:|")
+    w(f"| keys after the fill (entries) | {rd['keys_after_fill']:,} ({entries:,}) |")
+    w(f"| `used_memory` empty → full | {rd['used_memory_empty'] / MIB:.1f} → {rd['used_memory_full'] / MIB:.1f} MiB |")
+    if redis_bytes is not None:
+        w(f"| bytes per entry (`used_memory` growth / entries) | {redis_bytes:,.0f} |")
+    w(f"| one entry: value (`STRLEN`) / `MEMORY USAGE` | {rd['sample_value_bytes']:,} / {rd['sample_memory_usage']:,} B |")
+    w(f"| mean body sent to callers | {fill['body_bytes_total'] / max(fill['answered'], 1):,.0f} B |")
+    w("")
+    w("CPU µs/req: user+system time of that process over the pass divided by its requests "
+      "(from /proc/PID/stat, 10 ms ticks: the serial rows are coarse). Other CPU s: CPU time "
+      "of everything but B, Redis and the client during the pass (other work on the machine).")
+
+    print("\n".join(lines))
+    result = dict(meta)
+    result.update({
+        "fill": fill,
+        "passes": summary,
+        "cost_of_tier2": cost,
+        "redis_bytes_per_entry": redis_bytes,
+        "markdown": "\n".join(lines),
+    })
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
 def main():
+    if sys.argv[1] == "tier2":
+        tier2_report(sys.argv[2], sys.argv[3])
+        return
     work, out = sys.argv[1], sys.argv[2]
     meta = json.load(open(f"{work}/meta.json"))
     runs = load_runs(f"{work}/wrk.tsv")
