@@ -146,6 +146,12 @@ impl Entry {
                 .as_ref()
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
+            etags: self
+                .etag
+                .to_str()
+                .ok()
+                .zip(self.raw_etag.to_str().ok())
+                .map(|(a, b)| [a.to_string(), b.to_string()]),
         };
         let mut out = serde_json::to_vec(&header).ok()?;
         out.push(b'\n');
@@ -173,11 +179,23 @@ impl Entry {
         let age = Duration::from_millis(clock.wall_ms().saturating_sub(header.stored_ms));
         let stored_at = now.checked_sub(age).unwrap_or(now);
         let at = |ms: u64| stored_at + Duration::from_millis(ms);
-        let etag = etag_of(body.as_deref().unwrap_or(b""));
-        let raw_etag = if raw.len() == body.as_ref().map_or(0, Bytes::len) {
-            etag.clone()
-        } else {
-            etag_of(&raw)
+        // The validators as the storing replica computed them (no hashing on this path).
+        let (etag, raw_etag) = match header.etags.as_ref().and_then(|[a, b]| {
+            Some((
+                HeaderValue::from_str(a).ok()?,
+                HeaderValue::from_str(b).ok()?,
+            ))
+        }) {
+            Some(etags) => etags,
+            None => {
+                let etag = etag_of(body.as_deref().unwrap_or(b""));
+                let raw_etag = if raw.len() == body.as_ref().map_or(0, Bytes::len) {
+                    etag.clone()
+                } else {
+                    etag_of(&raw)
+                };
+                (etag, raw_etag)
+            }
         };
         Some(Entry {
             body,
@@ -241,6 +259,9 @@ struct SharedHeader {
     /// Where the session lies in Graph's body (start, length); absent for a 404.
     session: Option<[usize; 2]>,
     graph_request_id: Option<String>,
+    /// `ETag` of the session and of Graph's body.
+    #[serde(default)]
+    etags: Option<[String; 2]>,
 }
 
 /// `"<32 hex digits of SHA-256>"`.
