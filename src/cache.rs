@@ -38,7 +38,7 @@ use crate::config::{ApiVersion, CacheSettings};
 use crate::error::ProxyError;
 use crate::graph::{Fetched, GraphAnswer, GraphClient};
 use crate::routes::{Kind, SessionKey};
-use crate::shared::{Lock, Purge, SharedGate, SharedTier, Unavailable};
+use crate::shared::{Holder, LookMode, Purge, SharedGate, SharedTier, Unavailable};
 use crate::telemetry::{names, Metrics};
 
 /// Rough per-entry bookkeeping (moka node, Arc, headers) added to the weigher's count.
@@ -117,7 +117,8 @@ impl Entry {
     /// The entry as stored in the shared tier: a JSON header line with its freshness as
     /// wall-clock times, then Graph's bytes. `None` when the session is not a slice of
     /// Graph's body (never the case for what [`Entry::new`] builds).
-    pub fn to_shared(&self, clock: &Clock) -> Option<Vec<u8>> {
+    /// `writer`: the fencing token of the lock this entry was fetched under.
+    pub fn to_shared(&self, clock: &Clock, writer: Option<&str>) -> Option<Vec<u8>> {
         let now = clock.now();
         let stored_ms = clock
             .wall_ms()
@@ -152,6 +153,7 @@ impl Entry {
                 .ok()
                 .zip(self.raw_etag.to_str().ok())
                 .map(|(a, b)| [a.to_string(), b.to_string()]),
+            writer: writer.map(str::to_string),
         };
         let mut out = serde_json::to_vec(&header).ok()?;
         out.push(b'\n');
@@ -159,12 +161,30 @@ impl Entry {
         Some(out)
     }
 
-    /// An entry read back from the shared tier, its instants on this replica's clock.
-    /// `None` for anything malformed (the tier is then treated as a miss).
-    pub fn from_shared(record: &Bytes, clock: &Clock) -> Option<Entry> {
+    /// An entry read back from the shared tier, its instants on this replica's clock, and
+    /// the token of the lock it was fetched under. `None` for anything malformed or
+    /// implausible (windows out of order or longer than this configuration could make,
+    /// stored far in the future): the tier is then treated as a miss.
+    pub fn from_shared(
+        record: &Bytes,
+        clock: &Clock,
+        settings: &CacheSettings,
+    ) -> Option<(Entry, Option<String>)> {
         let split = record.iter().position(|b| *b == b'\n')?;
         let header: SharedHeader = serde_json::from_slice(&record[..split]).ok()?;
-        if header.v != 1 {
+        let longest = settings
+            .ttl
+            .max(settings.ttl_ended)
+            .max(settings.list_ttl)
+            .max(settings.negative_ttl)
+            + settings.stale_while_revalidate.max(settings.stale_if_error);
+        let plausible = header.v == 1
+            && header.refresh_ms <= header.fresh_ms
+            && header.fresh_ms <= header.revalidate_ms
+            && header.fresh_ms <= header.stale_ms
+            && u128::from(header.revalidate_ms.max(header.stale_ms)) <= longest.as_millis()
+            && header.stored_ms <= clock.wall_ms().saturating_add(CLOCK_TOLERANCE_MS);
+        if !plausible {
             return None;
         }
         let raw = record.slice(split + 1..);
@@ -197,7 +217,8 @@ impl Entry {
                 (etag, raw_etag)
             }
         };
-        Some(Entry {
+        let writer = header.writer;
+        let entry = Entry {
             body,
             etag,
             raw,
@@ -211,7 +232,8 @@ impl Entry {
                 .graph_request_id
                 .and_then(|id| HeaderValue::from_str(&id).ok()),
             tier2: true,
-        })
+        };
+        Some((entry, writer))
     }
 
     /// How long moka keeps the entry: until neither stale window can use it.
@@ -262,7 +284,14 @@ struct SharedHeader {
     /// `ETag` of the session and of Graph's body.
     #[serde(default)]
     etags: Option<[String; 2]>,
+    /// Fencing token of the lock the entry was fetched under.
+    #[serde(default)]
+    writer: Option<String>,
 }
+
+/// How far in the future a shared entry's `stored_ms` may lie (clocks of replicas differ a
+/// little even with NTP) before the entry is taken for garbage.
+const CLOCK_TOLERANCE_MS: u64 = 60_000;
 
 /// `"<32 hex digits of SHA-256>"`.
 pub fn etag_of(body: &[u8]) -> HeaderValue {
@@ -545,17 +574,17 @@ impl SessionCache {
         let task_key = key.clone();
         let task = tokio::spawn(async move {
             let deadline = Instant::now() + this.fetch_timeout;
-            let result = match this.shared.clone() {
+            // Leaves `inflight` however the call ends (a panic included), after the answer
+            // is stored (or failed), so a later caller either finds the entry or starts a
+            // new call; never neither.
+            let _leave = LeaveInflight {
+                cache: &this,
+                key: &task_key,
+            };
+            match this.shared.clone() {
                 Some(shared) => this.load_shared(&shared, &task_key, mode, deadline).await,
                 None => this.fetch_from_graph(&task_key, deadline).await,
-            };
-            // Stored (or failed) before leaving `inflight`, so a later caller either
-            // finds the entry or starts a new call; never neither.
-            this.inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&task_key);
-            result
+            }
         });
         let call = async move {
             task.await
@@ -595,9 +624,12 @@ impl SessionCache {
         }
     }
 
-    /// A shared call with the Redis tier: a usable entry there is taken as it is;
-    /// otherwise one replica (the lock holder) asks Graph and stores the answer in Redis
-    /// while the others wait for it. Whenever Redis fails, this replica carries on alone.
+    /// A shared call with the Redis tier. One round trip looks for a usable entry and,
+    /// when none is stored and nobody is fetching, takes the key's lock: then this replica
+    /// asks Graph (renewing the lock meanwhile) and stores the answer for the others after
+    /// answering its own callers. When another replica holds the lock, this one waits for
+    /// its entry; if the lock goes without one (too large to share, Graph failed, the
+    /// holder died), it asks Graph itself. Whenever Redis fails, it carries on alone.
     async fn load_shared(
         self: &Arc<Self>,
         shared: &Arc<SharedTier>,
@@ -606,98 +638,177 @@ impl SessionCache {
         deadline: Instant,
     ) -> FetchResult {
         let started_ms = self.clock.wall_ms();
-        if mode != Mode::Revalidate {
-            match shared.lookup(key).await {
-                Ok((record, _locked, gate)) => {
-                    self.apply_shared_gate(gate);
-                    let found = record.and_then(|r| Entry::from_shared(&r, &self.clock));
-                    let result = match found {
-                        Some(entry) => match self.adopt(key, entry, mode, started_ms) {
-                            Ok(entry) => {
-                                self.count_lookup("hit");
-                                return Ok(entry);
-                            }
-                            Err(()) => "stale",
-                        },
-                        None => "miss",
-                    };
-                    self.count_lookup(result);
+        let first = if mode == Mode::Revalidate {
+            LookMode::Revalidate
+        } else {
+            LookMode::Miss
+        };
+        let mut look = match shared.lookup(key, first, started_ms).await {
+            Ok(look) => look,
+            Err(Unavailable) => {
+                self.count_lookup("unavailable");
+                return self.fetch_alone(shared, key, deadline).await;
+            }
+        };
+        self.apply_shared_gate(look.gate);
+        if let Some(record) = look.entry.take() {
+            match self.adopt_record(key, &record, mode, started_ms, None) {
+                Ok(entry) => {
+                    self.count_lookup("hit");
+                    if let Holder::Us(token) = &look.holder {
+                        shared.unlock(key, token).await;
+                    }
+                    return Ok(entry);
                 }
-                Err(Unavailable) => {
-                    self.count_lookup("unavailable");
-                    return self.fetch_from_graph(key, deadline).await;
+                Err(()) => {
+                    self.count_lookup("stale");
+                    // Stored but not usable now (stale, or due for a refresh): the script
+                    // left the lock alone; take it (or learn who has it).
+                    if look.holder == Holder::Nobody {
+                        look = match shared.lookup(key, LookMode::Lock, started_ms).await {
+                            Ok(look) => look,
+                            Err(Unavailable) => {
+                                return self.fetch_alone(shared, key, deadline).await
+                            }
+                        };
+                        self.apply_shared_gate(look.gate);
+                    }
                 }
             }
+        } else {
+            self.count_lookup("miss");
         }
-        loop {
-            match shared.try_lock(key).await {
-                Lock::Acquired(token) => {
-                    let result = self.fetch_from_graph(key, deadline).await;
-                    if let Ok(entry) = &result {
-                        match entry.to_shared(&self.clock) {
-                            Some(record) => shared.put(key, &record, entry.keep_for()).await,
-                            None => self
-                                .metrics
-                                .counter(names::SHARED_SKIPPED, &[("reason", "layout")])
-                                .increment(1),
-                        }
-                    }
-                    self.publish_gate(shared).await;
-                    shared.unlock(key, &token).await;
-                    return result;
-                }
-                Lock::Unavailable => return self.fetch_from_graph(key, deadline).await,
-                Lock::Busy => {}
+        match look.holder {
+            Holder::Us(token) => {
+                self.fetch_as_holder(shared, key, &token, &look.generation, deadline)
+                    .await
             }
-            // Another replica is asking Graph: wait for its answer, or for its lock to go
-            // (it finished without storing, or died and the lock expired).
-            self.count_lookup("waited");
-            loop {
-                if Instant::now() + SHARED_POLL >= deadline {
-                    return Err(Arc::new(ProxyError::UpstreamTimeout));
-                }
-                let jitter = Duration::from_millis(rand::random::<u64>() % 10);
-                tokio::time::sleep(SHARED_POLL + jitter).await;
-                match shared.lookup(key).await {
-                    Ok((record, locked, gate)) => {
-                        self.apply_shared_gate(gate);
-                        if let Some(entry) =
-                            record.and_then(|r| Entry::from_shared(&r, &self.clock))
-                        {
-                            if let Ok(entry) = self.adopt(key, entry, mode, started_ms) {
-                                return Ok(entry);
-                            }
-                        }
-                        if !locked {
-                            break; // try to take the lock
-                        }
+            Holder::Other(holder) => {
+                self.count_lookup("waited");
+                self.wait_for_holder(shared, key, mode, started_ms, &holder, deadline)
+                    .await
+            }
+            Holder::Nobody => self.fetch_alone(shared, key, deadline).await,
+        }
+    }
+
+    /// Asks Graph while holding the key's lock (renewed every third of its life, so a slow
+    /// Graph does not let another replica in), stores the answer in Redis (so that a
+    /// caller of another replica right after ours finds it), and releases the lock on the
+    /// side.
+    async fn fetch_as_holder(
+        self: &Arc<Self>,
+        shared: &Arc<SharedTier>,
+        key: &SessionKey,
+        token: &str,
+        generation: &str,
+        deadline: Instant,
+    ) -> FetchResult {
+        let fetch = self.fetch_from_graph(key, deadline);
+        tokio::pin!(fetch);
+        let mut renew = tokio::time::interval(shared.lock_ttl() / 3);
+        renew.tick().await;
+        let result = loop {
+            tokio::select! {
+                result = &mut fetch => break result,
+                _ = renew.tick() => {
+                    if !shared.renew(key, token).await {
+                        tracing::debug!(%key, "lost the shared lock while fetching");
                     }
-                    Err(Unavailable) => return self.fetch_from_graph(key, deadline).await,
                 }
+            }
+        };
+        match &result {
+            Ok(entry) => match entry.to_shared(&self.clock, Some(token)) {
+                Some(record) => shared.put(key, &record, entry.keep_for(), generation).await,
+                None => self
+                    .metrics
+                    .counter(names::SHARED_SKIPPED, &[("reason", "layout")])
+                    .increment(1),
+            },
+            Err(_) => self.publish_gate(shared).await,
+        }
+        let (shared, key, token) = (Arc::clone(shared), key.clone(), token.to_string());
+        tokio::spawn(async move { shared.unlock(&key, &token).await });
+        result
+    }
+
+    /// Asks Graph without the lock (Redis unavailable, or the holder went without sharing
+    /// an answer); a gate closed by the answer is published before callers hear of it.
+    async fn fetch_alone(
+        self: &Arc<Self>,
+        shared: &SharedTier,
+        key: &SessionKey,
+        deadline: Instant,
+    ) -> FetchResult {
+        let result = self.fetch_from_graph(key, deadline).await;
+        if result.is_err() {
+            self.publish_gate(shared).await;
+        }
+        result
+    }
+
+    /// Polls Redis while another replica (`holder`) asks Graph, until its entry appears;
+    /// asks Graph itself when the lock goes without a usable entry.
+    async fn wait_for_holder(
+        self: &Arc<Self>,
+        shared: &Arc<SharedTier>,
+        key: &SessionKey,
+        mode: Mode,
+        started_ms: u64,
+        holder: &str,
+        deadline: Instant,
+    ) -> FetchResult {
+        loop {
+            if Instant::now() + SHARED_POLL >= deadline {
+                return Err(Arc::new(ProxyError::UpstreamTimeout));
+            }
+            let jitter = Duration::from_millis(rand::random::<u64>() % 10);
+            tokio::time::sleep(SHARED_POLL + jitter).await;
+            let look = match shared
+                .lookup(key, LookMode::Peek, self.clock.wall_ms())
+                .await
+            {
+                Ok(look) => look,
+                Err(Unavailable) => return self.fetch_alone(shared, key, deadline).await,
+            };
+            self.apply_shared_gate(look.gate);
+            if let Some(record) = &look.entry {
+                if let Ok(entry) = self.adopt_record(key, record, mode, started_ms, Some(holder)) {
+                    return Ok(entry);
+                }
+            }
+            if look.holder == Holder::Nobody {
+                return self.fetch_alone(shared, key, deadline).await;
             }
         }
     }
 
     /// Takes an entry read from the shared tier into memory when it can answer this call;
     /// a stale one is still kept (when memory has nothing) for the stale windows.
-    fn adopt(
+    /// `holder`: the lock holder this call waited for (its entry answers a revalidation).
+    fn adopt_record(
         &self,
         key: &SessionKey,
-        entry: Entry,
+        record: &Bytes,
         mode: Mode,
         started_ms: u64,
+        holder: Option<&str>,
     ) -> Result<Arc<Entry>, ()> {
+        let (entry, writer) = Entry::from_shared(record, &self.clock, &self.settings).ok_or(())?;
         let now = self.clock.now();
         let usable = entry.is_fresh(now)
             && match mode {
                 Mode::Miss => true,
                 Mode::Refresh => now < entry.refresh_from,
-                // Stored after the revalidation began.
+                // Written by the replica we waited for, or at least after we began.
                 Mode::Revalidate => {
-                    let stored_ms = self.clock.wall_ms().saturating_sub(
-                        now.saturating_duration_since(entry.stored_at).as_millis() as u64,
-                    );
-                    stored_ms + 1 >= started_ms
+                    (holder.is_some() && writer.as_deref() == holder) || {
+                        let stored_ms = self.clock.wall_ms().saturating_sub(
+                            now.saturating_duration_since(entry.stored_at).as_millis() as u64,
+                        );
+                        stored_ms >= started_ms
+                    }
                 }
             };
         if usable {
@@ -715,29 +826,18 @@ impl SessionCache {
 
     /// Closes this replica's Graph gate when another replica published a closed one.
     fn apply_shared_gate(&self, gate: Option<SharedGate>) {
-        let Some(gate) = gate else { return };
-        let left = gate.until_ms.saturating_sub(self.clock.wall_ms());
-        if left > 0 {
-            self.graph.gate.close_for(
-                self.clock.now(),
-                Duration::from_millis(left),
-                gate.throttled,
-            );
+        if let Some(gate) = gate {
+            self.graph
+                .gate
+                .close_for(self.clock.now(), gate.left, gate.throttled);
         }
     }
 
     /// Publishes this replica's closed Graph gate (429 or open circuit) to the others.
     async fn publish_gate(&self, shared: &SharedTier) {
         if let Some((left, throttled)) = self.graph.gate.closed_for(self.clock.now()) {
-            let now_ms = self.clock.wall_ms();
             shared
-                .close_gate(
-                    SharedGate {
-                        until_ms: now_ms + left.as_millis() as u64,
-                        throttled,
-                    },
-                    now_ms,
-                )
+                .close_gate(left, throttled, self.clock.wall_ms())
                 .await;
         }
     }
@@ -772,21 +872,27 @@ impl SessionCache {
         }
     }
 
-    /// Follows purges broadcast by other replicas (never returns without a shared tier).
+    /// With a shared tier: follows purges broadcast by other replicas, and publishes this
+    /// replica's Graph gate as soon as it closes (a 429 seen here, even while the call
+    /// that saw it still waits out `Retry-After`). Never returns without a shared tier.
     pub async fn follow_purges(self: Arc<Self>) {
-        match self.shared.clone() {
-            Some(shared) => {
-                shared.warm_up().await;
-                let cache = self.clone();
-                shared
-                    .follow_purges(move |purge| {
-                        tracing::debug!(?purge, "applying a shared purge");
-                        cache.purge_here(&purge);
-                    })
-                    .await
+        let Some(shared) = self.shared.clone() else {
+            return std::future::pending().await;
+        };
+        shared.warm_up().await;
+        let cache = self.clone();
+        let purges = shared.clone().follow_purges(move |purge| {
+            tracing::debug!(?purge, "applying a shared purge");
+            cache.purge_here(&purge);
+        });
+        let mut closures = self.graph.gate.closures();
+        let gates = async {
+            while closures.changed().await.is_ok() {
+                self.publish_gate(&shared).await;
             }
-            None => std::future::pending().await,
-        }
+            std::future::pending::<()>().await
+        };
+        tokio::join!(purges, gates);
     }
 
     /// Drops one session (or list), in every API version, with any failure remembered for
@@ -888,6 +994,22 @@ fn ended_long_ago(body: &[u8], now: std::time::SystemTime) -> bool {
         }
     };
     parsed.is_ok_and(|end| end + ENDED_AFTER < now)
+}
+
+/// Removes a key's call from `inflight` when dropped.
+struct LeaveInflight<'a> {
+    cache: &'a SessionCache,
+    key: &'a SessionKey,
+}
+
+impl Drop for LeaveInflight<'_> {
+    fn drop(&mut self) {
+        self.cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.key);
+    }
 }
 
 enum Joined {
@@ -999,9 +1121,10 @@ mod tests {
             &settings,
             false,
         );
-        let record = Bytes::from(entry.to_shared(&clock).unwrap());
+        let record = Bytes::from(entry.to_shared(&clock, Some("token-1")).unwrap());
         clock.advance(Duration::from_secs(100));
-        let back = Entry::from_shared(&record, &clock).unwrap();
+        let (back, writer) = Entry::from_shared(&record, &clock, &settings).unwrap();
+        assert_eq!(writer.as_deref(), Some("token-1"));
         assert!(back.tier2);
         assert_eq!(back.body.as_deref(), Some(&br#"{"id":"s1","n":1.50}"#[..]));
         assert_eq!(back.raw, raw);
@@ -1023,16 +1146,33 @@ mod tests {
             &settings,
             false,
         );
-        let back = Entry::from_shared(&Bytes::from(gone.to_shared(&clock).unwrap()), &clock);
-        assert!(back.unwrap().body.is_none());
+        let back = Entry::from_shared(
+            &Bytes::from(gone.to_shared(&clock, None).unwrap()),
+            &clock,
+            &settings,
+        );
+        assert!(back.unwrap().0.body.is_none());
+        let header = |fields: &str| {
+            Bytes::from(format!(
+                "{{\"v\":1,{fields},\"session\":null,\"graph_request_id\":null}}\n{{}}"
+            ))
+        };
+        let now_ms = clock.wall_ms();
         for garbage in [
-            &b""[..],
-            b"{}",
-            b"{\"v\":2}\n{}",
-            b"{\"v\":1,\"stored_ms\":0,\"fresh_ms\":0,\"revalidate_ms\":0,\"stale_ms\":0,\"refresh_ms\":0,\"session\":[5,99],\"graph_request_id\":null}\n{}",
+            Bytes::new(),
+            Bytes::from_static(b"{}"),
+            Bytes::from_static(b"{\"v\":2}\n{}"),
+            Bytes::from_static(b"{\"v\":1,\"stored_ms\":0,\"fresh_ms\":0,\"revalidate_ms\":0,\"stale_ms\":0,\"refresh_ms\":0,\"session\":[5,99],\"graph_request_id\":null}\n{}"),
+            // Fresh for ever, windows out of order, stored in the future.
+            header(&format!("\"stored_ms\":{now_ms},\"fresh_ms\":18446744073709551615,\"revalidate_ms\":18446744073709551615,\"stale_ms\":18446744073709551615,\"refresh_ms\":0")),
+            header(&format!("\"stored_ms\":{now_ms},\"fresh_ms\":1000,\"revalidate_ms\":500,\"stale_ms\":2000,\"refresh_ms\":0")),
+            header(&format!("\"stored_ms\":{now_ms},\"fresh_ms\":1000,\"revalidate_ms\":2000,\"stale_ms\":2000,\"refresh_ms\":1500")),
+            header(&format!("\"stored_ms\":{},\"fresh_ms\":1000,\"revalidate_ms\":2000,\"stale_ms\":2000,\"refresh_ms\":0", now_ms + 3_600_000)),
         ] {
-            assert!(Entry::from_shared(&Bytes::copy_from_slice(garbage), &clock).is_none());
+            assert!(Entry::from_shared(&garbage, &clock, &settings).is_none(), "{garbage:?}");
         }
+        let sane = header(&format!("\"stored_ms\":{now_ms},\"fresh_ms\":1000,\"revalidate_ms\":2000,\"stale_ms\":2000,\"refresh_ms\":800"));
+        assert!(Entry::from_shared(&sane, &clock, &settings).is_some());
     }
 
     #[tokio::test(start_paused = true)]

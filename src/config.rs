@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use redis::IntoConnectionInfo;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -408,8 +409,9 @@ pub struct SharedSettings {
     /// After a Redis failure, Redis is left alone this long (memory and Graph only).
     #[serde(with = "humantime_serde")]
     pub retry_interval: Duration,
-    /// Expiry of the cross-replica single-flight lock: a replica that dies holding it
-    /// blocks the others at most this long.
+    /// Expiry of the cross-replica single-flight lock, renewed by its holder every third of
+    /// it while Graph answers: a replica that dies holding it blocks the others at most
+    /// this long.
     #[serde(with = "humantime_serde")]
     pub lock_ttl: Duration,
     /// Larger bodies stay in memory only.
@@ -432,7 +434,7 @@ impl Default for SharedSettings {
             timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(1),
             retry_interval: Duration::from_secs(1),
-            lock_ttl: Duration::from_secs(15),
+            lock_ttl: Duration::from_secs(5),
             max_body_bytes: ByteSize::mib(1),
             password: None,
             ca_file: None,
@@ -704,18 +706,32 @@ impl Settings {
                     path: path.clone(),
                     source,
                 })?;
-                let text = text.trim().to_string();
+                // Line endings only: a password may begin or end with a space.
+                let text = text.trim_end_matches(['\r', '\n']).to_string();
                 if text.is_empty() {
                     return Err(ConfigError::invalid(key, "the file is empty"));
                 }
                 Ok(text)
             };
             if let Some(path) = &shared.redis_url_file {
-                let url = read("cache.shared.redis_url_file", path)?;
+                let url = read("cache.shared.redis_url_file", path)?
+                    .trim()
+                    .to_string();
                 check_redis_url("cache.shared.redis_url_file", &url)?;
                 shared.redis_url = Some(SecretString::from(url));
             }
             if let Some(path) = &shared.password_file {
+                let in_url = shared
+                    .redis_url
+                    .as_ref()
+                    .and_then(|url| url.expose_secret().into_connection_info().ok())
+                    .is_some_and(|info| info.redis_settings().password().is_some());
+                if in_url {
+                    return Err(ConfigError::invalid(
+                        "cache.shared.password_file",
+                        "the Redis URL carries a password already: use one or the other",
+                    ));
+                }
                 let password = read("cache.shared.password_file", path)?;
                 shared.password = Some(SecretString::from(password));
             }
@@ -777,6 +793,24 @@ impl Settings {
         ] {
             if d > MAX {
                 return Err(ConfigError::invalid(key, "at most 10 years"));
+            }
+        }
+        if let Some(shared) = &self.cache.shared {
+            for (key, d) in [
+                ("cache.shared.timeout", shared.timeout),
+                ("cache.shared.connect_timeout", shared.connect_timeout),
+                ("cache.shared.retry_interval", shared.retry_interval),
+                ("cache.shared.lock_ttl", shared.lock_ttl),
+            ] {
+                if d > Duration::from_secs(3600) {
+                    return Err(ConfigError::invalid(key, "at most 1h"));
+                }
+            }
+            if shared.timeout >= self.server.request_timeout {
+                return Err(ConfigError::invalid(
+                    "cache.shared.timeout",
+                    "must be shorter than server.request_timeout (Redis is a shortcut, not a wait)",
+                ));
             }
         }
         let s = &self.server;
@@ -1344,6 +1378,27 @@ mod tests {
     }
 
     #[test]
+    fn shared_tier_limits() {
+        let with = |table: &str| {
+            format!("{MINIMAL}\n[cache.shared]\nredis_url = \"redis://r\"\n{table}\n")
+        };
+        for (table, key) in [
+            ("timeout = \"2h\"", "cache.shared.timeout"),
+            ("timeout = \"30s\"", "cache.shared.timeout"),
+            (
+                "retry_interval = \"3000years\"",
+                "cache.shared.retry_interval",
+            ),
+            ("lock_ttl = \"2h\"", "cache.shared.lock_ttl"),
+        ] {
+            let err = Settings::from_toml(&with(table), Purpose::Serve)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{table}: {err}");
+        }
+    }
+
+    #[test]
     fn shared_tier_secrets_come_from_files() {
         let dir = std::env::temp_dir().join(format!("gsp-shared-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1363,6 +1418,21 @@ mod tests {
             "redis://redis.internal:6379/0"
         );
         assert_eq!(shared.password.unwrap().expose_secret(), "from-a-file");
+        // Both a password in the URL and a password file: which one? Refused.
+        std::fs::write(&url, "redis://:inline@redis.internal:6379/0\n").unwrap();
+        let err = Settings::from_toml(&text, Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.shared.password_file"), "{err}");
+        assert!(!err.contains("inline"), "{err}");
+        std::fs::write(&url, "redis://redis.internal:6379/0\n").unwrap();
+        // A password keeps its spaces; only the line ending goes.
+        std::fs::write(&password, " spaced \n").unwrap();
+        let s = Settings::from_toml(&text, Purpose::Serve).unwrap();
+        assert_eq!(
+            s.cache.shared.unwrap().password.unwrap().expose_secret(),
+            " spaced "
+        );
         // A CA only makes sense for TLS, and must be a certificate.
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, "not a certificate").unwrap();

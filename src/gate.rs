@@ -62,6 +62,9 @@ pub struct Gate {
     cooldown: Duration,
     /// A probe that has not reported after this long is presumed lost.
     probe_timeout: Duration,
+    /// Bumped whenever a report closes (or extends) the gate, so the closure can be
+    /// published to other replicas at once.
+    closures: tokio::sync::watch::Sender<u64>,
 }
 
 impl Gate {
@@ -73,7 +76,14 @@ impl Gate {
             failure_threshold,
             cooldown,
             probe_timeout,
+            closures: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever a Graph answer closes the gate here (not when another replica's
+    /// closure is applied with [`Gate::close_for`]).
+    pub fn closures(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.closures.subscribe()
     }
 
     fn refusal(throttled: bool, retry_after: Duration) -> Closed {
@@ -158,7 +168,12 @@ impl Gate {
             },
             (Report::Failed, State::Closed { .. }) => return,
         };
+        let closed = matches!(next, State::Closed { .. });
         *state = next;
+        drop(state);
+        if closed {
+            self.closures.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// Closes the gate for `wait` because another replica saw Graph throttle or fail

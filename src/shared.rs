@@ -3,23 +3,37 @@
 //! What lives in Redis, under `cache.shared.key_prefix` (`gsp:` below):
 //!
 //! ```text
-//! gsp:e:{kind}:{event}:{version}:s:{session}   an entry (session)     PX = how long it may be served
-//! gsp:e:{kind}:{event}:{version}:l             an entry (event list)  PX = the same
-//! gsp:lock:{kind}:{event}:{version}:s:{session} single-flight lock    value = fencing token, PX = lock_ttl
-//! gsp:gate                                      Graph throttled / circuit open, until a wall-clock time
-//! gsp:purge                                     pub/sub channel of purges
+//! gsp:e:{kind}:{event}:{version}:s:{session}    an entry (session)     PX = how long it may be served
+//! gsp:e:{kind}:{event}:{version}:l              an entry (event list)  PX = the same
+//! gsp:lock:{kind}:{event}:{version}:s:{session} single-flight lock     value = fencing token, PX = lock_ttl (renewed)
+//! gsp:gate                                      Graph closed: "{until ms} {throttled|circuit}", PX = what is left
+//! gsp:gen                                       purge generation (INCR on every purge)
+//! gsp:purge                                     pub/sub channel of purges (and heartbeats)
 //! ```
 //!
 //! Ids cannot contain `:` (routes allow `A-Z a-z 0-9 - _ . @ = +`), so keys parse one way.
-//! Entries carry their own freshness as wall-clock times ([`crate::clock::Clock::wall`]),
-//! so `Age`, `Cache-Status` and the stale windows read the same on every replica.
+//!
+//! One round trip decides a miss: [`LOOKUP`] returns the entry, the gate and the purge
+//! generation, and takes the key's lock when nothing is stored and nobody holds it
+//! (atomically, so no replica can store between another's look and its lock). The holder
+//! renews its lock while Graph answers, stores the answer only if no purge happened
+//! meanwhile, then releases it; the others poll until the entry appears, or, when the lock
+//! goes without one (too large, Graph failed, the holder died), ask Graph themselves.
+//!
+//! Entries carry their freshness as wall-clock times ([`crate::clock::Clock::wall`]), so
+//! `Age`, `Cache-Status` and the stale windows read the same on every replica whose clock
+//! is synchronised (NTP). The gate is never trusted beyond its key's own remaining time
+//! in Redis, so a replica with a wrong clock cannot close Graph for longer than it was
+//! told to.
 //!
 //! Redis is never in a caller's way: every command is bounded by `cache.shared.timeout`,
-//! and after a failure Redis is left alone for `retry_interval` (the connection manager
-//! reconnects in the background). Failures are logged once per incident and counted.
+//! and after a failure Redis is left alone for `retry_interval`. Sockets have TCP
+//! keepalive and a user timeout, the connection is rebuilt after repeated timeouts, and
+//! the purge subscription is pinged, so a dead connection is noticed. Failures are logged
+//! once per incident and counted.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +46,36 @@ use secrecy::ExposeSecret;
 use crate::config::SharedSettings;
 use crate::routes::{Kind, SessionKey};
 use crate::telemetry::{names, Metrics};
+
+/// The entry, the lock's holder, the gate and the purge generation in one step; takes the
+/// lock (`ARGV[1]` token, `ARGV[2]` ms) when the mode allows it and nobody holds it.
+/// Modes (`ARGV[3]`): `miss` (lock only when no entry is stored), `lock` (lock whatever is
+/// stored), `revalidate` (as `lock`, without returning the entry), `peek` (never lock).
+pub const LOOKUP: &str = r"
+local entry = false
+if ARGV[3] ~= 'revalidate' then entry = redis.call('GET', KEYS[1]) end
+local holder = redis.call('GET', KEYS[2])
+local state = 'free'
+if holder then
+  state = 'busy'
+elseif ARGV[3] == 'lock' or ARGV[3] == 'revalidate' or (ARGV[3] == 'miss' and not entry) then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  state = 'acquired'
+  holder = ARGV[1]
+end
+local gate = redis.call('GET', KEYS[3])
+local gate_ttl = redis.call('PTTL', KEYS[3])
+local gen = redis.call('GET', KEYS[4]) or '0'
+return {entry, state, holder or false, gate, gate_ttl, gen}";
+
+/// Stores an entry unless a purge happened since the generation `ARGV[3]` was read.
+const PUT: &str = r"
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1";
+
+/// Extends the lock only while it still holds our fencing token.
+const RENEW: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
 
 /// Deletes the lock only if it still holds our fencing token (another replica may have
 /// taken it after ours expired).
@@ -47,35 +91,79 @@ end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
 return 1";
 
+/// Longest a gate read from Redis may close Graph here, whatever it says.
+const MAX_GATE: Duration = Duration::from_secs(24 * 3600);
+/// Consecutive timeouts after which the connection is rebuilt (a dead socket times out
+/// rather than failing).
+const REBUILD_AFTER_TIMEOUTS: u32 = 3;
+/// How often the purge subscription is pinged.
+const SUBSCRIPTION_PING: Duration = Duration::from_secs(10);
+
 /// Redis could not be used for this step (down, slow, full, or left alone after a failure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable;
 
-/// The outcome of trying to take a key's single-flight lock.
+/// Who holds a key's single-flight lock, as [`SharedTier::lookup`] left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lock {
-    /// Ours, with this fencing token.
-    Acquired(String),
-    /// Another replica is fetching.
-    Busy,
-    Unavailable,
+pub enum Holder {
+    /// This call took it (with this fencing token): ask Graph.
+    Us(String),
+    /// Another replica is asking Graph (its token).
+    Other(String),
+    /// Nobody (not taken: an entry is stored, or the mode was `peek`).
+    Nobody,
 }
 
-/// Graph closed to everyone until `until_ms` (wall clock, ms since the epoch).
+/// Graph closed to everyone for `left` (at most what its key has left in Redis).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SharedGate {
-    pub until_ms: u64,
+    pub left: Duration,
     pub throttled: bool,
 }
 
-impl SharedGate {
-    fn parse(value: &str) -> Option<SharedGate> {
-        let (until, kind) = value.split_once(' ')?;
-        Some(SharedGate {
-            until_ms: until.parse().ok()?,
-            throttled: kind == "throttled",
-        })
+/// What one [`SharedTier::lookup`] found.
+#[derive(Debug, Clone)]
+pub struct Look {
+    pub entry: Option<Bytes>,
+    pub holder: Holder,
+    pub gate: Option<SharedGate>,
+    /// Purge generation, for [`SharedTier::put`].
+    pub generation: String,
+}
+
+/// How [`SharedTier::lookup`] may take the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookMode {
+    Miss,
+    Lock,
+    Revalidate,
+    Peek,
+}
+
+impl LookMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            LookMode::Miss => "miss",
+            LookMode::Lock => "lock",
+            LookMode::Revalidate => "revalidate",
+            LookMode::Peek => "peek",
+        }
     }
+}
+
+/// `"{until ms} {throttled|circuit}"` with its key's remaining time, judged against our
+/// wall clock but never beyond what the key has left.
+fn parse_gate(value: &str, key_ttl_ms: i64, now_ms: u64) -> Option<SharedGate> {
+    let (until, kind) = value.split_once(' ')?;
+    let until: u64 = until.parse().ok()?;
+    let key_left = Duration::from_millis(u64::try_from(key_ttl_ms).ok()?);
+    let left = Duration::from_millis(until.saturating_sub(now_ms))
+        .min(key_left)
+        .min(MAX_GATE);
+    (!left.is_zero()).then_some(SharedGate {
+        left,
+        throttled: kind == "throttled",
+    })
 }
 
 /// A purge, as broadcast to every replica.
@@ -124,7 +212,9 @@ impl Purge {
 
 pub struct SharedTier {
     client: redis::Client,
-    conn: ConnectionManager,
+    /// Rebuilt after repeated timeouts.
+    conn: Mutex<ConnectionManager>,
+    manager_config: ConnectionManagerConfig,
     prefix: String,
     timeout: Duration,
     connect_timeout: Duration,
@@ -136,6 +226,9 @@ pub struct SharedTier {
     healthy: AtomicBool,
     /// Redis is left alone until then after a failure (real time).
     pause_until: Mutex<Option<std::time::Instant>>,
+    consecutive_timeouts: AtomicU32,
+    /// Tells this replica's messages apart in the purge channel's heartbeats.
+    instance: String,
 }
 
 impl SharedTier {
@@ -155,6 +248,7 @@ impl SharedTier {
                 .set_password(password.expose_secret());
             info = info.set_redis_settings(redis);
         }
+        info = info.set_tcp_settings(tcp_settings(settings.timeout));
         let client = match &settings.ca_pem {
             Some(pem) => redis::Client::build_with_tls(
                 info,
@@ -165,15 +259,16 @@ impl SharedTier {
             )?,
             None => redis::Client::open(info)?,
         };
-        let config = ConnectionManagerConfig::new()
+        let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(settings.retry_interval);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
         Ok(SharedTier {
             client,
-            conn,
+            conn: Mutex::new(conn),
+            manager_config,
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             connect_timeout: settings.connect_timeout,
@@ -183,7 +278,13 @@ impl SharedTier {
             metrics,
             healthy: AtomicBool::new(true),
             pause_until: Mutex::new(None),
+            consecutive_timeouts: AtomicU32::new(0),
+            instance: uuid::Uuid::new_v4().to_string(),
         })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// `{kind}:{event}:{version}:s:{session}` or `...:l`.
@@ -212,13 +313,17 @@ impl SharedTier {
         format!("{}gate", self.prefix)
     }
 
+    fn generation_key(&self) -> String {
+        format!("{}gen", self.prefix)
+    }
+
     fn channel(&self) -> String {
         format!("{}purge", self.prefix)
     }
 
-    /// Whether a body of this size may be stored in Redis.
-    pub fn fits(&self, len: usize) -> bool {
-        len <= self.max_body
+    /// How long the single-flight lock lasts without renewal.
+    pub fn lock_ttl(&self) -> Duration {
+        self.lock_ttl
     }
 
     fn paused(&self) -> bool {
@@ -233,9 +338,9 @@ impl SharedTier {
         }
     }
 
-    fn failed(&self, op: &'static str, why: &str) {
+    fn failed(&self, op: &'static str, why: &str, timed_out: bool) {
         *self.pause_until.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(std::time::Instant::now() + self.retry_interval);
+            std::time::Instant::now().checked_add(self.retry_interval);
         self.metrics
             .counter(names::SHARED_ERRORS, &[("op", op)])
             .increment(1);
@@ -247,9 +352,32 @@ impl SharedTier {
                 "shared cache (Redis) unavailable: carrying on with memory and Graph"
             );
         }
+        if timed_out {
+            let timeouts = self.consecutive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+            if timeouts >= REBUILD_AFTER_TIMEOUTS {
+                self.rebuild();
+            }
+        }
+    }
+
+    /// A connection that keeps timing out may be dead without the socket knowing: start
+    /// a new one.
+    fn rebuild(&self) {
+        self.consecutive_timeouts.store(0, Ordering::Relaxed);
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
+            Ok(fresh) => {
+                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+                tracing::debug!("shared cache connection rebuilt after repeated timeouts");
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot rebuild the shared cache connection"),
+        }
     }
 
     fn succeeded(&self) {
+        self.consecutive_timeouts.store(0, Ordering::Relaxed);
         if !self.healthy.swap(true, Ordering::Relaxed) {
             tracing::info!("shared cache (Redis) reachable again");
         }
@@ -275,94 +403,109 @@ impl SharedTier {
                 Ok(value)
             }
             Ok(Err(e)) => {
-                self.failed(op, &e.to_string());
+                self.failed(op, &e.to_string(), e.is_timeout());
                 Err(Unavailable)
             }
             Err(_) => {
-                self.failed(op, "timed out");
+                self.failed(op, "timed out", true);
                 Err(Unavailable)
             }
         }
     }
 
-    /// In one round trip: the entry for `key` (if Redis has one), whether another
-    /// replica holds its lock (is asking Graph), and the shared gate (if closed).
+    /// One round trip: the entry for `key`, its lock (taken for us when `mode` allows and
+    /// nobody holds it), the shared gate and the purge generation. `now_ms` is this
+    /// replica's wall clock, for the gate.
     pub async fn lookup(
         &self,
         key: &SessionKey,
-    ) -> Result<(Option<Bytes>, bool, Option<SharedGate>), Unavailable> {
-        let mut conn = self.conn.clone();
-        let (entry, locked, gate): (Option<Vec<u8>>, bool, Option<String>) = self
-            .run(
-                "poll",
-                redis::pipe()
-                    .cmd("GET")
-                    .arg(self.entry_key(key))
-                    .cmd("EXISTS")
-                    .arg(self.lock_key(key))
-                    .cmd("GET")
-                    .arg(self.gate_key())
-                    .query_async(&mut conn),
-            )
+        mode: LookMode,
+        now_ms: u64,
+    ) -> Result<Look, Unavailable> {
+        type Reply = (
+            Option<Vec<u8>>,
+            String,
+            Option<String>,
+            Option<String>,
+            i64,
+            String,
+        );
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut conn = self.conn();
+        let script = redis::Script::new(LOOKUP);
+        let mut invocation = script.key(self.entry_key(key));
+        invocation
+            .key(self.lock_key(key))
+            .key(self.gate_key())
+            .key(self.generation_key())
+            .arg(&token)
+            .arg(self.lock_ttl.as_millis().max(1) as u64)
+            .arg(mode.as_str());
+        let (entry, state, holder, gate, gate_ttl, generation): Reply = self
+            .run("lookup", invocation.invoke_async(&mut conn))
             .await?;
-        Ok((
-            entry.map(Bytes::from),
-            locked,
-            gate.as_deref().and_then(SharedGate::parse),
-        ))
+        let holder = match (state.as_str(), holder) {
+            ("acquired", _) => Holder::Us(token),
+            ("busy", Some(other)) => Holder::Other(other),
+            _ => Holder::Nobody,
+        };
+        Ok(Look {
+            entry: entry.map(Bytes::from),
+            holder,
+            gate: gate
+                .as_deref()
+                .and_then(|g| parse_gate(g, gate_ttl, now_ms)),
+            generation,
+        })
     }
 
-    /// Stores an entry for `keep` (Redis expires it by itself).
-    pub async fn put(&self, key: &SessionKey, record: &[u8], keep: Duration) {
-        if !self.fits(record.len()) {
+    /// Stores an entry for `keep` (Redis expires it by itself), unless it is too large or a
+    /// purge happened since `generation` was read.
+    pub async fn put(&self, key: &SessionKey, record: &[u8], keep: Duration, generation: &str) {
+        if record.len() > self.max_body {
             self.metrics
                 .counter(names::SHARED_SKIPPED, &[("reason", "too_large")])
                 .increment(1);
             return;
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let px = keep.as_millis().clamp(1, u64::MAX as u128) as u64;
-        let _ = self
-            .run(
-                "set",
-                redis::cmd("SET")
-                    .arg(self.entry_key(key))
-                    .arg(record)
-                    .arg("PX")
-                    .arg(px)
-                    .query_async::<()>(&mut conn),
-            )
-            .await;
-    }
-
-    /// Tries to become the one replica that fetches `key` from Graph.
-    pub async fn try_lock(&self, key: &SessionKey) -> Lock {
-        let token = uuid::Uuid::new_v4().to_string();
-        let mut conn = self.conn.clone();
-        let px = self.lock_ttl.as_millis().max(1) as u64;
-        match self
-            .run(
-                "lock",
-                redis::cmd("SET")
-                    .arg(self.lock_key(key))
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(px)
-                    .query_async::<Option<String>>(&mut conn),
-            )
+        let script = redis::Script::new(PUT);
+        let mut invocation = script.key(self.entry_key(key));
+        invocation
+            .key(self.generation_key())
+            .arg(record)
+            .arg(px)
+            .arg(generation);
+        if let Ok(0) = self
+            .run("set", invocation.invoke_async::<i64>(&mut conn))
             .await
         {
-            Ok(Some(_)) => Lock::Acquired(token),
-            Ok(None) => Lock::Busy,
-            Err(Unavailable) => Lock::Unavailable,
+            self.metrics
+                .counter(names::SHARED_SKIPPED, &[("reason", "purged")])
+                .increment(1);
         }
+    }
+
+    /// Keeps our lock while Graph is still answering. False when it is no longer ours.
+    pub async fn renew(&self, key: &SessionKey, token: &str) -> bool {
+        let mut conn = self.conn();
+        let script = redis::Script::new(RENEW);
+        let mut invocation = script.key(self.lock_key(key));
+        invocation
+            .arg(token)
+            .arg(self.lock_ttl.as_millis().max(1) as u64);
+        matches!(
+            self.run("renew", invocation.invoke_async::<i64>(&mut conn))
+                .await,
+            Ok(1)
+        )
     }
 
     /// Releases the lock if it is still ours. Bypasses the failure pause: a lock left
     /// behind would make other replicas wait for its expiry.
     pub async fn unlock(&self, key: &SessionKey, token: &str) {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let script = redis::Script::new(UNLOCK);
         let mut invocation = script.key(self.lock_key(key));
         invocation.arg(token);
@@ -373,34 +516,39 @@ impl SharedTier {
         }
     }
 
-    /// Tells every replica that Graph is closed until `gate.until_ms`.
-    pub async fn close_gate(&self, gate: SharedGate, now_ms: u64) {
-        let left = gate.until_ms.saturating_sub(now_ms);
-        if left == 0 {
+    /// Tells every replica that Graph is closed for `left` (throttled, or circuit open).
+    pub async fn close_gate(&self, left: Duration, throttled: bool, now_ms: u64) {
+        if left.is_zero() {
             return;
         }
-        let mut conn = self.conn.clone();
-        // Redis keeps the key a little longer than the gate lasts; readers compare times.
+        let left_ms = left.min(MAX_GATE).as_millis() as u64;
+        let mut conn = self.conn();
+        let script = redis::Script::new(CLOSE_GATE);
+        let mut invocation = script.key(self.gate_key());
+        // The key lasts exactly as long as the gate: readers never trust it beyond that.
+        invocation
+            .arg(now_ms + left_ms)
+            .arg(if throttled { "throttled" } else { "circuit" })
+            .arg(left_ms);
         let _ = self
-            .run(
-                "gate",
-                redis::Script::new(CLOSE_GATE)
-                    .key(self.gate_key())
-                    .arg(gate.until_ms)
-                    .arg(if gate.throttled {
-                        "throttled"
-                    } else {
-                        "circuit"
-                    })
-                    .arg(left + 1000)
-                    .invoke_async::<i64>(&mut conn),
-            )
+            .run("gate", invocation.invoke_async::<i64>(&mut conn))
             .await;
     }
 
     /// Removes what `purge` names from Redis and broadcasts it to every replica.
     /// Returns whether Redis took it.
     pub async fn purge(&self, purge: &Purge) -> bool {
+        let mut conn = self.conn();
+        // First: stores from Graph calls that began before the purge are refused.
+        let generation = self
+            .run(
+                "purge",
+                redis::cmd("INCR")
+                    .arg(self.generation_key())
+                    .query_async::<i64>(&mut conn),
+            )
+            .await
+            .is_ok();
         let removed = match purge {
             Purge::Key(key) => {
                 let mut keys = Vec::new();
@@ -415,7 +563,6 @@ impl SharedTier {
                         ..key
                     }));
                 }
-                let mut conn = self.conn.clone();
                 self.run(
                     "purge",
                     redis::cmd("UNLINK").arg(keys).query_async::<i64>(&mut conn),
@@ -437,7 +584,6 @@ impl SharedTier {
                 self.unlink_matching(&pattern).await
             }
         };
-        let mut conn = self.conn.clone();
         let published = self
             .run(
                 "publish",
@@ -448,13 +594,13 @@ impl SharedTier {
             )
             .await
             .is_ok();
-        removed && published
+        generation && removed && published
     }
 
     async fn unlink_matching(&self, pattern: &str) -> bool {
         let mut cursor: u64 = 0;
         loop {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             let Ok((next, keys)) = self
                 .run(
                     "purge",
@@ -491,7 +637,7 @@ impl SharedTier {
     /// Connects ahead of the first caller, so a miss does not pay for the connection (and
     /// a TLS handshake) within `timeout`.
     pub async fn warm_up(&self) {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let ping = redis::cmd("PING");
         match tokio::time::timeout(
             self.timeout + self.connect_timeout,
@@ -500,34 +646,52 @@ impl SharedTier {
         .await
         {
             Ok(Ok(_)) => tracing::info!("shared cache (Redis) connected"),
-            Ok(Err(e)) => self.failed("connect", &e.to_string()),
-            Err(_) => self.failed("connect", "timed out"),
+            Ok(Err(e)) => self.failed("connect", &e.to_string(), false),
+            Err(_) => self.failed("connect", "timed out", false),
         }
     }
 
     /// Applies purges broadcast by any replica (this one included) until the task is
-    /// dropped, resubscribing after a lost connection. Purges broadcast while this
-    /// replica was disconnected are missed; their entries still expire by `ttl`.
+    /// dropped, resubscribing after a lost connection (noticed by a ping every 10 s).
+    /// Purges broadcast while this replica was disconnected are missed; their entries
+    /// still expire by `ttl`.
     pub async fn follow_purges(self: Arc<Self>, apply: impl Fn(Purge)) {
         loop {
-            let subscribed =
-                tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), async {
-                    let mut pubsub = self.client.get_async_pubsub().await?;
-                    pubsub.subscribe(self.channel()).await?;
-                    Ok::<_, redis::RedisError>(pubsub)
-                })
-                .await;
+            let subscribed = tokio::time::timeout(self.timeout + self.connect_timeout, async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(self.channel()).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            })
+            .await;
             match subscribed {
-                Ok(Ok(mut pubsub)) => {
-                    tracing::debug!("following shared purges");
-                    let mut messages = pubsub.on_message();
-                    while let Some(message) = messages.next().await {
-                        let Ok(text) = message.get_payload::<String>() else {
-                            continue;
-                        };
-                        match Purge::decode(&text) {
-                            Some(purge) => apply(purge),
-                            None => tracing::warn!("ignored a malformed shared purge message"),
+                Ok(Ok(pubsub)) => {
+                    tracing::debug!(instance = %self.instance, "following shared purges");
+                    let (mut sink, mut messages) = pubsub.split();
+                    let mut ping = tokio::time::interval(SUBSCRIPTION_PING);
+                    ping.tick().await;
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => {
+                                let Some(message) = message else { break };
+                                let Ok(text) = message.get_payload::<String>() else {
+                                    continue;
+                                };
+                                match Purge::decode(&text) {
+                                    Some(purge) => apply(purge),
+                                    None => tracing::warn!("ignored a malformed shared purge message"),
+                                }
+                            }
+                            _ = ping.tick() => {
+                                let alive = tokio::time::timeout(
+                                    self.timeout + self.connect_timeout,
+                                    sink.ping::<String>(),
+                                )
+                                .await;
+                                if !matches!(alive, Ok(Ok(_))) {
+                                    tracing::debug!("shared purge subscription did not answer a ping");
+                                    break;
+                                }
+                            }
                         }
                     }
                     tracing::debug!("shared purge subscription ended");
@@ -538,6 +702,24 @@ impl SharedTier {
             tokio::time::sleep(self.retry_interval.max(Duration::from_millis(200))).await;
         }
     }
+}
+
+/// TCP keepalive and a user timeout, so a connection whose peer vanished (failover, NAT
+/// timeout) fails instead of waiting forever.
+fn tcp_settings(timeout: Duration) -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::socket2::TcpKeepalive;
+    let settings = redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(
+            TcpKeepalive::new()
+                .with_time(Duration::from_secs(10))
+                .with_interval(Duration::from_secs(5)),
+        );
+    #[cfg(target_os = "linux")]
+    let settings = settings.set_user_timeout(timeout.max(Duration::from_secs(10)));
+    #[cfg(not(target_os = "linux"))]
+    let _ = timeout;
+    settings
 }
 
 /// Escapes Redis glob characters so ids and the prefix match literally.
@@ -586,13 +768,26 @@ mod tests {
         assert_eq!(SharedTier::key_suffix(&session), "webinars:a@b:v1.0:s:s");
         assert_eq!(SharedTier::key_suffix(&list), "webinars:a@b:v1.0:l");
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+        let now = 1_700_000_000_000;
+        // Our clock says 30 s are left; the key has 20 s: 20 s.
         assert_eq!(
-            SharedGate::parse("1700000000000 throttled"),
+            parse_gate("1700000030000 throttled", 20_000, now),
             Some(SharedGate {
-                until_ms: 1_700_000_000_000,
+                left: Duration::from_secs(20),
                 throttled: true
             })
         );
-        assert_eq!(SharedGate::parse("soon"), None);
+        // A replica whose clock runs a day fast cannot close Graph beyond the key's life.
+        let far = format!("{} circuit", now + 86_400_000 + 30_000);
+        assert_eq!(
+            parse_gate(&far, 31_000, now),
+            Some(SharedGate {
+                left: Duration::from_secs(31),
+                throttled: false
+            })
+        );
+        assert_eq!(parse_gate("1700000030000 throttled", -2, now), None);
+        assert_eq!(parse_gate("1699999990000 throttled", 20_000, now), None);
+        assert_eq!(parse_gate("soon", 20_000, now), None);
     }
 }

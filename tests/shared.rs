@@ -56,6 +56,24 @@ async fn metrics(h: &Harness, admin: std::net::SocketAddr) -> String {
         .unwrap()
 }
 
+/// Until `n` replicas follow the purge channel.
+async fn wait_for_subscribers(redis: &RedisServer, n: i64) {
+    let mut conn = redis.connection().await;
+    for _ in 0..300 {
+        let (_, count): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("gsp:purge")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if count >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("fewer than {n} replicas subscribed to purges");
+}
+
 #[tokio::test]
 async fn three_replicas_make_one_graph_call_for_300_concurrent_first_gets() {
     let redis = RedisServer::start();
@@ -231,6 +249,7 @@ async fn a_purge_through_b_leaves_the_memory_of_a_and_c() {
         let r = get(&h, &path(proxy), Some(("cache-control", "only-if-cached"))).await;
         assert_eq!(r.status(), 200, "cached everywhere before the purge");
     }
+    wait_for_subscribers(&redis, 3).await;
     let r = h
         .http
         .delete(format!(
@@ -333,6 +352,11 @@ async fn a_slow_redis_costs_callers_at_most_its_timeout() {
     let started = Instant::now();
     let r = get(&h, &h.url("webinars", "ev", "gen-while-slow"), None).await;
     assert_eq!(r.status(), 200);
+    let m = metrics(&h, h.admin).await;
+    assert!(
+        m.contains("graph_session_proxy_shared_errors_total{op=\"lookup\"} 1"),
+        "the slow step was cut off at the timeout: {m}"
+    );
     assert!(
         started.elapsed() < Duration::from_millis(1000),
         "took {:?} while Redis slept 1.5 s",
@@ -432,7 +456,20 @@ async fn a_full_redis_is_invisible_to_callers() {
     );
     let h = harness(&redis, |_| {}).await;
     let b = h.another_instance().await;
-    // Fill Redis beyond maxmemory through A; every answer stays 200.
+    // Redis full before the first caller: every write (lock, entry) is refused with OOM.
+    let mut conn = redis.connection().await;
+    let filler = "x".repeat(64 * 1024);
+    for i in 0..200 {
+        let stored: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("filler-{i}"))
+            .arg(&filler)
+            .query_async(&mut conn)
+            .await;
+        if stored.is_err() {
+            break;
+        }
+    }
+    // Every answer stays 200.
     let requests = (0..600).map(|i| {
         let url = if i % 2 == 0 {
             h.url("webinars", "ev", &format!("gen-full-{i}"))
@@ -446,8 +483,8 @@ async fn a_full_redis_is_invisible_to_callers() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let m = metrics(&h, h.admin).await;
     assert!(
-        m.contains("graph_session_proxy_shared_errors_total{op=\"set\"}"),
-        "writes refused by a full Redis are counted: {m}"
+        m.contains("graph_session_proxy_shared_errors_total{op="),
+        "steps refused by a full Redis are counted: {m}"
     );
 }
 
@@ -470,4 +507,144 @@ async fn the_password_may_come_apart_from_the_url() {
     );
     let on_b = get(&h, &b.url("webinars", "ev", "gen-pw"), None).await;
     assert!(cache_status(&on_b).contains("detail=tier2"), "{on_b:?}");
+}
+
+#[tokio::test]
+async fn a_gate_from_a_replica_with_a_fast_clock_closes_graph_no_longer_than_its_key_lives() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |_| {}).await;
+    assert_eq!(
+        get(&h, &h.url("webinars", "ev", "gen-warm"), None)
+            .await
+            .status(),
+        200
+    );
+    // A replica whose clock is a day ahead published a 30 s throttle, as it computes it;
+    // the key itself lives 700 ms (here; its real Retry-After in practice).
+    let mut conn = redis.connection().await;
+    let until = h.clock.wall_ms() + 86_400_000 + 30_000;
+    let _: () = redis::cmd("SET")
+        .arg("gsp:gate")
+        .arg(format!("{until} throttled"))
+        .arg("PX")
+        .arg(700)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = get(&h, &h.url("webinars", "ev", "gen-skew-1"), None).await;
+    assert_eq!(r.status(), 503);
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry_after <= 1,
+        "closed for the key's life only: {retry_after}"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    h.clock.advance(Duration::from_secs(2));
+    let r = get(&h, &h.url("webinars", "ev", "gen-skew-2"), None).await;
+    assert_eq!(r.status(), 200, "{:?}", r.headers().get("retry-after"));
+}
+
+#[tokio::test]
+async fn a_slow_graph_keeps_the_lock_with_its_holder() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |s| s.lock_ttl = Duration::from_millis(300)).await;
+    let b = h.another_instance().await;
+    for url in [
+        h.url("webinars", "ev", "gen-w1"),
+        b.url("webinars", "ev", "gen-w2"),
+    ] {
+        assert_eq!(get(&h, &url, None).await.status(), 200);
+    }
+    let before = h.stats().graph_requests;
+    h.faults(Faults {
+        graph_latency_ms: 1200,
+        ..Faults::default()
+    });
+    let slow_on_a = h.url("webinars", "ev", "gen-slow");
+    let (on_a, on_b) = tokio::join!(get(&h, &slow_on_a, None), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        get(&h, &b.url("webinars", "ev", "gen-slow"), None).await
+    });
+    assert_eq!(on_a.status(), 200);
+    assert_eq!(on_b.status(), 200);
+    assert!(cache_status(&on_b).contains("detail=tier2"), "{on_b:?}");
+    assert_eq!(
+        h.stats().graph_requests - before,
+        1,
+        "the lock (300 ms) outlived a 1.2 s Graph call by renewal"
+    );
+}
+
+#[tokio::test]
+async fn replicas_do_not_queue_behind_a_holder_that_could_not_share() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |s| s.max_body_bytes = bytesize::ByteSize::b(100)).await;
+    let b = h.another_instance().await;
+    let c = h.another_instance().await;
+    for url in [
+        h.url("webinars", "ev", "gen-a"),
+        b.url("webinars", "ev", "gen-b"),
+        c.url("webinars", "ev", "gen-c"),
+    ] {
+        assert_eq!(get(&h, &url, None).await.status(), 200);
+    }
+    h.faults(Faults {
+        graph_latency_ms: 500,
+        ..Faults::default()
+    });
+    let started = Instant::now();
+    let timed = |url: String| {
+        let h = &h;
+        async move {
+            let r = get(h, &url, None).await;
+            (r.status(), started.elapsed())
+        }
+    };
+    let results = futures::future::join_all([
+        timed(h.url("webinars", "ev", "gen-big")),
+        timed(b.url("webinars", "ev", "gen-big")),
+        timed(c.url("webinars", "ev", "gen-big")),
+    ])
+    .await;
+    assert!(results.iter().all(|r| r.0 == 200), "{results:?}");
+    let slowest = results.iter().map(|r| r.1).max().unwrap();
+    // One holder's call, then the others at once: about 2 Graph latencies, not 3.
+    assert!(slowest < Duration::from_millis(1400), "{results:?}");
+}
+
+#[tokio::test]
+async fn a_429_is_shared_while_its_replica_still_waits_out_retry_after() {
+    let redis = RedisServer::start();
+    let h = harness(&redis, |_| {}).await;
+    let b = h.another_instance().await;
+    for url in [
+        h.url("webinars", "ev", "gen-w1"),
+        b.url("webinars", "ev", "gen-w2"),
+    ] {
+        assert_eq!(get(&h, &url, None).await.status(), 200);
+    }
+    h.faults(Faults {
+        graph_status: Some(429),
+        graph_status_count: Some(1),
+        retry_after: Some("2".into()),
+        ..Faults::default()
+    });
+    let before = h.stats().graph_requests;
+    let throttled_on_a = h.url("webinars", "ev", "gen-thr-a");
+    let (on_a, on_b) = tokio::join!(get(&h, &throttled_on_a, None), async {
+        // A got the 429 and sleeps 2 s before its retry; B asks meanwhile.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        get(&h, &b.url("townhalls", "other", "gen-thr-b"), None).await
+    });
+    assert_eq!(on_a.status(), 200, "A's retry after 2 s succeeds");
+    assert_eq!(on_b.status(), 503, "B stays away while A waits");
+    assert_eq!(
+        h.stats().graph_requests - before,
+        2,
+        "the 429 and A's retry only"
+    );
 }
