@@ -56,6 +56,14 @@ async fn metrics(h: &Harness, admin: std::net::SocketAddr) -> String {
         .unwrap()
 }
 
+/// Tokens (and a first entry) for each replica, so that the Graph traffic a test counts
+/// afterwards is its own.
+async fn warm<const N: usize>(h: &Harness, urls: [String; N]) {
+    for url in urls {
+        assert_eq!(get(h, &url, None).await.status(), 200, "{url}");
+    }
+}
+
 /// Until `n` replicas follow the purge channel.
 async fn wait_for_subscribers(redis: &RedisServer, n: i64) {
     let mut conn = redis.connection().await;
@@ -169,13 +177,15 @@ async fn a_429_seen_by_a_keeps_b_and_c_away_from_graph_until_retry_after() {
     let b = h.another_instance().await;
     let c = h.another_instance().await;
     // Tokens first, so the only Graph traffic below is what the gate lets through.
-    for url in [
-        h.url("webinars", "ev", "gen-warm-a"),
-        b.url("webinars", "ev", "gen-warm-b"),
-        c.url("webinars", "ev", "gen-warm-c"),
-    ] {
-        assert_eq!(get(&h, &url, None).await.status(), 200);
-    }
+    warm(
+        &h,
+        [
+            h.url("webinars", "ev", "gen-warm-a"),
+            b.url("webinars", "ev", "gen-warm-b"),
+            c.url("webinars", "ev", "gen-warm-c"),
+        ],
+    )
+    .await;
     h.faults(Faults {
         graph_status: Some(429),
         graph_status_count: Some(1),
@@ -553,12 +563,14 @@ async fn a_slow_graph_keeps_the_lock_with_its_holder() {
     let redis = RedisServer::start();
     let h = harness(&redis, |s| s.lock_ttl = Duration::from_millis(300)).await;
     let b = h.another_instance().await;
-    for url in [
-        h.url("webinars", "ev", "gen-w1"),
-        b.url("webinars", "ev", "gen-w2"),
-    ] {
-        assert_eq!(get(&h, &url, None).await.status(), 200);
-    }
+    warm(
+        &h,
+        [
+            h.url("webinars", "ev", "gen-w1"),
+            b.url("webinars", "ev", "gen-w2"),
+        ],
+    )
+    .await;
     let before = h.stats().graph_requests;
     h.faults(Faults {
         graph_latency_ms: 1200,
@@ -585,13 +597,15 @@ async fn replicas_do_not_queue_behind_a_holder_that_could_not_share() {
     let h = harness(&redis, |s| s.max_body_bytes = bytesize::ByteSize::b(100)).await;
     let b = h.another_instance().await;
     let c = h.another_instance().await;
-    for url in [
-        h.url("webinars", "ev", "gen-a"),
-        b.url("webinars", "ev", "gen-b"),
-        c.url("webinars", "ev", "gen-c"),
-    ] {
-        assert_eq!(get(&h, &url, None).await.status(), 200);
-    }
+    warm(
+        &h,
+        [
+            h.url("webinars", "ev", "gen-a"),
+            b.url("webinars", "ev", "gen-b"),
+            c.url("webinars", "ev", "gen-c"),
+        ],
+    )
+    .await;
     h.faults(Faults {
         graph_latency_ms: 500,
         ..Faults::default()
@@ -621,12 +635,14 @@ async fn a_429_is_shared_while_its_replica_still_waits_out_retry_after() {
     let redis = RedisServer::start();
     let h = harness(&redis, |_| {}).await;
     let b = h.another_instance().await;
-    for url in [
-        h.url("webinars", "ev", "gen-w1"),
-        b.url("webinars", "ev", "gen-w2"),
-    ] {
-        assert_eq!(get(&h, &url, None).await.status(), 200);
-    }
+    warm(
+        &h,
+        [
+            h.url("webinars", "ev", "gen-w1"),
+            b.url("webinars", "ev", "gen-w2"),
+        ],
+    )
+    .await;
     h.faults(Faults {
         graph_status: Some(429),
         graph_status_count: Some(1),
