@@ -706,7 +706,8 @@ impl SessionCache {
     ) -> FetchResult {
         let fetch = self.fetch_from_graph(key, deadline);
         tokio::pin!(fetch);
-        let mut renew = tokio::time::interval(shared.lock_ttl() / 3);
+        let mut renew =
+            tokio::time::interval((shared.lock_ttl() / 3).max(Duration::from_millis(10)));
         renew.tick().await;
         let result = loop {
             tokio::select! {

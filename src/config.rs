@@ -906,7 +906,12 @@ impl Settings {
             }
             positive("cache.shared.timeout", shared.timeout)?;
             positive("cache.shared.connect_timeout", shared.connect_timeout)?;
-            positive("cache.shared.lock_ttl", shared.lock_ttl)?;
+            if shared.lock_ttl < Duration::from_millis(100) {
+                return Err(ConfigError::invalid(
+                    "cache.shared.lock_ttl",
+                    "at least 100ms (its holder renews it every third of it)",
+                ));
+            }
             if shared.max_body_bytes.as_u64() > 512 * 1024 * 1024 {
                 return Err(ConfigError::invalid(
                     "cache.shared.max_body_bytes",
@@ -1390,6 +1395,7 @@ mod tests {
                 "cache.shared.retry_interval",
             ),
             ("lock_ttl = \"2h\"", "cache.shared.lock_ttl"),
+            ("lock_ttl = \"1ms\"", "cache.shared.lock_ttl"),
         ] {
             let err = Settings::from_toml(&with(table), Purpose::Serve)
                 .unwrap_err()
