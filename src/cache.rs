@@ -24,6 +24,7 @@
 //! the same error (or a stale entry) without calling a failing Graph again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -368,6 +369,9 @@ pub struct SessionCache {
     metrics: Arc<Metrics>,
     /// Redis, when `[cache.shared]` is configured.
     shared: Option<Arc<SharedTier>>,
+    /// Bumped by every purge: a Graph answer to a call that began before a purge is
+    /// returned to its callers but not stored.
+    purges: AtomicU64,
 }
 
 /// How often a replica waiting for another's Graph call looks for its answer.
@@ -438,7 +442,16 @@ impl SessionCache {
             clock,
             metrics,
             shared,
+            purges: AtomicU64::new(0),
         })
+    }
+
+    fn purge_count(&self) -> u64 {
+        self.purges.load(Ordering::SeqCst)
+    }
+
+    fn count_purge(&self) {
+        self.purges.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The shared tier, when configured.
@@ -602,6 +615,7 @@ impl SessionCache {
         key: &SessionKey,
         deadline: Instant,
     ) -> FetchResult {
+        let purges = self.purge_count();
         match self.graph.fetch(key, deadline).await {
             Ok(answer) => {
                 let entry = Arc::new(Entry::new(
@@ -610,7 +624,9 @@ impl SessionCache {
                     &self.settings,
                     key.is_list(),
                 ));
-                self.store.insert(key.clone(), entry.clone());
+                if self.purge_count() == purges {
+                    self.store.insert(key.clone(), entry.clone());
+                }
                 Ok(entry)
             }
             Err(e) => {
@@ -643,7 +659,7 @@ impl SessionCache {
         } else {
             LookMode::Miss
         };
-        let mut look = match shared.lookup(key, first, started_ms).await {
+        let mut look = match shared.lookup(key, first).await {
             Ok(look) => look,
             Err(Unavailable) => {
                 self.count_lookup("unavailable");
@@ -651,32 +667,32 @@ impl SessionCache {
             }
         };
         self.apply_shared_gate(look.gate);
-        if let Some(record) = look.entry.take() {
-            match self.adopt_record(key, &record, mode, started_ms, None) {
-                Ok(entry) => {
+        match look.entry.take() {
+            Some(record) => {
+                if let Ok(entry) = self.adopt_record(key, &record, mode, started_ms, None) {
                     self.count_lookup("hit");
-                    if let Holder::Us(token) = &look.holder {
-                        shared.unlock(key, token).await;
-                    }
+                    self.release_if_ours(shared, key, &look.holder);
                     return Ok(entry);
                 }
-                Err(()) => {
-                    self.count_lookup("stale");
-                    // Stored but not usable now (stale, or due for a refresh): the script
-                    // left the lock alone; take it (or learn who has it).
-                    if look.holder == Holder::Nobody {
-                        look = match shared.lookup(key, LookMode::Lock, started_ms).await {
-                            Ok(look) => look,
-                            Err(Unavailable) => {
-                                return self.fetch_alone(shared, key, deadline).await
-                            }
-                        };
-                        self.apply_shared_gate(look.gate);
+                self.count_lookup("stale");
+                // Stored but not usable now (stale, or due for a refresh): the script left
+                // the lock alone; take it (or learn who has it), and look at the entry
+                // again: another replica may have stored a fresh one meanwhile.
+                if look.holder == Holder::Nobody {
+                    look = match shared.lookup(key, LookMode::Lock).await {
+                        Ok(look) => look,
+                        Err(Unavailable) => return self.fetch_alone(shared, key, deadline).await,
+                    };
+                    self.apply_shared_gate(look.gate);
+                    if let Some(record) = look.entry.take() {
+                        if let Ok(entry) = self.adopt_record(key, &record, mode, started_ms, None) {
+                            self.release_if_ours(shared, key, &look.holder);
+                            return Ok(entry);
+                        }
                     }
                 }
             }
-        } else {
-            self.count_lookup("miss");
+            None => self.count_lookup("miss"),
         }
         match look.holder {
             Holder::Us(token) => {
@@ -685,17 +701,25 @@ impl SessionCache {
             }
             Holder::Other(holder) => {
                 self.count_lookup("waited");
-                self.wait_for_holder(shared, key, mode, started_ms, &holder, deadline)
+                self.wait_for_holder(shared, key, mode, started_ms, holder, deadline)
                     .await
             }
             Holder::Nobody => self.fetch_alone(shared, key, deadline).await,
         }
     }
 
+    /// Releases, on the side, a lock the lookup took for us but we do not need.
+    fn release_if_ours(&self, shared: &Arc<SharedTier>, key: &SessionKey, holder: &Holder) {
+        if let Holder::Us(token) = holder {
+            let (shared, key, token) = (Arc::clone(shared), key.clone(), token.clone());
+            tokio::spawn(async move { shared.unlock(&key, &token).await });
+        }
+    }
+
     /// Asks Graph while holding the key's lock (renewed every third of its life, so a slow
     /// Graph does not let another replica in), stores the answer in Redis (so that a
-    /// caller of another replica right after ours finds it), and releases the lock on the
-    /// side.
+    /// caller of another replica right after ours finds it), or says that none will come,
+    /// and releases the lock on the side.
     async fn fetch_as_holder(
         self: &Arc<Self>,
         shared: &Arc<SharedTier>,
@@ -704,33 +728,45 @@ impl SessionCache {
         generation: &str,
         deadline: Instant,
     ) -> FetchResult {
-        let fetch = self.fetch_from_graph(key, deadline);
-        tokio::pin!(fetch);
-        let mut renew =
-            tokio::time::interval((shared.lock_ttl() / 3).max(Duration::from_millis(10)));
-        renew.tick().await;
-        let result = loop {
-            tokio::select! {
-                result = &mut fetch => break result,
-                _ = renew.tick() => {
-                    if !shared.renew(key, token).await {
-                        tracing::debug!(%key, "lost the shared lock while fetching");
-                    }
+        let renewals = async {
+            let mut every =
+                tokio::time::interval((shared.lock_ttl() / 3).max(Duration::from_millis(10)));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if !shared.renew(key, token).await {
+                    tracing::debug!(%key, "lost the shared lock while fetching");
                 }
             }
         };
-        match &result {
+        // The answer ends the renewals at once, even one waiting on a slow Redis.
+        let result = tokio::select! {
+            result = self.fetch_from_graph(key, deadline) => result,
+            never = renewals => never,
+        };
+        let shared_answer = match &result {
             Ok(entry) => match entry.to_shared(&self.clock, Some(token)) {
                 Some(record) => shared.put(key, &record, entry.keep_for(), generation).await,
-                None => self
-                    .metrics
-                    .counter(names::SHARED_SKIPPED, &[("reason", "layout")])
-                    .increment(1),
+                None => {
+                    self.metrics
+                        .counter(names::SHARED_SKIPPED, &[("reason", "layout")])
+                        .increment(1);
+                    false
+                }
             },
-            Err(_) => self.publish_gate(shared).await,
-        }
+            Err(_) => {
+                self.publish_gate(shared).await;
+                false
+            }
+        };
         let (shared, key, token) = (Arc::clone(shared), key.clone(), token.to_string());
-        tokio::spawn(async move { shared.unlock(&key, &token).await });
+        tokio::spawn(async move {
+            if !shared_answer {
+                shared.mark_unshared(&key).await;
+            }
+            shared.unlock(&key, &token).await
+        });
         result
     }
 
@@ -749,15 +785,16 @@ impl SessionCache {
         result
     }
 
-    /// Polls Redis while another replica (`holder`) asks Graph, until its entry appears;
-    /// asks Graph itself when the lock goes without a usable entry.
+    /// Polls Redis while another replica (`holder`) asks Graph, until its entry appears.
+    /// When the lock goes without one: if the holder said none will come (too large,
+    /// Graph failed), asks Graph itself; if it died, takes part in electing a new holder.
     async fn wait_for_holder(
         self: &Arc<Self>,
         shared: &Arc<SharedTier>,
         key: &SessionKey,
         mode: Mode,
         started_ms: u64,
-        holder: &str,
+        mut holder: String,
         deadline: Instant,
     ) -> FetchResult {
         loop {
@@ -766,21 +803,37 @@ impl SessionCache {
             }
             let jitter = Duration::from_millis(rand::random::<u64>() % 10);
             tokio::time::sleep(SHARED_POLL + jitter).await;
-            let look = match shared
-                .lookup(key, LookMode::Peek, self.clock.wall_ms())
-                .await
-            {
+            let mut look = match shared.lookup(key, LookMode::Peek).await {
                 Ok(look) => look,
                 Err(Unavailable) => return self.fetch_alone(shared, key, deadline).await,
             };
             self.apply_shared_gate(look.gate);
             if let Some(record) = &look.entry {
-                if let Ok(entry) = self.adopt_record(key, record, mode, started_ms, Some(holder)) {
+                if let Ok(entry) = self.adopt_record(key, record, mode, started_ms, Some(&holder)) {
                     return Ok(entry);
                 }
             }
-            if look.holder == Holder::Nobody {
-                return self.fetch_alone(shared, key, deadline).await;
+            match look.holder {
+                Holder::Other(current) => holder = current,
+                Holder::Us(_) | Holder::Nobody if look.unshared => {
+                    return self.fetch_alone(shared, key, deadline).await
+                }
+                Holder::Us(_) | Holder::Nobody => {
+                    // The holder died (its lock expired): one of the waiters takes over.
+                    look = match shared.lookup(key, LookMode::Lock).await {
+                        Ok(look) => look,
+                        Err(Unavailable) => return self.fetch_alone(shared, key, deadline).await,
+                    };
+                    match look.holder {
+                        Holder::Us(token) => {
+                            return self
+                                .fetch_as_holder(shared, key, &token, &look.generation, deadline)
+                                .await
+                        }
+                        Holder::Other(current) => holder = current,
+                        Holder::Nobody => return self.fetch_alone(shared, key, deadline).await,
+                    }
+                }
             }
         }
     }
@@ -837,9 +890,7 @@ impl SessionCache {
     /// Publishes this replica's closed Graph gate (429 or open circuit) to the others.
     async fn publish_gate(&self, shared: &SharedTier) {
         if let Some((left, throttled)) = self.graph.gate.closed_for(self.clock.now()) {
-            shared
-                .close_gate(left, throttled, self.clock.wall_ms())
-                .await;
+            shared.close_gate(left, throttled).await;
         }
     }
 
@@ -900,6 +951,7 @@ impl SessionCache {
     /// it. A session's purge also drops its event's list, whose summary of it may have
     /// changed too. Returns whether the session (or list) was cached.
     pub fn purge(&self, key: &SessionKey) -> bool {
+        self.count_purge();
         let mut was_cached = false;
         for version in [ApiVersion::V1, ApiVersion::Beta] {
             let key = key.clone().with_version(version);
@@ -920,6 +972,7 @@ impl SessionCache {
     /// Drops every cached session of one event, and its session list. Returns how many
     /// sessions.
     pub fn purge_event(&self, kind: Kind, event: &str) -> usize {
+        self.count_purge();
         let keys: Vec<SessionKey> = self
             .store
             .iter()
@@ -941,6 +994,7 @@ impl SessionCache {
 
     /// Drops everything.
     pub fn purge_all(&self) {
+        self.count_purge();
         self.failures.invalidate_all();
         self.store.invalidate_all();
     }

@@ -6,7 +6,8 @@
 //! gsp:e:{kind}:{event}:{version}:s:{session}    an entry (session)     PX = how long it may be served
 //! gsp:e:{kind}:{event}:{version}:l              an entry (event list)  PX = the same
 //! gsp:lock:{kind}:{event}:{version}:s:{session} single-flight lock     value = fencing token, PX = lock_ttl (renewed)
-//! gsp:gate                                      Graph closed: "{until ms} {throttled|circuit}", PX = what is left
+//! gsp:gate                                      Graph closed: "throttled" or "circuit", PX = what is left
+//! gsp:unshared:{kind}:{event}:{version}:s:{session}  the holder's answer could not be shared (PX = lock_ttl)
 //! gsp:gen                                       purge generation (INCR on every purge)
 //! gsp:purge                                     pub/sub channel of purges (and heartbeats)
 //! ```
@@ -18,13 +19,13 @@
 //! (atomically, so no replica can store between another's look and its lock). The holder
 //! renews its lock while Graph answers, stores the answer only if no purge happened
 //! meanwhile, then releases it; the others poll until the entry appears, or, when the lock
-//! goes without one (too large, Graph failed, the holder died), ask Graph themselves.
+//! goes without one, they ask Graph themselves when the holder said it could not share its
+//! answer (too large, Graph failed), or elect a new holder when it died.
 //!
 //! Entries carry their freshness as wall-clock times ([`crate::clock::Clock::wall`]), so
 //! `Age`, `Cache-Status` and the stale windows read the same on every replica whose clock
-//! is synchronised (NTP). The gate is never trusted beyond its key's own remaining time
-//! in Redis, so a replica with a wrong clock cannot close Graph for longer than it was
-//! told to.
+//! is synchronised (NTP). The gate uses no clock but Redis's: it lasts as long as its key
+//! (`PX`), so a replica with a wrong clock cannot shorten or lengthen it.
 //!
 //! Redis is never in a caller's way: every command is bounded by `cache.shared.timeout`,
 //! and after a failure Redis is left alone for `retry_interval`. Sockets have TCP
@@ -66,7 +67,8 @@ end
 local gate = redis.call('GET', KEYS[3])
 local gate_ttl = redis.call('PTTL', KEYS[3])
 local gen = redis.call('GET', KEYS[4]) or '0'
-return {entry, state, holder or false, gate, gate_ttl, gen}";
+local unshared = redis.call('EXISTS', KEYS[5])
+return {entry, state, holder or false, gate, gate_ttl, gen, unshared}";
 
 /// Stores an entry unless a purge happened since the generation `ARGV[3]` was read.
 const PUT: &str = r"
@@ -81,14 +83,10 @@ const RENEW: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis
 /// taken it after ours expired).
 const UNLOCK: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
-/// Sets the gate to the later of its current and the new closing time.
+/// Closes the gate for `ARGV[2]` ms (kind `ARGV[1]`) unless it is closed longer already.
 const CLOSE_GATE: &str = r"
-local current = redis.call('GET', KEYS[1])
-if current then
-  local closed_until = tonumber(string.match(current, '^(%d+)'))
-  if closed_until and closed_until >= tonumber(ARGV[1]) then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
+if redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1";
 
 /// Longest a gate read from Redis may close Graph here, whatever it says.
@@ -129,6 +127,8 @@ pub struct Look {
     pub gate: Option<SharedGate>,
     /// Purge generation, for [`SharedTier::put`].
     pub generation: String,
+    /// The last holder said its answer could not be shared (too large, Graph failed).
+    pub unshared: bool,
 }
 
 /// How [`SharedTier::lookup`] may take the lock.
@@ -151,15 +151,9 @@ impl LookMode {
     }
 }
 
-/// `"{until ms} {throttled|circuit}"` with its key's remaining time, judged against our
-/// wall clock but never beyond what the key has left.
-fn parse_gate(value: &str, key_ttl_ms: i64, now_ms: u64) -> Option<SharedGate> {
-    let (until, kind) = value.split_once(' ')?;
-    let until: u64 = until.parse().ok()?;
-    let key_left = Duration::from_millis(u64::try_from(key_ttl_ms).ok()?);
-    let left = Duration::from_millis(until.saturating_sub(now_ms))
-        .min(key_left)
-        .min(MAX_GATE);
+/// The gate's kind and its key's remaining time (`PTTL`; negative: no expiry or no key).
+fn parse_gate(kind: &str, key_ttl_ms: i64) -> Option<SharedGate> {
+    let left = Duration::from_millis(u64::try_from(key_ttl_ms).ok()?).min(MAX_GATE);
     (!left.is_zero()).then_some(SharedGate {
         left,
         throttled: kind == "throttled",
@@ -313,6 +307,10 @@ impl SharedTier {
         format!("{}gate", self.prefix)
     }
 
+    fn unshared_key(&self, key: &SessionKey) -> String {
+        format!("{}unshared:{}", self.prefix, Self::key_suffix(key))
+    }
+
     fn generation_key(&self) -> String {
         format!("{}gen", self.prefix)
     }
@@ -414,14 +412,9 @@ impl SharedTier {
     }
 
     /// One round trip: the entry for `key`, its lock (taken for us when `mode` allows and
-    /// nobody holds it), the shared gate and the purge generation. `now_ms` is this
-    /// replica's wall clock, for the gate.
-    pub async fn lookup(
-        &self,
-        key: &SessionKey,
-        mode: LookMode,
-        now_ms: u64,
-    ) -> Result<Look, Unavailable> {
+    /// nobody holds it), the shared gate, the purge generation and whether the last holder
+    /// could not share its answer.
+    pub async fn lookup(&self, key: &SessionKey, mode: LookMode) -> Result<Look, Unavailable> {
         type Reply = (
             Option<Vec<u8>>,
             String,
@@ -429,6 +422,7 @@ impl SharedTier {
             Option<String>,
             i64,
             String,
+            i64,
         );
         let token = uuid::Uuid::new_v4().to_string();
         let mut conn = self.conn();
@@ -438,10 +432,11 @@ impl SharedTier {
             .key(self.lock_key(key))
             .key(self.gate_key())
             .key(self.generation_key())
+            .key(self.unshared_key(key))
             .arg(&token)
             .arg(self.lock_ttl.as_millis().max(1) as u64)
             .arg(mode.as_str());
-        let (entry, state, holder, gate, gate_ttl, generation): Reply = self
+        let (entry, state, holder, gate, gate_ttl, generation, unshared): Reply = self
             .run("lookup", invocation.invoke_async(&mut conn))
             .await?;
         let holder = match (state.as_str(), holder) {
@@ -452,21 +447,43 @@ impl SharedTier {
         Ok(Look {
             entry: entry.map(Bytes::from),
             holder,
-            gate: gate
-                .as_deref()
-                .and_then(|g| parse_gate(g, gate_ttl, now_ms)),
+            gate: gate.as_deref().and_then(|g| parse_gate(g, gate_ttl)),
             generation,
+            unshared: unshared == 1,
         })
     }
 
+    /// Tells the replicas waiting on our lock that no answer will come from us (it was too
+    /// large, or Graph failed): they ask Graph themselves instead of electing a new holder.
+    pub async fn mark_unshared(&self, key: &SessionKey) {
+        let mut conn = self.conn();
+        let _ = self
+            .run(
+                "set",
+                redis::cmd("SET")
+                    .arg(self.unshared_key(key))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(self.lock_ttl.as_millis().max(1) as u64)
+                    .query_async::<()>(&mut conn),
+            )
+            .await;
+    }
+
     /// Stores an entry for `keep` (Redis expires it by itself), unless it is too large or a
-    /// purge happened since `generation` was read.
-    pub async fn put(&self, key: &SessionKey, record: &[u8], keep: Duration, generation: &str) {
+    /// purge happened since `generation` was read. False when not stored.
+    pub async fn put(
+        &self,
+        key: &SessionKey,
+        record: &[u8],
+        keep: Duration,
+        generation: &str,
+    ) -> bool {
         if record.len() > self.max_body {
             self.metrics
                 .counter(names::SHARED_SKIPPED, &[("reason", "too_large")])
                 .increment(1);
-            return;
+            return false;
         }
         let mut conn = self.conn();
         let px = keep.as_millis().clamp(1, u64::MAX as u128) as u64;
@@ -477,13 +494,18 @@ impl SharedTier {
             .arg(record)
             .arg(px)
             .arg(generation);
-        if let Ok(0) = self
+        match self
             .run("set", invocation.invoke_async::<i64>(&mut conn))
             .await
         {
-            self.metrics
-                .counter(names::SHARED_SKIPPED, &[("reason", "purged")])
-                .increment(1);
+            Ok(1) => true,
+            Ok(_) => {
+                self.metrics
+                    .counter(names::SHARED_SKIPPED, &[("reason", "purged")])
+                    .increment(1);
+                false
+            }
+            Err(Unavailable) => false,
         }
     }
 
@@ -517,17 +539,16 @@ impl SharedTier {
     }
 
     /// Tells every replica that Graph is closed for `left` (throttled, or circuit open).
-    pub async fn close_gate(&self, left: Duration, throttled: bool, now_ms: u64) {
-        if left.is_zero() {
+    pub async fn close_gate(&self, left: Duration, throttled: bool) {
+        let left_ms = left.min(MAX_GATE).as_millis() as u64;
+        if left_ms == 0 {
             return;
         }
-        let left_ms = left.min(MAX_GATE).as_millis() as u64;
         let mut conn = self.conn();
         let script = redis::Script::new(CLOSE_GATE);
         let mut invocation = script.key(self.gate_key());
-        // The key lasts exactly as long as the gate: readers never trust it beyond that.
+        // The key lasts exactly as long as the gate: its life is the gate.
         invocation
-            .arg(now_ms + left_ms)
             .arg(if throttled { "throttled" } else { "circuit" })
             .arg(left_ms);
         let _ = self
@@ -768,26 +789,23 @@ mod tests {
         assert_eq!(SharedTier::key_suffix(&session), "webinars:a@b:v1.0:s:s");
         assert_eq!(SharedTier::key_suffix(&list), "webinars:a@b:v1.0:l");
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
-        let now = 1_700_000_000_000;
-        // Our clock says 30 s are left; the key has 20 s: 20 s.
         assert_eq!(
-            parse_gate("1700000030000 throttled", 20_000, now),
+            parse_gate("throttled", 20_000),
             Some(SharedGate {
                 left: Duration::from_secs(20),
                 throttled: true
             })
         );
-        // A replica whose clock runs a day fast cannot close Graph beyond the key's life.
-        let far = format!("{} circuit", now + 86_400_000 + 30_000);
         assert_eq!(
-            parse_gate(&far, 31_000, now),
+            parse_gate("circuit", 31_000),
             Some(SharedGate {
                 left: Duration::from_secs(31),
                 throttled: false
             })
         );
-        assert_eq!(parse_gate("1700000030000 throttled", -2, now), None);
-        assert_eq!(parse_gate("1699999990000 throttled", 20_000, now), None);
-        assert_eq!(parse_gate("soon", 20_000, now), None);
+        // No expiry (-1) or no key (-2): nothing to honour; never beyond a day.
+        assert_eq!(parse_gate("throttled", -1), None);
+        assert_eq!(parse_gate("throttled", -2), None);
+        assert_eq!(parse_gate("throttled", i64::MAX).unwrap().left, MAX_GATE);
     }
 }

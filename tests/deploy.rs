@@ -561,7 +561,7 @@ fn shared_cache_overlay_wires_the_proxy_to_redis() {
     assert!(!args.contains(&"--port".to_string()), "the default port");
     assert_eq!(arg_after(&args, "--save"), "", "a cache persists nothing");
     assert_eq!(arg_after(&args, "--appendonly"), "no");
-    assert_eq!(arg_after(&args, "--maxmemory-policy"), "allkeys-lru");
+    assert_eq!(arg_after(&args, "--maxmemory-policy"), "volatile-lru");
     let maxmemory_mib: u64 = arg_after(&args, "--maxmemory")
         .strip_suffix("mb")
         .expect("--maxmemory in mb")

@@ -156,8 +156,8 @@ def rendered(path, secret_path):
         memory_limit = int(lm[1]) * BINARY[lm[2].lower()]
         if not 0.5 * memory_limit <= maxmemory <= 0.8 * memory_limit:
             errors.append(f"--maxmemory should be 50 to 80 % of the memory limit {limit}")
-    if args[args.index("--maxmemory-policy") + 1] not in ("allkeys-lru", "volatile-ttl"):
-        errors.append("--maxmemory-policy: a cache evicts (allkeys-lru)")
+    if args[args.index("--maxmemory-policy") + 1] != "volatile-lru":
+        errors.append("--maxmemory-policy: volatile-lru (evict sessions, never the purge generation)")
     if args[args.index("--save") + 1] != "" or args[args.index("--appendonly") + 1] != "no":
         errors.append('a cache persists nothing: --save "" --appendonly no')
 
