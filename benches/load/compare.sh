@@ -42,8 +42,10 @@ API_KEY=bench-key
 CLIENT_PATH="/sessions/webinars/$EVENT/$SESSION"   # the path every server is asked for
 GRAPH_PATH="/v1.0/solutions/virtualEvents/webinars/$EVENT_ENC/sessions/$SESSION"
 
-log() { printf '[compare] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=compare
+WORK_PREFIX=gsp-compare
+# shellcheck source=benches/load/common.sh
+source "$ROOT/benches/load/common.sh"
 
 # ---------------------------------------------------------------- 1. tools
 need=()
@@ -65,42 +67,6 @@ done
 # 1000 concurrent connections on each side of the stampede need descriptors.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-WORK=$(mktemp -d /tmp/gsp-compare.XXXXXX)
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ "${KEEP_WORK:-0}" == 1 ]]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_ports() { # N free loopback ports, distinct
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-wait_http() { # URL: until it answers at all (any status)
-    for _ in $(seq 200); do
-        curl -s -o /dev/null --max-time 1 "$1" && return 0
-        sleep 0.05
-    done
-    die "nothing answers at $1"
-}
 tree_pids() { # PID and all its descendants
     local p=$1 c
     echo "$p"

@@ -32,50 +32,15 @@ API_KEY=bench-key
 PREFIX="/sessions/webinars/$EVENT/gen-t2-"
 KEY_PREFIX="gsp-bench:"
 
-log() { printf '[tier2] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=tier2
+WORK_PREFIX=gsp-tier2
+# shellcheck source=benches/load/common.sh
+source "$ROOT/benches/load/common.sh"
 
 for tool in curl python3 cargo redis-server redis-cli sha256sum; do
     command -v "$tool" >/dev/null || die "$tool not found (redis-server: apt-get install redis-server)"
 done
 
-WORK=$(mktemp -d /tmp/gsp-tier2.XXXXXX)
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ "${KEEP_WORK:-0}" == 1 ]]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# The helpers below are compare.sh's, repeated so either script runs alone.
-free_ports() { # N free loopback ports, distinct
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-wait_http() { # URL: until it answers at all (any status)
-    for _ in $(seq 200); do
-        curl -s -o /dev/null --max-time 1 "$1" && return 0
-        sleep 0.05
-    done
-    die "nothing answers at $1"
-}
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { # utime+stime (ticks) of PID (the proxy and redis-server are one process each)
     sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
