@@ -681,18 +681,7 @@ impl Settings {
     /// Reads `auth.client_secret_file` once, at start-up.
     fn read_secret_file(&mut self) -> Result<(), ConfigError> {
         if let Some(path) = &self.auth.client_secret_file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-                key: "auth.client_secret_file",
-                path: path.clone(),
-                source,
-            })?;
-            let secret = text.trim_end_matches(['\r', '\n']).to_string();
-            if secret.is_empty() {
-                return Err(ConfigError::invalid(
-                    "auth.client_secret_file",
-                    "the file is empty",
-                ));
-            }
+            let secret = read_text_file("auth.client_secret_file", path)?;
             self.auth.client_secret = Some(SecretString::from(secret));
         }
         if let (Some(cert), Some(key)) = (&self.auth.certificate_file, &self.auth.private_key_file)
@@ -700,21 +689,8 @@ impl Settings {
             self.auth.certificate = Some(ClientCertificate::load(cert, key)?);
         }
         if let Some(shared) = &mut self.cache.shared {
-            let read = |key: &'static str, path: &PathBuf| -> Result<String, ConfigError> {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-                    key,
-                    path: path.clone(),
-                    source,
-                })?;
-                // Line endings only: a password may begin or end with a space.
-                let text = text.trim_end_matches(['\r', '\n']).to_string();
-                if text.is_empty() {
-                    return Err(ConfigError::invalid(key, "the file is empty"));
-                }
-                Ok(text)
-            };
             if let Some(path) = &shared.redis_url_file {
-                let url = read("cache.shared.redis_url_file", path)?
+                let url = read_text_file("cache.shared.redis_url_file", path)?
                     .trim()
                     .to_string();
                 check_redis_url("cache.shared.redis_url_file", &url)?;
@@ -732,7 +708,7 @@ impl Settings {
                         "the Redis URL carries a password already: use one or the other",
                     ));
                 }
-                let password = read("cache.shared.password_file", path)?;
+                let password = read_text_file("cache.shared.password_file", path)?;
                 shared.password = Some(SecretString::from(password));
             }
             if let Some(path) = &shared.ca_file {
@@ -746,7 +722,7 @@ impl Settings {
                         "only for a rediss:// URL",
                     ));
                 }
-                let pem = read("cache.shared.ca_file", path)?;
+                let pem = read_text_file("cache.shared.ca_file", path)?;
                 if !pem.contains("-----BEGIN CERTIFICATE-----") {
                     return Err(ConfigError::invalid(
                         "cache.shared.ca_file",
@@ -1205,6 +1181,21 @@ impl Settings {
             self.scope()
         )
     }
+}
+
+/// A secret (or similar) file read once at start-up: its text without the final line
+/// ending (only that: a password may begin or end with a space); empty is an error.
+fn read_text_file(key: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+        key,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let text = text.trim_end_matches(['\r', '\n']).to_string();
+    if text.is_empty() {
+        return Err(ConfigError::invalid(key, "the file is empty"));
+    }
+    Ok(text)
 }
 
 /// `redis://`, `rediss://` (TLS) or `redis+unix://` / `unix://` URLs that the client accepts.

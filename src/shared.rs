@@ -424,7 +424,11 @@ impl SharedTier {
             String,
             i64,
         );
-        let token = uuid::Uuid::new_v4().to_string();
+        // A fencing token only when this step may take the lock (not for every poll).
+        let token = match mode {
+            LookMode::Peek => String::new(),
+            _ => uuid::Uuid::new_v4().to_string(),
+        };
         let mut conn = self.conn();
         let script = redis::Script::new(LOOKUP);
         let mut invocation = script.key(self.entry_key(key));
