@@ -927,7 +927,7 @@ impl SessionCache {
     /// With a shared tier: follows purges broadcast by other replicas, and publishes this
     /// replica's Graph gate as soon as it closes (a 429 seen here, even while the call
     /// that saw it still waits out `Retry-After`). Never returns without a shared tier.
-    pub async fn follow_purges(self: Arc<Self>) {
+    pub async fn run_shared_tasks(self: Arc<Self>) {
         let Some(shared) = self.shared.clone() else {
             return std::future::pending().await;
         };

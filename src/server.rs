@@ -296,13 +296,14 @@ impl Proxy {
             state.draining.store(true, Ordering::SeqCst);
             let _ = stop_callers.send(());
         };
-        // Purges broadcast by other replicas (with a shared tier; otherwise idle).
-        let purges = state.cache.clone().follow_purges();
+        // With a shared tier: purges broadcast by other replicas, gate closures published
+        // to them (otherwise idle).
+        let shared = state.cache.clone().run_shared_tasks();
         tokio::select! {
             () = async { tokio::join!(callers, admin, readiness, signal); } => {}
             () = async { upkeep.await; std::future::pending::<()>().await } => {}
             () = reload => {}
-            () = purges => {}
+            () = shared => {}
         }
     }
 }
