@@ -121,6 +121,15 @@ fn authorized(state: &AppState, headers: &http::HeaderMap) -> bool {
 }
 
 /// `DELETE /cache`, `/cache/sessions/{kind}/{event}[/{session}]`, `/cache/events/{kind}/{event}`.
+/// How a purge went beyond this replica, for the log line: `off` without a shared tier.
+fn shared_label(shared: Option<bool>) -> &'static str {
+    match shared {
+        None => "off",
+        Some(true) => "every replica",
+        Some(false) => "this replica only (Redis unavailable)",
+    }
+}
+
 /// With a shared tier, the purge also leaves Redis and reaches every replica
 /// (`"shared": true`), or could not (`false`: Redis unavailable; this replica is purged).
 async fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
@@ -130,7 +139,7 @@ async fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
             .counter(names::PURGES, &[("scope", "all")])
             .increment(1);
         let (_, _, shared) = state.cache.purge_everywhere(Purge::All).await;
-        tracing::info!(?shared, "purged the whole cache");
+        tracing::info!(shared = shared_label(shared), "purged the whole cache");
         return json_response(StatusCode::OK, json!({"purged": "all", "shared": shared}));
     }
     if let Some(session_path) = path
@@ -145,7 +154,12 @@ async fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
                     .increment(1);
                 let name = key.to_string();
                 let (_, was_cached, shared) = state.cache.purge_everywhere(Purge::Key(key)).await;
-                tracing::info!(key = name, was_cached, ?shared, "purged a session");
+                tracing::info!(
+                    key = name,
+                    was_cached,
+                    shared = shared_label(shared),
+                    "purged a session"
+                );
                 json_response(
                     StatusCode::OK,
                     json!({"purged": name, "wasCached": was_cached, "shared": shared}),
@@ -166,7 +180,7 @@ async fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
                     .cache
                     .purge_everywhere(Purge::Event(key.kind, key.event.to_string()))
                     .await;
-                tracing::info!(kind = %key.kind, event = %key.event, removed, ?shared, "purged an event");
+                tracing::info!(kind = %key.kind, event = %key.event, removed, shared = shared_label(shared), "purged an event");
                 json_response(
                     StatusCode::OK,
                     json!({"purged": format!("{}/{}", key.kind, key.event), "sessions": removed, "shared": shared}),

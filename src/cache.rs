@@ -38,6 +38,7 @@ use crate::clock::Clock;
 use crate::config::{ApiVersion, CacheSettings};
 use crate::error::ProxyError;
 use crate::graph::{Fetched, GraphAnswer, GraphClient};
+use crate::request_id;
 use crate::routes::{Kind, SessionKey};
 use crate::shared::{Holder, LookMode, Purge, SharedGate, SharedTier, Unavailable};
 use crate::telemetry::{names, Metrics};
@@ -229,8 +230,11 @@ impl Entry {
             revalidate_until: at(header.revalidate_ms),
             stale_until: at(header.stale_ms),
             refresh_from: at(header.refresh_ms),
+            // Another replica (or whoever can write to Redis) wrote it: held to the same
+            // rule as Graph's own header.
             graph_request_id: header
                 .graph_request_id
+                .filter(|id| request_id::is_usable(id.as_bytes()))
                 .and_then(|id| HeaderValue::from_str(&id).ok()),
             tier2: true,
         };

@@ -211,7 +211,7 @@ impl Cloud {
         }
     }
 
-    /// Graph root without a trailing slash (reference/graph-facts.md, national clouds).
+    /// Graph root without a trailing slash (docs/reference/graph-facts.md, national clouds).
     pub fn graph_root(self) -> &'static str {
         match self {
             Cloud::Global => "https://graph.microsoft.com",
@@ -1634,7 +1634,7 @@ mod tests {
 
     #[test]
     fn clouds_have_their_hosts_and_scopes() {
-        // reference/graph-facts.md, national clouds.
+        // docs/reference/graph-facts.md, national clouds.
         let table = [
             (
                 "global",

@@ -14,6 +14,7 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::routes::Style;
+use crate::telemetry::Wait;
 use crate::token::TokenError;
 
 /// Everything that can stop a request from getting its session.
@@ -53,9 +54,11 @@ pub enum ProxyError {
     UpstreamForbidden { code: String },
     #[error("Graph could not be reached")]
     UpstreamUnreachable(#[source] reqwest::Error),
-    #[error("Graph is throttling (retry in {retry_after:?})")]
+    #[error("Graph's answer is larger than {limit} bytes")]
+    UpstreamTooLarge { limit: usize },
+    #[error("Graph is throttling (retry in {})", Wait(*retry_after))]
     Throttled { retry_after: Duration },
-    #[error("Graph keeps failing: circuit open (retry in {retry_after:?})")]
+    #[error("Graph keeps failing: circuit open (retry in {})", Wait(*retry_after))]
     CircuitOpen { retry_after: Duration },
     #[error("Graph did not answer in time")]
     UpstreamTimeout,
@@ -188,6 +191,11 @@ impl ProxyError {
                     "Graph has been failing; the proxy pauses calls to it and this session is not cached; retry after the Retry-After delay",
                 )
             },
+            E::UpstreamTooLarge { .. } => answer(
+                StatusCode::BAD_GATEWAY,
+                "upstreamError",
+                "Graph's answer was too large to pass on",
+            ),
             E::UpstreamTimeout => answer(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstreamTimeout",
@@ -219,19 +227,32 @@ impl ProxyError {
         self.classify().code
     }
 
-    /// The error as DESIGN.md's JSON body, with the header its status needs.
+    /// The error as docs/DESIGN.md's JSON body, with the header its status needs.
     pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
-        self.to_response_in(Style::Proxy, request_id)
+        self.to_response_in(Style::Proxy, request_id, request_id)
     }
 
-    /// The error in the shape callers of that contract expect: DESIGN.md's body, or
+    /// The error in the shape callers of that contract expect: docs/DESIGN.md's body, or
     /// Graph's (`{"error": {"code", "message", "innerError": {...}}}`) so that Graph SDK
-    /// error handling works on the Graph-compatible routes.
-    pub fn to_response_in(&self, style: Style, request_id: &str) -> Response<Full<Bytes>> {
+    /// error handling works on the Graph-compatible routes. `client_request_id` (the
+    /// caller's, or ours) is only part of Graph's shape.
+    pub fn to_response_in(
+        &self,
+        style: Style,
+        request_id: &str,
+        client_request_id: &str,
+    ) -> Response<Full<Bytes>> {
         let a = self.classify();
         let mut response = match style {
             Style::Proxy => error_response(a.status, a.code, &a.message, request_id),
-            Style::Graph => graph_error_response(a.status, a.code, &a.message, request_id),
+            Style::Graph => graph_error_response(
+                a.status,
+                a.code,
+                &a.message,
+                request_id,
+                client_request_id,
+                std::time::SystemTime::now(),
+            ),
         };
         if let Some((name, value)) = a.header {
             response.headers_mut().insert(name, value);
@@ -246,26 +267,47 @@ fn retry_after_value(wait: Duration) -> HeaderValue {
     HeaderValue::from(secs.max(1))
 }
 
-/// Graph's error shape.
+/// Graph's error shape, field by field as Graph writes it: `innerError.date` in ISO 8601
+/// without a zone (`2026-12-02T18:48:27`, UTC; SDKs parse it as a date-time), the
+/// request ids both in `innerError` and as the `request-id` / `client-request-id`
+/// response headers that SDKs surface in their errors.
 fn graph_error_response(
     status: StatusCode,
     code: &str,
     message: &str,
     request_id: &str,
+    client_request_id: &str,
+    now: std::time::SystemTime,
 ) -> Response<Full<Bytes>> {
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let date = humantime::format_rfc3339_seconds(now).to_string();
+    let date = date.trim_end_matches('Z');
     let body = json!({"error": {
         "code": code,
         "message": message,
-        "innerError": {"date": date, "request-id": request_id, "client-request-id": request_id}
+        "innerError": {
+            "date": date,
+            "request-id": request_id,
+            "client-request-id": client_request_id,
+        }
     }});
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (name, value) in [
+        (REQUEST_ID, request_id),
+        (CLIENT_REQUEST_ID, client_request_id),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    }
     response
 }
+
+/// Graph's response headers naming the call: its own id and the echo of the client's.
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("request-id");
+pub const CLIENT_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("client-request-id");
 
 /// A JSON error body; also used for refusals that happen before a request is routed.
 pub fn error_response(
@@ -297,6 +339,105 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"]["code"], "methodNotAllowed");
         assert_eq!(v["error"]["requestId"], "req-1");
+    }
+
+    /// Microsoft's Graph SDKs (Kiota's generated `ODataError` / `MainError` /
+    /// `InnerError`, in .NET, Python, JavaScript, Go alike) read these fields and types;
+    /// `date` is a date-time (`DateTimeOffset`, Python `datetime`), so it must parse as ISO
+    /// 8601. The mirror below fails where those models fail.
+    mod sdk {
+        use serde::Deserialize;
+
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ODataError {
+            pub error: MainError,
+        }
+
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct MainError {
+            pub code: String,
+            pub message: String,
+            #[serde(default)]
+            pub target: Option<String>,
+            #[serde(rename = "innerError")]
+            pub inner_error: InnerError,
+        }
+
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct InnerError {
+            #[serde(deserialize_with = "iso_date_time")]
+            pub date: std::time::SystemTime,
+            #[serde(rename = "request-id")]
+            pub request_id: String,
+            #[serde(rename = "client-request-id")]
+            pub client_request_id: String,
+        }
+
+        /// ISO 8601 date-time, with or without a zone (Python's `fromisoformat`, .NET's
+        /// `DateTimeOffset.Parse` of Graph's `2026-12-02T18:48:27`).
+        fn iso_date_time<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<std::time::SystemTime, D::Error> {
+            let text = String::deserialize(d)?;
+            if text.as_bytes().get(10).is_none_or(|b| *b != b'T') {
+                return Err(serde::de::Error::custom(format!("not ISO 8601: {text}")));
+            }
+            humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+        }
+    }
+
+    #[tokio::test]
+    async fn graph_style_errors_parse_with_the_sdk_error_model() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let now = UNIX_EPOCH + Duration::from_secs(1_796_237_307); // 2026-12-02T18:48:27Z
+        let r = graph_error_response(
+            StatusCode::NOT_FOUND,
+            "notSupported",
+            "only sessions",
+            "rid-1",
+            "client-7",
+            now,
+        );
+        assert_eq!(r.headers()["request-id"], "rid-1");
+        assert_eq!(r.headers()["client-request-id"], "client-7");
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let raw: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(raw["error"]["innerError"]["date"], "2026-12-02T18:48:27");
+        let parsed: sdk::ODataError = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed.error.code, "notSupported");
+        assert_eq!(parsed.error.message, "only sessions");
+        assert!(parsed.error.target.is_none());
+        assert_eq!(parsed.error.inner_error.date, now);
+        assert_eq!(parsed.error.inner_error.request_id, "rid-1");
+        assert_eq!(parsed.error.inner_error.client_request_id, "client-7");
+
+        // What the proxy used to send (an HTTP date) is refused by the same model.
+        let old = r#"{"error":{"code":"x","message":"y","innerError":{"date":"Wed, 02 Dec 2026 18:48:27 GMT","request-id":"a","client-request-id":"a"}}}"#;
+        assert!(serde_json::from_str::<sdk::ODataError>(old).is_err());
+    }
+
+    #[tokio::test]
+    async fn every_error_has_the_graph_shape_on_graph_routes() {
+        for e in [
+            ProxyError::NotSupported,
+            ProxyError::Unauthenticated("no key"),
+            ProxyError::InvalidRequest("bad"),
+            ProxyError::UpstreamTimeout,
+            ProxyError::Throttled {
+                retry_after: Duration::from_secs(3),
+            },
+        ] {
+            let r = e.to_response_in(Style::Graph, "rid", "cid");
+            assert_eq!(r.headers()["request-id"], "rid");
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            let parsed: sdk::ODataError = serde_json::from_slice(&body).unwrap();
+            assert_eq!(parsed.error.code, e.code());
+            assert_eq!(parsed.error.inner_error.client_request_id, "cid");
+        }
     }
 
     #[test]

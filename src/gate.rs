@@ -149,7 +149,7 @@ impl Gate {
                 if self.failure_threshold > 0 && failures >= self.failure_threshold {
                     tracing::warn!(
                         failures,
-                        cooldown_s = self.cooldown.as_secs(),
+                        cooldown = %crate::telemetry::Wait(self.cooldown),
                         "Graph keeps failing: circuit open"
                     );
                     State::Closed {

@@ -11,15 +11,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
+use crate::bounded::{self, ReadError};
 use crate::clock::Clock;
 use crate::error::ProxyError;
 use crate::gate::{Closed, Gate, Report};
+use crate::request_id;
 use crate::routes::SessionKey;
 use crate::telemetry::{names, Metrics};
 use crate::token::{TokenError, TokenProvider};
@@ -232,11 +234,11 @@ impl GraphClient {
             }
             let attempt_started = std::time::Instant::now();
             let outcome = tokio::time::timeout(attempt_timeout, async {
-                let response = request.send().await?;
+                let response = request.send().await.map_err(ReadError::Http)?;
                 let status = response.status();
                 let headers = response.headers().clone();
-                let body = read_limited(response).await?;
-                Ok::<_, reqwest::Error>((status, headers, body))
+                let body = bounded::read(response, MAX_BODY).await?;
+                Ok::<_, ReadError>((status, headers, body))
             })
             .await;
 
@@ -252,16 +254,20 @@ impl GraphClient {
                     self.gate.report(now, Report::Failed);
                     Retry::After(None, ProxyError::UpstreamTimeout)
                 }
-                Ok(Err(e)) => {
+                Ok(Err(ReadError::TooLarge { limit })) => {
+                    // Not worth retrying: the same request gets the same answer.
+                    tracing::warn!(%url, client_request_id, limit, "Graph's answer is too large");
+                    self.gate.report(now, Report::Answered);
+                    return Err(ProxyError::UpstreamTooLarge { limit });
+                }
+                Ok(Err(ReadError::Http(e))) => {
                     tracing::warn!(%url, client_request_id, error = %e, "Graph request failed");
                     self.gate.report(now, Report::Failed);
                     Retry::After(None, ProxyError::UpstreamUnreachable(e))
                 }
                 Ok(Ok((status, headers, body))) => {
-                    let graph_request_id = headers
-                        .get("request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
+                    let graph_request_id =
+                        graph_request_id(headers.get("request-id"), &client_request_id);
                     let retry_after = headers
                         .get(http::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
@@ -463,17 +469,16 @@ impl ListMerger {
     }
 }
 
-type Attempt = Result<
-    Result<(StatusCode, http::HeaderMap, Bytes), reqwest::Error>,
-    tokio::time::error::Elapsed,
->;
+type Attempt =
+    Result<Result<(StatusCode, http::HeaderMap, Bytes), ReadError>, tokio::time::error::Elapsed>;
 
 impl GraphClient {
     fn record_attempt(&self, outcome: &Attempt, took: Duration, retry: bool) {
         let (label, status) = match outcome {
             Err(_) => ("timeout", None),
             Ok(Err(e)) if e.is_timeout() => ("timeout", None),
-            Ok(Err(_)) => ("unreachable", None),
+            Ok(Err(ReadError::TooLarge { .. })) => ("too_large", None),
+            Ok(Err(ReadError::Http(_))) => ("unreachable", None),
             Ok(Ok((status, _, _))) => (
                 match status.as_u16() {
                     200 => "ok",
@@ -514,20 +519,22 @@ fn backoff(retries: u32) -> Duration {
     base.mul_f64(1.0 + jitter)
 }
 
-async fn read_limited(mut response: reqwest::Response) -> Result<Bytes, reqwest::Error> {
-    let mut body = Vec::with_capacity(
-        response
-            .content_length()
-            .unwrap_or(2048)
-            .min(MAX_BODY as u64) as usize,
-    );
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > MAX_BODY {
-            break; // truncated: fails JSON validation and becomes upstreamError
+/// Graph's `request-id` as callers and logs may see it: kept when
+/// [`request_id::is_usable`], else our own `client-request-id` of the call, which Graph's
+/// support can trace just as well (the original is not logged).
+fn graph_request_id(header: Option<&HeaderValue>, client_request_id: &str) -> Option<String> {
+    let value = header?;
+    match value.to_str() {
+        Ok(id) if request_id::is_usable(id.as_bytes()) => Some(id.to_string()),
+        _ => {
+            tracing::debug!(
+                bytes = value.len(),
+                client_request_id,
+                "Graph's request-id is not usable; the client-request-id stands in for it"
+            );
+            Some(client_request_id.to_string())
         }
-        body.extend_from_slice(&chunk);
     }
-    Ok(Bytes::from(body))
 }
 
 /// Graph's `error.code`, or `unknown` when the body is not Graph's error shape.

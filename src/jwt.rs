@@ -20,6 +20,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::bounded::{self, ReadError};
 use crate::clock::Clock;
 use crate::error::ProxyError;
 
@@ -245,10 +246,12 @@ impl JwtVerifier {
         if !response.status().is_success() {
             return Err(JwksError::Status(response.status().as_u16()));
         }
-        let body = response.bytes().await.map_err(JwksError::Http)?;
-        if body.len() > MAX_JWKS_BYTES {
-            return Err(JwksError::TooLarge);
-        }
+        let body = bounded::read(response, MAX_JWKS_BYTES)
+            .await
+            .map_err(|e| match e {
+                ReadError::Http(e) => JwksError::Http(e),
+                ReadError::TooLarge { .. } => JwksError::TooLarge,
+            })?;
         let set: JwkSet = serde_json::from_slice(&body).map_err(JwksError::Json)?;
         Ok(usable_keys(&set))
     }

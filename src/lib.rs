@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bounded;
 pub mod cache;
 pub mod callers;
 pub mod clock;
@@ -34,6 +35,7 @@ pub mod error;
 pub mod gate;
 pub mod graph;
 pub mod jwt;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod shared;

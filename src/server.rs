@@ -35,11 +35,12 @@ use crate::cache::{Directives, Lookup, Outcome, SessionCache};
 use crate::callers::Callers;
 use crate::clock::Clock;
 use crate::config::{ApiVersion, Settings};
-use crate::error::{error_response, ProxyError};
+use crate::error::{error_response, ProxyError, CLIENT_REQUEST_ID, REQUEST_ID};
 use crate::graph::{http_client, GraphClient, GraphOptions};
+use crate::request_id;
 use crate::routes::{self, Style};
 use crate::shared::SharedTier;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Causes, Metrics};
 use crate::tls::{self, CertificateFiles};
 use crate::token::{Credential, TokenOptions, TokenProvider};
 use crate::wire::GuardedIo;
@@ -332,6 +333,12 @@ pub fn caller_service(
             AUTHORIZATION,
             HeaderName::from_static("x-api-key"),
         ]))
+        // A caller's id is kept only when short and plain (it is echoed and logged);
+        // otherwise it is dropped here and the next layer sets a fresh one.
+        .map_request(|mut req: Request<Incoming>| {
+            drop_unusable_request_id(req.headers_mut());
+            req
+        })
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(CatchPanicLayer::custom(
@@ -349,6 +356,15 @@ pub fn caller_service(
             let state = state.clone();
             async move { Ok::<_, Infallible>(handle(&state, req).await) }
         })
+}
+
+/// Removes `x-request-id` unless there is exactly one and [`request_id::is_usable`] keeps it.
+fn drop_unusable_request_id(headers: &mut http::HeaderMap) {
+    let mut ids = headers.get_all(X_REQUEST_ID).iter();
+    let keep = matches!((ids.next(), ids.next()), (Some(id), None) if request_id::is_usable(id.as_bytes()));
+    if !keep {
+        headers.remove(X_REQUEST_ID);
+    }
 }
 
 /// What the access log line reports about one request.
@@ -387,7 +403,7 @@ impl AccessLog {
     }
 }
 
-/// One request, start to finish: never fails, every refusal is DESIGN.md's JSON error.
+/// One request, start to finish: never fails, every refusal is docs/DESIGN.md's JSON error.
 pub async fn handle<B: hyper::body::Body>(
     state: &AppState,
     req: Request<B>,
@@ -403,17 +419,22 @@ pub async fn handle<B: hyper::body::Body>(
         style: Style::of(req.uri().path()),
         ..AccessLog::default()
     };
-    let response = match answer(state, &req, &mut log).await {
+    // Graph echoes the client's `client-request-id`; so do the Graph-compatible routes.
+    let client_request_id = match req.headers().get(CLIENT_REQUEST_ID) {
+        Some(id) if request_id::is_usable(id.as_bytes()) => id.to_str().unwrap_or("-").to_string(),
+        _ => request_id.clone(),
+    };
+    let mut response = match answer(state, &req, &mut log, &client_request_id).await {
         Ok(response) => response,
         Err(error) => {
             let status = error.status();
             log.code = Some(error.code());
             if status.is_server_error() {
-                tracing::warn!(request_id, error = %error, cause = ?std::error::Error::source(&*error), "request failed");
+                tracing::warn!(request_id, error = %error, cause = %Causes(&*error), "request failed");
             } else {
                 tracing::debug!(request_id, error = %error, "request refused");
             }
-            let mut response = error.to_response_in(log.style, &request_id);
+            let mut response = error.to_response_in(log.style, &request_id, &client_request_id);
             if log.close {
                 // The unread body would otherwise be taken for the next request.
                 response
@@ -426,6 +447,16 @@ pub async fn handle<B: hyper::body::Body>(
             response
         }
     };
+    if log.style == Style::Graph {
+        for (name, value) in [
+            (REQUEST_ID, &request_id),
+            (CLIENT_REQUEST_ID, &client_request_id),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
+    }
     tracing::info!(
         target: "graph_session_proxy::access",
         request_id,
@@ -470,6 +501,7 @@ async fn answer<B: hyper::body::Body>(
     state: &AppState,
     req: &Request<B>,
     log: &mut AccessLog,
+    client_request_id: &str,
 ) -> Result<Response<Full<Bytes>>, Arc<ProxyError>> {
     if state.draining.load(Ordering::Relaxed) {
         return Err(ProxyError::Draining.into());
@@ -553,8 +585,12 @@ async fn answer<B: hyper::body::Body>(
         ),
     };
     let mut response = match body {
-        None if key.is_list() => ProxyError::EventNotFound.to_response_in(log.style, request_id),
-        None => ProxyError::SessionNotFound.to_response_in(log.style, request_id),
+        None if key.is_list() => {
+            ProxyError::EventNotFound.to_response_in(log.style, request_id, client_request_id)
+        }
+        None => {
+            ProxyError::SessionNotFound.to_response_in(log.style, request_id, client_request_id)
+        }
         Some(body) if !if_none_match(headers, etag) => {
             let mut response = Response::new(Full::new(body));
             response.headers_mut().insert(CONTENT_TYPE, JSON);

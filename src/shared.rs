@@ -54,8 +54,13 @@ use crate::telemetry::{names, Metrics};
 /// stored), `revalidate` (as `lock`, without returning the entry), `peek` (never lock).
 pub const LOOKUP: &str = r"
 local entry = false
-if ARGV[3] ~= 'revalidate' then entry = redis.call('GET', KEYS[1]) end
-local holder = redis.call('GET', KEYS[2])
+local oversized = 0
+if ARGV[3] ~= 'revalidate' then
+  if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[4]) then oversized = 1
+  else entry = redis.call('GET', KEYS[1]) end
+end
+local function short(v) if v then return string.sub(v, 1, 128) end return v end
+local holder = short(redis.call('GET', KEYS[2]))
 local state = 'free'
 if holder then
   state = 'busy'
@@ -64,11 +69,11 @@ elseif ARGV[3] == 'lock' or ARGV[3] == 'revalidate' or (ARGV[3] == 'miss' and no
   state = 'acquired'
   holder = ARGV[1]
 end
-local gate = redis.call('GET', KEYS[3])
+local gate = short(redis.call('GET', KEYS[3]))
 local gate_ttl = redis.call('PTTL', KEYS[3])
-local gen = redis.call('GET', KEYS[4]) or '0'
+local gen = short(redis.call('GET', KEYS[4])) or '0'
 local unshared = redis.call('EXISTS', KEYS[5])
-return {entry, state, holder or false, gate, gate_ttl, gen, unshared}";
+return {entry, state, holder or false, gate, gate_ttl, gen, unshared, oversized}";
 
 /// Stores an entry unless a purge happened since the generation `ARGV[3]` was read.
 const PUT: &str = r"
@@ -423,6 +428,7 @@ impl SharedTier {
             i64,
             String,
             i64,
+            i64,
         );
         // A fencing token only when this step may take the lock (not for every poll).
         let token = match mode {
@@ -439,10 +445,18 @@ impl SharedTier {
             .key(self.unshared_key(key))
             .arg(&token)
             .arg(self.lock_ttl.as_millis().max(1) as u64)
-            .arg(mode.as_str());
-        let (entry, state, holder, gate, gate_ttl, generation, unshared): Reply = self
+            .arg(mode.as_str())
+            // Nothing larger than we would store is read back (Redis is shared: whatever
+            // wrote it, a bound on what one lookup can make us buffer).
+            .arg(self.max_body);
+        let (entry, state, holder, gate, gate_ttl, generation, unshared, oversized): Reply = self
             .run("lookup", invocation.invoke_async(&mut conn))
             .await?;
+        if oversized == 1 {
+            self.metrics
+                .counter(names::SHARED_SKIPPED, &[("reason", "too_large_read")])
+                .increment(1);
+        }
         let holder = match (state.as_str(), holder) {
             ("acquired", _) => Holder::Us(token),
             ("busy", Some(other)) => Holder::Other(other),

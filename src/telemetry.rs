@@ -11,6 +11,46 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
+/// A log field for an error's `#[source]` chain, read by people: the causes' own texts
+/// joined by `: ` (`invalid_client (AADSTS7000215)`), `-` when there is none. Never Rust's
+/// `Debug` form, which spells out structs and `Some(..)`.
+pub struct Causes<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut next = self.0.source();
+        if next.is_none() {
+            return f.write_str("-");
+        }
+        let mut first = true;
+        while let Some(cause) = next {
+            if !first {
+                f.write_str(": ")?;
+            }
+            write!(f, "{cause}")?;
+            first = false;
+            next = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// A duration as people write it in a log line or message: whole seconds, rounded up
+/// (`30s`), or milliseconds below one second (`250ms`).
+pub struct Wait(pub std::time::Duration);
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0;
+        if d < std::time::Duration::from_secs(1) {
+            let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 > 0);
+            write!(f, "{ms}ms")
+        } else {
+            write!(f, "{}s", d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        }
+    }
+}
+
 /// Installs the global subscriber. Lines are written by a background thread, so a request
 /// never waits on stdout (one line per request would otherwise mean a write system call,
 /// under a lock, on the hit path). Keep the guard until exit: dropping it flushes. A
@@ -240,5 +280,40 @@ impl Metrics {
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
         self.handle.render()
+    }
+}
+
+#[cfg(test)]
+mod readable_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+    #[derive(Debug, thiserror::Error)]
+    #[error("invalid_client (AADSTS7000215)")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn causes_are_their_texts_joined() {
+        let e = Outer(Middle(std::io::Error::other("connection reset")));
+        assert_eq!(
+            Causes(&e).to_string(),
+            "invalid_client (AADSTS7000215): connection reset"
+        );
+        assert_eq!(Causes(&std::io::Error::other("x")).to_string(), "-");
+    }
+
+    #[test]
+    fn waits_read_like_people_write_them() {
+        assert_eq!(
+            Wait(Duration::from_secs_f64(29.786486933)).to_string(),
+            "30s"
+        );
+        assert_eq!(Wait(Duration::from_secs(30)).to_string(), "30s");
+        assert_eq!(Wait(Duration::from_millis(250)).to_string(), "250ms");
+        assert_eq!(Wait(Duration::from_micros(1500)).to_string(), "2ms");
+        assert_eq!(Wait(Duration::ZERO).to_string(), "0ms");
     }
 }

@@ -193,7 +193,7 @@ impl CertificateFiles {
                         .increment(1);
                     tracing::warn!(
                         error = %e,
-                        cause = ?std::error::Error::source(&e),
+                        cause = %crate::telemetry::Causes(&e),
                         "TLS certificate not reloaded: still serving the previous one"
                     );
                 }

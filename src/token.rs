@@ -23,9 +23,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
 
+use crate::bounded::{self, ReadError};
 use crate::clock::Clock;
 use crate::config::{AssertionAlgorithm, ClientCertificate};
-use crate::telemetry::{names, Metrics};
+use crate::telemetry::{names, Causes, Metrics, Wait};
 
 /// Entra's token response: the standard fields, with `expires_in` as a number or a string,
 /// and the Microsoft extras kept rather than dropped.
@@ -95,7 +96,7 @@ type EntraClient = Client<
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     /// The identity platform answered with an OAuth error (bad secret, unknown app, ...).
-    #[error("token endpoint refused: {error} {description}")]
+    #[error("token endpoint refused: {}", refusal(error, aadsts.as_deref()))]
     Refused {
         /// OAuth error code, e.g. `invalid_client`.
         error: String,
@@ -104,12 +105,14 @@ pub enum TokenError {
         /// Entra's description; logged, not shown to callers.
         description: String,
     },
-    #[error("token endpoint is throttling (retry in {0:?})")]
+    #[error("token endpoint is throttling (retry in {})", Wait(*.0))]
     Throttled(Duration),
     #[error("token endpoint answered HTTP {0}")]
     Status(u16),
     #[error("token endpoint unreachable")]
     Unreachable(#[source] reqwest::Error),
+    #[error("token endpoint's answer is larger than {0} bytes")]
+    TooLarge(usize),
     #[error("token endpoint answer not understood: {0}")]
     Malformed(String),
     #[error("no token within the request's deadline")]
@@ -129,6 +132,7 @@ impl TokenError {
             TokenError::Throttled(_) => "the identity platform is throttling the proxy".to_string(),
             TokenError::Status(status) => format!("the token endpoint answered HTTP {status}"),
             TokenError::Unreachable(_) => "the token endpoint could not be reached".to_string(),
+            TokenError::TooLarge(_) => "the token endpoint's answer was too large".to_string(),
             TokenError::Malformed(_) => {
                 "the token endpoint's answer was not understood".to_string()
             }
@@ -142,9 +146,19 @@ impl TokenError {
             TokenError::Refused { .. }
             | TokenError::Status(_)
             | TokenError::Unreachable(_)
+            | TokenError::TooLarge(_)
             | TokenError::Malformed(_)
             | TokenError::TimedOut => None,
         }
+    }
+}
+
+/// `invalid_client (AADSTS7000215)`: what a refusal is called in logs (Entra's full
+/// description is logged once, where the refusal is first seen).
+fn refusal(error: &str, aadsts: Option<&str>) -> String {
+    match aadsts {
+        Some(code) => format!("{error} ({code})"),
+        None => error.to_string(),
     }
 }
 
@@ -261,6 +275,8 @@ pub struct TokenProvider {
 /// request (unless the endpoint asked for longer with `Retry-After`).
 const FAILURE_PAUSE: Duration = Duration::from_secs(1);
 /// Longest token lifetime believed.
+/// A token answer is well under 10 KiB; anything past this is not one.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Background refresh retries: first pause and cap.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -383,7 +399,7 @@ impl TokenProvider {
                             break;
                         };
                         let wait = e.retry_after().unwrap_or(pause).min(expires_at - now);
-                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "background token refresh failed; the current token stays in use");
+                        tracing::warn!(error = %e, retry_in = %Wait(wait), "background token refresh failed; the current token stays in use");
                         tokio::time::sleep(wait).await;
                         pause = (pause * 2).min(RETRY_CAP);
                     }
@@ -420,6 +436,7 @@ impl TokenProvider {
             Err(
                 TokenError::Status(_)
                 | TokenError::Unreachable(_)
+                | TokenError::TooLarge(_)
                 | TokenError::Malformed(_)
                 | TokenError::TimedOut,
             ) => "error",
@@ -437,7 +454,14 @@ impl TokenProvider {
                 let e = Arc::new(e);
                 let now = self.clock.now();
                 let pause = e.retry_after().unwrap_or(FAILURE_PAUSE);
-                tracing::warn!(error = %e, "token request failed");
+                match &*e {
+                    TokenError::Refused { description, .. } => tracing::warn!(
+                        error = %e,
+                        description = description.as_str(),
+                        "token request failed"
+                    ),
+                    _ => tracing::warn!(error = %e, cause = %Causes(&*e), "token request failed"),
+                }
                 *self.failed.write().unwrap_or_else(|e| e.into_inner()) =
                     Some((now + pause, e.clone()));
                 Err(e)
@@ -473,9 +497,9 @@ impl TokenProvider {
             let http = http.clone();
             let seen = seen.clone();
             async move {
-                let mut request = reqwest::Request::try_from(request)?;
+                let mut request = reqwest::Request::try_from(request).map_err(ReadError::Http)?;
                 *request.timeout_mut() = Some(timeout);
-                let response = http.execute(request).await?;
+                let response = http.execute(request).await.map_err(ReadError::Http)?;
                 let status = response.status();
                 let retry_after = response
                     .headers()
@@ -492,8 +516,8 @@ impl TokenProvider {
                 for (name, value) in response.headers() {
                     out = out.header(name, value);
                 }
-                let body = response.bytes().await?;
-                Ok::<_, reqwest::Error>(out.body(body.to_vec()).unwrap_or_default())
+                let body = bounded::read(response, MAX_ANSWER_BYTES).await?;
+                Ok::<_, ReadError>(out.body(body.to_vec()).unwrap_or_default())
             }
         };
         let started = self.clock.now();
@@ -545,10 +569,7 @@ impl TokenProvider {
     }
 }
 
-fn classify(
-    e: RequestTokenError<reqwest::Error, BasicErrorResponse>,
-    seen: &Exchange,
-) -> TokenError {
+fn classify(e: RequestTokenError<ReadError, BasicErrorResponse>, seen: &Exchange) -> TokenError {
     if seen.status == 429 {
         return TokenError::Throttled(seen.retry_after.unwrap_or(Duration::from_secs(60)));
     }
@@ -561,7 +582,8 @@ fn classify(
                 description,
             }
         }
-        RequestTokenError::Request(e) => TokenError::Unreachable(e),
+        RequestTokenError::Request(ReadError::Http(e)) => TokenError::Unreachable(e),
+        RequestTokenError::Request(ReadError::TooLarge { limit }) => TokenError::TooLarge(limit),
         RequestTokenError::Parse(e, _) if seen.status == 200 => {
             TokenError::Malformed(e.to_string())
         }

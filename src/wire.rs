@@ -4,7 +4,7 @@
 //! Two things happen to request targets before any handler sees them: hyper answers a
 //! target with raw non-UTF-8 or control bytes with a bare, bodiless 400, and the `http`
 //! crate silently cuts a raw `#fragment` off (so `/sessions/webinars/e/s#x` would be served
-//! as if the fragment were not there). Neither gives the caller DESIGN.md's JSON error.
+//! as if the fragment were not there). Neither gives the caller docs/DESIGN.md's JSON error.
 //! This wrapper rewrites, in place and length for length, every such byte inside a request
 //! target (`#`, bytes >= 0x80, control bytes) to `%`. A lone `%` is never a valid id, so
 //! the router refuses the request with a JSON 400 before anything else happens.
