@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use graph_session_proxy::sim::{generated_body, Faults, SimConfig};
+use graph_session_proxy::sim::{Faults, SimConfig};
 
 fn status_of(r: &reqwest::Response) -> String {
     r.headers()
@@ -481,15 +481,16 @@ async fn circuit_opens_after_consecutive_failures_and_probes() {
 #[tokio::test]
 async fn ended_sessions_stay_fresh_longer() {
     let h = Harness::start().await;
-    // The seed session ended in 2023; a generated one lies in the future.
-    assert_eq!(h.get(&h.seed_url()).await.status(), 200);
+    // `gen-ended-*` sessions ended two days ago; a `gen-live-*` one is under way.
+    let ended_url = h.url("webinars", SEED_EVENT, "gen-ended-1");
+    assert_eq!(h.get(&ended_url).await.status(), 200);
     let live = h.url("webinars", SEED_EVENT, "gen-live");
     assert_eq!(
         h.get(&live).await.bytes().await.unwrap(),
-        generated_body("webinars", SEED_EVENT, "gen-live")
+        h.sim.generated_body("webinars", SEED_EVENT, "gen-live")
     );
     h.clock.advance(Duration::from_secs(600));
-    let ended = h.get(&h.seed_url()).await;
+    let ended = h.get(&ended_url).await;
     assert!(
         status_of(&ended).contains("; hit;"),
         "{}",

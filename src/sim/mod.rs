@@ -3,7 +3,7 @@
 //! Written without the proxy's routing or URL code, so a test cannot confirm a proxy bug
 //! against itself: it splits the raw request path on its own and records every request
 //! exactly as it arrived (`GET /_sim/stats`). It speaks Graph's error shapes and headers
-//! (reference/graph-facts.md) and can be told to misbehave (`POST /_sim/faults`).
+//! (docs/reference/graph-facts.md) and can be told to misbehave (`POST /_sim/faults`).
 //!
 //! - `POST /{tenant}/oauth2/v2.0/token`: client credentials (secret in the form body); issues tokens with a configurable lifetime, Entra-style errors otherwise.
 //! - `GET /{v1.0|beta}/solutions/virtualEvents/{webinars|townhalls}/{event}/sessions/{session}`:
@@ -120,6 +120,9 @@ struct Issued {
 }
 
 struct SimState {
+    /// "Now" for the sessions' dates: when the simulator started, to the minute, so that
+    /// every answer (and a test's expected body) carries the same dates.
+    epoch: std::time::SystemTime,
     config: SimConfig,
     clock: Clock,
     faults: Mutex<Faults>,
@@ -142,9 +145,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Simulator {
     pub fn new(config: SimConfig, clock: Clock) -> Simulator {
         let mut sessions = HashMap::new();
-        let seed = json!({
-            "value": seed_session(SEED_SESSION, "Session one")
-        });
+        let epoch = reference_time(std::time::SystemTime::now());
+        let mut seed = seed_session(SEED_SESSION, "Session one");
+        set_dates(&mut seed, SEED_SESSION, epoch);
+        let seed = json!({ "value": seed });
         sessions.insert(
             (
                 "webinars".to_string(),
@@ -159,10 +163,11 @@ impl Simulator {
                 TOWNHALL_EVENT.to_string(),
                 TOWNHALL_SESSION.to_string(),
             ),
-            generated_body("townhalls", TOWNHALL_EVENT, TOWNHALL_SESSION),
+            generated_body_at("townhalls", TOWNHALL_EVENT, TOWNHALL_SESSION, epoch),
         );
         Simulator {
             state: Arc::new(SimState {
+                epoch,
                 config,
                 clock,
                 faults: Mutex::new(Faults::default()),
@@ -619,7 +624,7 @@ impl Simulator {
             .cloned();
         let body = match known {
             Some(body) => body,
-            None if session.starts_with("gen-") => generated_body(kind, &event, &session),
+            None if session.starts_with("gen-") => self.generated_body(kind, &event, &session),
             None => return graph_error(404, "NotFound", "The requested session was not found."),
         };
         let mut r = Response::new(Full::new(body));
@@ -676,7 +681,7 @@ impl Simulator {
             for i in 0..n.min(10_000) {
                 let id = format!("gen-{i:04}");
                 if !bodies.iter().any(|(known, _)| *known == id) {
-                    let body = generated_body(kind, &event, &id);
+                    let body = self.generated_body(kind, &event, &id);
                     bodies.push((id, body));
                 }
             }
@@ -811,8 +816,6 @@ fn seed_session(id: &str, subject: &str) -> serde_json::Value {
     json!({
         "@odata.type": "#microsoft.graph.virtualEventSession",
         "id": id,
-        "startDateTime": "2023-08-08T12:30:00Z",
-        "endDateTime": "2023-08-09T22:00:00Z",
         "joinWebUrl": "https://teams.microsoft.com/l/meetup-join/19%3ameeting_ZDVjNzk3OWEtYjc2NS00NTA1LTkyMzQtYTYzMGI5YmFmMjM5%40thread.v2/0?context=%7b%22Tid%22%3a%2272f988bf-86f1-41af-91ab-2d7cd011db47%22%2c%22Oid%22%3a%221cd068e4-5b08-4e75-a7f9-7b4e067a0820%22%7d",
         "subject": subject,
         "participants": {"@odata.type": "microsoft.graph.meetingParticipants"},
@@ -842,18 +845,119 @@ fn seed_session(id: &str, subject: &str) -> serde_json::Value {
     })
 }
 
-/// A bare session object with `@odata.context`, as Graph most likely really answers.
-/// Unlike the seed page's example (which ended in 2023), generated sessions lie in the
-/// future, so they keep the normal `ttl` under `smart_ttl`.
-pub fn generated_body(kind: &str, event: &str, session: &str) -> Bytes {
-    let mut object = seed_session(session, &format!("Generated session {session} of {event}"));
+/// The simulator's "now" for dates: `now` to the whole minute.
+fn reference_time(now: std::time::SystemTime) -> std::time::SystemTime {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    std::time::UNIX_EPOCH + Duration::from_secs(secs - secs % 60)
+}
+
+/// Start and end relative to `epoch`, by the session id, so that every kind of session a
+/// caller meets exists whenever the simulator runs: `gen-ended-*` ended two days ago
+/// (`smart_ttl` keeps it for `ttl_ended`), `gen-live-*` and the town hall seed are under
+/// way (started 30 minutes ago, end in an hour), everything else (the webinar seed
+/// included) is upcoming: in a week, for 90 minutes.
+fn set_dates(object: &mut serde_json::Value, session: &str, epoch: std::time::SystemTime) {
+    const MINUTE: u64 = 60;
+    const DAY: u64 = 24 * 60 * MINUTE;
+    let (start, end) = if session.starts_with("gen-ended") {
+        (
+            epoch - Duration::from_secs(2 * DAY),
+            epoch - Duration::from_secs(2 * DAY - 60 * MINUTE),
+        )
+    } else if session.starts_with("gen-live") || session == TOWNHALL_SESSION {
+        (
+            epoch - Duration::from_secs(30 * MINUTE),
+            epoch + Duration::from_secs(60 * MINUTE),
+        )
+    } else {
+        (
+            epoch + Duration::from_secs(7 * DAY),
+            epoch + Duration::from_secs(7 * DAY + 90 * MINUTE),
+        )
+    };
     if let Some(map) = object.as_object_mut() {
-        map.insert("startDateTime".to_string(), json!("2099-08-08T12:30:00Z"));
-        map.insert("endDateTime".to_string(), json!("2099-08-08T14:00:00Z"));
+        for (field, at) in [("startDateTime", start), ("endDateTime", end)] {
+            map.insert(
+                field.to_string(),
+                json!(humantime::format_rfc3339_seconds(at).to_string()),
+            );
+        }
+    }
+}
+
+impl Simulator {
+    /// What the simulator answers for a `gen-` session it has not been given.
+    pub fn generated_body(&self, kind: &str, event: &str, session: &str) -> Bytes {
+        generated_body_at(kind, event, session, self.state.epoch)
+    }
+}
+
+/// A bare session object with `@odata.context`, as Graph most likely really answers,
+/// dated relative to `epoch` (see [`set_dates`]).
+fn generated_body_at(
+    kind: &str,
+    event: &str,
+    session: &str,
+    epoch: std::time::SystemTime,
+) -> Bytes {
+    let mut object = seed_session(session, &format!("Generated session {session} of {event}"));
+    set_dates(&mut object, session, epoch);
+    if let Some(map) = object.as_object_mut() {
         map.insert(
             "@odata.context".to_string(),
             json!(format!("https://graph.microsoft.com/v1.0/$metadata#solutions/virtualEvents/{kind}('{event}')/sessions/$entity")),
         );
     }
     Bytes::from(object.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn dates(body: &[u8]) -> (SystemTime, SystemTime) {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let v = v.get("value").unwrap_or(&v);
+        let at = |field: &str| humantime::parse_rfc3339(v[field].as_str().unwrap()).unwrap();
+        (at("startDateTime"), at("endDateTime"))
+    }
+
+    #[test]
+    fn sessions_are_upcoming_live_or_ended_relative_to_now() {
+        let sim = Simulator::new(SimConfig::default(), Clock::new());
+        let now = SystemTime::now();
+        let seed = lock(&sim.state.sessions)
+            .get(&(
+                "webinars".to_string(),
+                SEED_EVENT.to_string(),
+                SEED_SESSION.to_string(),
+            ))
+            .cloned()
+            .unwrap();
+        for (body, what) in [
+            (seed, "seed"),
+            (sim.generated_body("webinars", "e", "gen-x"), "generated"),
+        ] {
+            let (start, end) = dates(&body);
+            assert!(start > now + Duration::from_secs(6 * 24 * 3600), "{what}");
+            assert!(end > start, "{what}");
+        }
+        for session in ["gen-live-1", TOWNHALL_SESSION] {
+            let (start, end) = dates(&sim.generated_body("townhalls", "e", session));
+            assert!(start < now && now < end, "{session} is under way");
+        }
+        let (_, end) = dates(&sim.generated_body("webinars", "e", "gen-ended-1"));
+        assert!(
+            end + Duration::from_secs(24 * 3600) < now,
+            "ended a day ago or more"
+        );
+        // The same session gets the same bytes every time (tests compare bodies).
+        assert_eq!(
+            sim.generated_body("webinars", "e", "gen-x"),
+            sim.generated_body("webinars", "e", "gen-x")
+        );
+    }
 }
