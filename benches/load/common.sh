@@ -2,6 +2,12 @@
 # LOG_TAG (the progress-line prefix) and WORK_PREFIX (the temp dir's name).
 # shellcheck shell=bash
 
+# Where results go: target/bench-results/ (untracked) by default, so that a trial run
+# never rewrites the tracked files; RECORD=1 writes benches/results/, where the README's
+# tables come from. Needs ROOT set (the repository root).
+if [[ "${RECORD:-0}" == 1 ]]; then RESULTS="$ROOT/benches/results"; else RESULTS="$ROOT/target/bench-results"; fi
+mkdir -p "$RESULTS"
+
 log() { printf '[%s] %s\n' "$LOG_TAG" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 

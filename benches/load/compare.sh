@@ -13,11 +13,12 @@
 # (Graph latency injected for the second stampede pair, 100; 0: none), MEM_SESSIONS
 # (100000), MEM_CONNS (200), QUIET_WAIT (s to wait for an idle machine, 1800), RETRIES
 # (tries of a run disturbed by other processes, 3), PROFILE (auto: a perf profile of the
-# proxy under load, in benches/results/proxy-profile.txt, when it misses a throughput
+# proxy under load, in proxy-profile.txt beside the results, when it misses a throughput
 # target; 1: always; 0: never), KEEP_WORK (1: keep the temp dir), TIER2 (0: skip the
 # tier-2 round; its own settings are in tier2.sh's header).
-# Markdown on stdout, progress on stderr, JSON in benches/results/latest.json (and
-# benches/results/tier2.json).
+# Markdown on stdout, progress on stderr, JSON in target/bench-results/latest.json (and
+# tier2.json); with RECORD=1 in benches/results/ instead (the tracked results the README
+# quotes).
 # Needs root for apt-get when nginx, varnish or wrk are missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -394,7 +395,7 @@ if [[ "$PROFILE" == 1 ]]; then
         sleep 2
         perf record -q --call-graph dwarf,16384 -F 999 -o "$WORK/perf.data" -p "$PROXY_PID" -- sleep 8 >/dev/null 2>&1 || true
         wait "$WRK_PID" || true
-        P="$ROOT/benches/results/proxy-profile.txt"
+        P="$RESULTS/proxy-profile.txt"
         {
             echo "# perf profile of graph-session-proxy under wrk -t$THREADS -c$CONNS (hits only)"
             echo "## share of samples by binary"
@@ -407,7 +408,7 @@ if [[ "$PROFILE" == 1 ]]; then
                 | grep -v '^#' | grep -v '^$' | head -80 | cut -c1-180
         } >"$P" || true
         cp "$P" "$WORK/profile.txt"
-        log "profile in benches/results/proxy-profile.txt"
+        log "profile in $P"
     else
         log "perf not available: no profile"
     fi
@@ -498,8 +499,7 @@ json.dump({
     "fuzzing_seen": $(pgrep -f cargo-fuzz >/dev/null && echo True || echo False),
 }, open("/dev/stdout", "w"))
 EOF
-mkdir -p "$ROOT/benches/results"
-python3 "$ROOT/benches/load/report.py" "$WORK" "$ROOT/benches/results/latest.json"
+python3 "$ROOT/benches/load/report.py" "$WORK" "$RESULTS/latest.json"
 
 # ---------------------------------------------------------------- 11. tier 2
 # Its own servers (Redis, simulator, two proxies); ours above are idle by now.

@@ -346,7 +346,7 @@ def main():
             w("\n".join(l.rstrip() for l in body[1:26]))
         w("```")
         w("")
-        w("Full profile (with inclusive times): benches/results/proxy-profile.txt.")
+        w("Full profile (with inclusive times): proxy-profile.txt beside the JSON results.")
         w("")
 
     print("\n".join(lines))

@@ -13,7 +13,8 @@
 # (client threads, 2), T2_REPEATS (3), T2_SERIAL (2000 more sessions, asked for over one
 # connection: the latency of one hit on an otherwise idle proxy; 0: skip), KEEP_WORK (1:
 # keep the temp dir).
-# Markdown on stdout, progress on stderr, JSON in benches/results/tier2.json.
+# Markdown on stdout, progress on stderr, JSON in target/bench-results/tier2.json (with
+# RECORD=1: benches/results/tier2.json, the tracked file the README quotes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -219,5 +220,4 @@ json.dump({
     "fill_graph_calls": $((G1 - G0)),
 }, open("/dev/stdout", "w"))
 EOF
-mkdir -p "$ROOT/benches/results"
-python3 "$ROOT/benches/load/report.py" tier2 "$WORK" "$ROOT/benches/results/tier2.json"
+python3 "$ROOT/benches/load/report.py" tier2 "$WORK" "$RESULTS/tier2.json"
