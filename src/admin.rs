@@ -47,9 +47,38 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<B
     response
 }
 
-/// One admin request. Probes and metrics are open (kubelets and Prometheus call them);
-/// purges need the admin token when one is configured.
+/// One admin request, answered with its request id (`x-request-id`, also in JSON errors).
 pub async fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
+    let id = request_id(req.headers());
+    let mut response = answer(state, req, &id).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(X_REQUEST_ID, value);
+    }
+    response
+}
+
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The caller's `x-request-id` when it is at most 128 bytes of `[A-Za-z0-9._:-]` (it is
+/// echoed into a header, a JSON body and the logs), else a fresh UUID.
+fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get(X_REQUEST_ID)
+        .map(HeaderValue::as_bytes)
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= 128
+                && id
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        })
+        .and_then(|id| std::str::from_utf8(id).ok())
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+}
+
+/// Probes and metrics are open (kubelets and Prometheus call them); purges need the admin
+/// token when one is configured.
+async fn answer<B>(state: &AppState, req: &Request<B>, request_id: &str) -> Response<Full<Bytes>> {
     let (method, path) = (req.method(), req.uri().path());
     match (method, path) {
         (&Method::GET | &Method::HEAD, "/healthz") => {
@@ -66,7 +95,7 @@ pub async fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Byte
             } else {
                 json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"status": "starting"}),
+                    json!({"status": "starting", "reason": state.not_ready_reason()}),
                 )
             }
         }
@@ -77,7 +106,7 @@ pub async fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Byte
                     StatusCode::UNAUTHORIZED,
                     "unauthenticated",
                     "the admin token is required: Authorization: Bearer <admin token>",
-                    "",
+                    request_id,
                 );
                 r.headers_mut().insert(
                     http::header::WWW_AUTHENTICATE,
@@ -85,20 +114,25 @@ pub async fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Byte
                 );
                 return r;
             }
-            purge(state, p).await
+            purge(state, p, request_id).await
         }
         (_, "/healthz" | "/readyz" | "/metrics") => {
             let mut r = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "methodNotAllowed",
                 "only GET and HEAD",
-                "",
+                request_id,
             );
             r.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
         }
-        _ => error_response(StatusCode::NOT_FOUND, "notFound", "no such admin route", ""),
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "notFound",
+            "no such admin route",
+            request_id,
+        ),
     }
 }
 
@@ -132,7 +166,7 @@ fn shared_label(shared: Option<bool>) -> &'static str {
 
 /// With a shared tier, the purge also leaves Redis and reaches every replica
 /// (`"shared": true`), or could not (`false`: Redis unavailable; this replica is purged).
-async fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
+async fn purge(state: &AppState, path: &str, request_id: &str) -> Response<Full<Bytes>> {
     if path == "/cache" {
         state
             .metrics
@@ -165,7 +199,7 @@ async fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
                     json!({"purged": name, "wasCached": was_cached, "shared": shared}),
                 )
             }
-            Err(e) => e.to_response(""),
+            Err(e) => e.to_response(request_id),
         };
     }
     if let Some(rest) = path.strip_prefix("/cache/events/") {
@@ -186,10 +220,15 @@ async fn purge(state: &AppState, path: &str) -> Response<Full<Bytes>> {
                     json!({"purged": format!("{}/{}", key.kind, key.event), "sessions": removed, "shared": shared}),
                 )
             }
-            Err(e) => e.to_response(""),
+            Err(e) => e.to_response(request_id),
         };
     }
-    error_response(StatusCode::NOT_FOUND, "notFound", "no such admin route", "")
+    error_response(
+        StatusCode::NOT_FOUND,
+        "notFound",
+        "no such admin route",
+        request_id,
+    )
 }
 /// Prometheus text; gauges that are cheaper to read than to maintain are set here.
 fn metrics(state: &AppState) -> Response<Full<Bytes>> {

@@ -344,6 +344,62 @@ impl Default for AuthSettings {
     }
 }
 
+/// The tenant and client id in the shipped examples.
+const PLACEHOLDER_GUID: &str = "00000000-0000-0000-0000-000000000000";
+
+/// SHA-256 digests in the shipped examples (config/, deploy/), with what they are.
+const SAMPLE_DIGESTS: &[(&str, &str)] = &[
+    (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "all zeros",
+    ),
+    (
+        "e2186dbdb1bb4193608605e84f33208765b5693b55edd4f730a719a100eeea6f",
+        "the digest of \"change-me\"",
+    ),
+];
+
+/// The environment variable that supplies the client secret.
+const ENV_SECRET: &str = "GSP__AUTH__CLIENT_SECRET";
+
+/// The other secret sources, when they too come from the environment.
+const SECRET_SOURCE_VARS: &[&str] = &[
+    "GSP__AUTH__CLIENT_SECRET_FILE",
+    "GSP__AUTH__CERTIFICATE_FILE",
+    "GSP__AUTH__PRIVATE_KEY_FILE",
+];
+
+impl AuthSettings {
+    /// `GSP__AUTH__CLIENT_SECRET` wins over the secret source the file names
+    /// (`client_secret`, `client_secret_file`, or `certificate_file` + `private_key_file`):
+    /// a deployment keeps the shipped file and hands the secret over in the environment.
+    /// Two sources named by the file itself, or a second source also from the
+    /// environment, are left for [`Settings::validate`] to refuse: which one was meant
+    /// cannot be told.
+    fn use_env_secret(
+        &mut self,
+        secret: String,
+        env_names_a_source: bool,
+    ) -> Result<(), ConfigError> {
+        if secret.is_empty() {
+            // An empty value cannot stand for a secret, nor unset the file's source.
+            return Err(ConfigError::invalid(
+                "auth.client_secret",
+                "GSP__AUTH__CLIENT_SECRET is set but empty: unset it to use the secret source the file names",
+            ));
+        }
+        let file_names_two = self.client_secret.is_some()
+            && (self.client_secret_file.is_some() || self.certificate_file.is_some());
+        if !env_names_a_source && !file_names_two {
+            self.client_secret_file = None;
+            self.certificate_file = None;
+            self.private_key_file = None;
+        }
+        self.client_secret = Some(SecretString::from(secret));
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheSettings {
@@ -584,8 +640,9 @@ impl Default for LogSettings {
 }
 
 /// Keys whose environment overrides stay text even when they look like numbers.
+/// (`GSP__AUTH__CLIENT_SECRET` is not among them: [`AuthSettings::use_env_secret`] applies
+/// it, because it also replaces the secret source the file names.)
 const TEXT_KEYS: &[&str] = &[
-    "auth.client_secret",
     "auth.client_id",
     "auth.tenant_id",
     "auth.scope",
@@ -641,6 +698,8 @@ impl Settings {
         let mut env: std::collections::HashMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with("GSP__"))
             .collect();
+        let env_secret = env.remove(ENV_SECRET);
+        let env_names_a_source = SECRET_SOURCE_VARS.iter().any(|v| env.contains_key(*v));
         let mut builder = config::Config::builder().add_source(source);
         let mut text_overrides = Vec::new();
         for key in TEXT_KEYS {
@@ -670,6 +729,9 @@ impl Settings {
                 reason: e.into_inner().to_string(),
             }
         })?;
+        if let Some(secret) = env_secret {
+            settings.auth.use_env_secret(secret, env_names_a_source)?;
+        }
         settings.validate(purpose)?;
         if purpose != Purpose::Check {
             settings.read_secret_file()?;
@@ -1088,7 +1150,72 @@ impl Settings {
                 "not a valid filter such as \"info\" or \"graph_session_proxy=debug\"",
             ));
         }
+        if purpose == Purpose::Serve {
+            if let Some(placeholder) = self.placeholders().into_iter().next() {
+                return Err(placeholder);
+            }
+        }
         Ok(())
+    }
+
+    /// Values left as the shipped examples have them: the all-zero GUIDs and the sample
+    /// digests. `serve` refuses them (a proxy that can never get a token, or admits
+    /// whoever read the example, must not report ready); `check-config` warns.
+    pub fn placeholders(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        let guid = |key: &str, value: Option<&str>, what: &str| {
+            value.filter(|v| v.trim() == PLACEHOLDER_GUID).map(|_| {
+                ConfigError::invalid(
+                    key,
+                    format!("{PLACEHOLDER_GUID} is the example's placeholder: set {what}"),
+                )
+            })
+        };
+        out.extend(guid(
+            "auth.tenant_id",
+            self.auth.tenant_id.as_deref(),
+            "the Directory (tenant) ID of the proxy's app registration",
+        ));
+        out.extend(guid(
+            "auth.client_id",
+            self.auth.client_id.as_deref(),
+            "the Application (client) ID of the proxy's app registration",
+        ));
+        if let Some(jwt) = &self.callers.jwt {
+            for (i, app) in jwt.apps.iter().enumerate() {
+                out.extend(guid(
+                    &format!("callers.jwt.apps[{i}].client_id"),
+                    app.client_id.as_deref(),
+                    "the calling application's client id",
+                ));
+            }
+        }
+        let digest = |key: &str, value: &str, how: &str| {
+            SAMPLE_DIGESTS
+                .iter()
+                .find(|(sample, _)| value.eq_ignore_ascii_case(sample))
+                .map(|(_, what)| {
+                    ConfigError::invalid(
+                        key,
+                        format!("{what}, a placeholder from the examples: set the digest of your own {how}"),
+                    )
+                })
+        };
+        if let Some(value) = &self.server.admin_token_sha256 {
+            out.extend(digest(
+                "server.admin_token_sha256",
+                value,
+                "token: TOKEN=$(openssl rand -base64 32); printf %s \"$TOKEN\" | sha256sum",
+            ));
+        }
+        for (i, key) in self.callers.api_keys.iter().enumerate() {
+            out.extend(digest(
+                &format!("callers.api_keys[{i}].sha256"),
+                &key.sha256,
+                "key: KEY=$(openssl rand -base64 32); printf %s \"$KEY\" | sha256sum",
+            ));
+        }
+        out
     }
 
     /// What `check-config` should warn about: things that only the running proxy can tell.
@@ -1145,6 +1272,28 @@ impl Settings {
         }
         if self.callers.enabled_modes().contains(&CallerMode::None) {
             out.push("callers.mode = \"none\": every caller can read every session".to_string());
+        }
+        for (key, url) in [
+            ("graph.base_url", self.graph.base_url.as_deref()),
+            ("auth.token_url", self.auth.token_url.as_deref()),
+            (
+                "callers.jwt.jwks_url",
+                self.callers
+                    .jwt
+                    .as_ref()
+                    .and_then(|j| j.jwks_url.as_deref()),
+            ),
+        ] {
+            if let Some(host) = url.and_then(plain_http_host) {
+                out.push(format!(
+                    "{key} is plain http:// to {host}, which is not loopback: tokens and session data cross the network unencrypted"
+                ));
+            }
+        }
+        for placeholder in self.placeholders() {
+            out.push(format!(
+                "{placeholder} (serve and check-config --strict refuse it)"
+            ));
         }
         out
     }
@@ -1246,6 +1395,21 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// The host of an `http://` URL whose host is not loopback (127.0.0.0/8, ::1, localhost).
+fn plain_http_host(url: &str) -> Option<String> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    if parsed.scheme() != "http" {
+        return None;
+    }
+    let host = parsed.host_str()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| host.to_string())
 }
 
 fn check_events(key: &str, events: Option<&[String]>) -> Result<(), ConfigError> {
@@ -1547,6 +1711,148 @@ mod tests {
             s.warnings()
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_secret_from_the_environment_replaces_the_files_source() {
+        let dir = std::env::temp_dir().join(format!("gsp-env-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let absent = dir.join("absent");
+        for source in [
+            format!("client_secret_file = {:?}", absent.display().to_string()),
+            "certificate_file = \"/absent/c.pem\"\nprivate_key_file = \"/absent/k.pem\""
+                .to_string(),
+            "client_secret = \"from-the-file\"".to_string(),
+        ] {
+            let text = MINIMAL.replace("client_secret = \"s3cret-value\"", &source);
+            let mut s = Settings::from_toml(&text, Purpose::Check).unwrap();
+            s.auth.use_env_secret("from-env".into(), false).unwrap();
+            s.validate(Purpose::Serve).unwrap();
+            s.read_secret_file().unwrap();
+            let a = &s.auth;
+            assert_eq!(
+                a.client_secret.as_ref().unwrap().expose_secret(),
+                "from-env"
+            );
+            assert!(a.client_secret_file.is_none() && a.certificate_file.is_none());
+            assert!(a.private_key_file.is_none() && a.certificate.is_none());
+        }
+        // Two sources in the file, or a second one from the environment: refused.
+        let two = MINIMAL.replace(
+            "client_secret = \"s3cret-value\"",
+            "client_secret = \"x\"\nclient_secret_file = \"/absent\"",
+        );
+        let mut raw: Settings = toml::from_str(&two).unwrap();
+        raw.auth.use_env_secret("from-env".into(), false).unwrap();
+        let err = raw.validate(Purpose::Serve).unwrap_err().to_string();
+        assert!(err.contains("auth.client_secret_file"), "{err}");
+        let file = MINIMAL.replace(
+            "client_secret = \"s3cret-value\"",
+            "client_secret_file = \"/absent\"",
+        );
+        let mut s = Settings::from_toml(&file, Purpose::Check).unwrap();
+        s.auth.use_env_secret("from-env".into(), true).unwrap();
+        assert!(s.validate(Purpose::Serve).is_err());
+        // Empty: not a secret, and not a way to unset the file's source.
+        let mut s = Settings::from_toml(&file, Purpose::Check).unwrap();
+        let err = s
+            .auth
+            .use_env_secret(String::new(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.client_secret") && err.contains("empty"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn placeholders_are_refused_by_serve_and_warned_about_by_check() {
+        let zero = "0000000000000000000000000000000000000000000000000000000000000000";
+        let change_me = "e2186dbdb1bb4193608605e84f33208765b5693b55edd4f730a719a100eeea6f";
+        let with_key = |sha: &str| {
+            format!("{MINIMAL}\n[[callers.api_keys]]\nname = \"a\"\nsha256 = \"{sha}\"\n")
+        };
+        let cases = [
+            (
+                MINIMAL.replace(
+                    "11111111-2222-3333-4444-555555555555",
+                    "00000000-0000-0000-0000-000000000000",
+                ),
+                "auth.tenant_id",
+            ),
+            (
+                MINIMAL.replace("client_id = \"app\"", "client_id = \"00000000-0000-0000-0000-000000000000\""),
+                "auth.client_id",
+            ),
+            (with_key(zero), "callers.api_keys[0].sha256"),
+            (with_key(&change_me.to_uppercase()), "callers.api_keys[0].sha256"),
+            (
+                format!("[server]\nadmin_token_sha256 = \"{change_me}\"\n{MINIMAL}"),
+                "server.admin_token_sha256",
+            ),
+            (
+                format!("{MINIMAL}\n[callers.jwt]\n[[callers.jwt.apps]]\nclient_id = \"00000000-0000-0000-0000-000000000000\"\n"),
+                "callers.jwt.apps[0].client_id",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Settings::from_toml(&text, Purpose::Serve)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains("placeholder"), "{err}");
+            let checked = Settings::from_toml(&text, Purpose::Check).unwrap();
+            assert!(
+                checked
+                    .warnings()
+                    .iter()
+                    .any(|w| w.contains(key) && w.contains("refuse")),
+                "{key}: {:?}",
+                checked.warnings()
+            );
+            assert!(
+                Settings::from_toml(&text, Purpose::Embedded).is_ok(),
+                "{key}"
+            );
+        }
+        // A real digest and the demo's identity are fine.
+        let real = with_key("c48a01f49fd0f2cc404bc3cbbc80e91457a3d41bb429a695243de4c61794155c");
+        assert!(Settings::from_toml(&real, Purpose::Serve).is_ok());
+        let demo =
+            Settings::from_toml(include_str!("../config/demo.toml"), Purpose::Serve).unwrap();
+        assert!(demo.placeholders().is_empty());
+    }
+
+    #[test]
+    fn plain_http_off_loopback_is_warned_about() {
+        for (url, warned) in [
+            ("http://graph.example.com", true),
+            ("http://10.0.0.1:8080/", true),
+            ("http://127.0.0.1:9", false),
+            ("http://127.8.0.1:9", false),
+            ("http://[::1]:9", false),
+            ("http://LocalHost:9", false),
+            ("https://graph.example.com", false),
+        ] {
+            let text = format!("{MINIMAL}\n[graph]\nbase_url = \"{url}\"\n").replace(
+                "client_secret = \"s3cret-value\"",
+                &format!(
+                    "client_secret = \"s3cret-value\"\ntoken_url = \"{url}/{{tenant}}/token\""
+                ),
+            );
+            let s = Settings::from_toml(&text, Purpose::Serve).unwrap();
+            let warnings = s.warnings();
+            for key in ["graph.base_url", "auth.token_url"] {
+                assert_eq!(
+                    warnings
+                        .iter()
+                        .any(|w| w.contains(key) && w.contains("http://")),
+                    warned,
+                    "{url}: {warnings:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use graph_session_proxy::clock::Clock;
 use graph_session_proxy::config::{ConfigError, Purpose, Settings};
 use graph_session_proxy::server::Proxy;
@@ -16,42 +16,80 @@ use tokio::net::TcpListener;
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 const DEFAULT_CONFIG: &str = "config/graph-session-proxy.toml";
 
+/// Shown under every `--help`: where else settings come from, and what the exit code says.
+const AFTER_HELP: &str = "\
+Environment overrides:
+  Every configuration key can be set as GSP__SECTION__KEY, which wins over the file, e.g.
+    GSP__AUTH__CLIENT_SECRET=...   (replaces auth.client_secret_file or the certificate)
+    GSP__CACHE__TTL=90s   GSP__LOG__LEVEL=debug   GSP__SERVER__LISTEN=127.0.0.1:8080
+  RUST_LOG, when set, wins over log.level.
+
+Exit codes:
+  0  clean shutdown (SIGTERM or SIGINT), or check-config found the configuration usable
+  1  runtime failure (e.g. a listener address is taken)
+  2  bad configuration (the message names the key) or bad command line";
+
 #[derive(Parser)]
 #[command(
     version,
-    about = "Caching, authenticating proxy for Microsoft Graph virtual event sessions"
+    about = "Caching, authenticating proxy for Microsoft Graph virtual event sessions",
+    long_about = "Caching, authenticating proxy for Microsoft Graph virtual event sessions.\n\n\
+                  Without a subcommand it serves: `graph-session-proxy --config FILE` is \
+                  `graph-session-proxy serve --config FILE`.",
+    after_help = AFTER_HELP
 )]
 struct Cli {
+    /// The TOML configuration file (serve, check-config) [default: config/graph-session-proxy.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve callers (the default).
-    Serve {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+    /// Serve callers (the default subcommand).
+    #[command(after_help = AFTER_HELP)]
+    Serve,
+    /// Simulated Graph + proxy on loopback; prints curl lines to try.
+    Demo {
+        /// Where the demo proxy listens for callers; port 0 picks a free one.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the demo's admin listener (health, readiness, metrics, purges) listens.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
     },
-    /// Simulated Graph + proxy on 127.0.0.1:8080; prints curl lines to try.
-    Demo,
     /// The simulated identity platform and Graph alone.
     Sim {
-        #[arg(long, default_value = "127.0.0.1:9000")]
+        /// Where the simulator listens.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
         listen: SocketAddr,
     },
     /// Validate a configuration and print it, secrets redacted.
+    #[command(after_help = AFTER_HELP)]
     CheckConfig {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// Exit 2 for everything serve would refuse: placeholders, and secret, key,
+        /// certificate or Redis files that are missing or empty here (otherwise warnings).
+        #[arg(long)]
+        strict: bool,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Serve {
-        config: PathBuf::from(DEFAULT_CONFIG),
-    });
+    let command = cli.command.unwrap_or(Command::Serve);
+    if cli.config.is_some() && matches!(command, Command::Demo { .. } | Command::Sim { .. }) {
+        // The demo and the simulator have their own built-in configuration: a --config
+        // given to them would be silently ignored.
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--config is for serve and check-config; demo and sim take no configuration file",
+            )
+            .exit();
+    }
+    let config = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -61,10 +99,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match command {
-            Command::Serve { config } => serve(Settings::load(&config, Purpose::Serve)).await,
-            Command::Demo => demo().await,
+            Command::Serve => serve(Settings::load(&config, Purpose::Serve)).await,
+            Command::Demo {
+                listen,
+                admin_listen,
+            } => demo(listen, admin_listen).await,
             Command::Sim { listen } => run_sim(listen).await,
-            Command::CheckConfig { config } => check_config(&config),
+            Command::CheckConfig { strict } => check_config(&config, strict),
         }
     });
     match result {
@@ -81,8 +122,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
-    let settings = Settings::load(path, Purpose::Check)?;
+/// `--strict` loads exactly as `serve` does (the same code refuses the same things);
+/// without it, what only the running proxy can tell is a warning.
+fn check_config(path: &std::path::Path, strict: bool) -> anyhow::Result<()> {
+    let purpose = if strict {
+        Purpose::Serve
+    } else {
+        Purpose::Check
+    };
+    let settings = Settings::load(path, purpose)?;
     print!("{}", settings.redacted_toml());
     for warning in settings.warnings() {
         eprintln!("warning: {warning}");
@@ -121,8 +169,10 @@ async fn serve(settings: Result<Settings, ConfigError>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo() -> anyhow::Result<()> {
+async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()> {
     let mut settings = Settings::from_toml(DEMO_CONFIG, Purpose::Embedded)?;
+    settings.server.listen = listen;
+    settings.server.admin_listen = admin_listen;
     let _log_writer = telemetry::init(&settings.log);
     let sim_listener = TcpListener::bind("127.0.0.1:0").await?;
     let sim_addr = sim_listener.local_addr()?;
@@ -135,7 +185,7 @@ async fn demo() -> anyhow::Result<()> {
         .await
         .with_context(|| {
             format!(
-                "cannot listen on {} (is another demo running?)",
+                "cannot listen on {} (is another demo running? --listen picks another address)",
                 settings.server.listen
             )
         })?;
@@ -143,14 +193,16 @@ async fn demo() -> anyhow::Result<()> {
         .await
         .with_context(|| {
             format!(
-                "cannot listen on {} (is another demo running?)",
+                "cannot listen on {} (is another demo running? --admin-listen picks another address)",
                 settings.server.admin_listen
             )
         })?;
     let proxy = Proxy::build(&settings, Clock::new())?;
-    let base = format!("http://{}", settings.server.listen);
+    // The bound addresses: with port 0 the system picked them.
+    let base = format!("http://{}", listener.local_addr()?);
+    let admin_bound = admin.local_addr()?;
     println!(
-        "\ngraph-session-proxy demo: proxy on {base}, simulated Graph on http://{sim_addr}, admin on http://{admin}\n\
+        "\ngraph-session-proxy demo: proxy on {base}, simulated Graph on http://{sim_addr}, admin on http://{admin_bound}\n\
          Try (Ctrl-C stops the demo):\n\n\
          \x20 # a webinar session (the Graph docs' example); run it twice: fwd=miss, then hit\n\
          \x20 curl -si -H 'Authorization: Bearer demo-key' '{base}/sessions/webinars/{event}/{session}'\n\n\
@@ -162,7 +214,6 @@ async fn demo() -> anyhow::Result<()> {
          \x20 curl -si '{base}/sessions/webinars/{event}/{session}'\n\n\
          \x20 # what the simulated Graph was asked\n\
          \x20 curl -s 'http://{sim_addr}/_sim/stats'\n",
-        admin = settings.server.admin_listen,
         event = sim::SEED_EVENT,
         session = sim::SEED_SESSION,
         th_event = sim::TOWNHALL_EVENT,
@@ -177,6 +228,7 @@ async fn run_sim(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let listen = listener.local_addr()?;
     let config = SimConfig::default();
     println!(
         "simulated identity platform + Graph on http://{listen}\n  tenant {}\n  client id {}\n  client secret {}\n  stats: GET /_sim/stats, faults: POST /_sim/faults",
@@ -207,5 +259,30 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand and every flag says what it is for in `--help`.
+    #[test]
+    fn everything_has_a_help_text() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut commands = vec![&cli];
+        commands.extend(cli.get_subcommands());
+        for command in commands {
+            assert!(command.get_about().is_some(), "{}", command.get_name());
+            for arg in command.get_arguments() {
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{}",
+                    command.get_name(),
+                    arg.get_id()
+                );
+            }
+        }
     }
 }

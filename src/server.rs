@@ -89,14 +89,42 @@ pub struct AppState {
     /// False until the listener is up; false again once shutdown begins.
     pub ready: AtomicBool,
     pub draining: AtomicBool,
+    /// Why the last token attempt of the readiness loop failed (the caller-safe text,
+    /// never the secret), for `/readyz` to say; a plain mutex because it is written every
+    /// few seconds at most and read by probes only.
+    pub token_problem: std::sync::Mutex<Option<String>>,
+    /// `server.ready_requires_token`: readiness waits for a first Graph token.
+    ready_requires_token: bool,
     /// SHA-256 of the admin token purges need, when configured.
     pub admin_token_sha256: Option<[u8; 32]>,
+}
+
+impl AppState {
+    fn set_token_problem(&self, problem: Option<String>) {
+        *self
+            .token_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
+    }
+
+    /// Why the proxy is not ready yet, for `/readyz`.
+    pub fn not_ready_reason(&self) -> String {
+        let problem = self
+            .token_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match problem {
+            Some(problem) => format!("no Graph token yet: {problem}"),
+            None if self.ready_requires_token => "waiting for a first Graph token".to_string(),
+            None => "listener not up yet".to_string(),
+        }
+    }
 }
 
 pub struct Proxy {
     pub state: Arc<AppState>,
     connections: ConnectionOptions,
-    ready_requires_token: bool,
     /// The caller listener's certificate files and how often to check them for changes.
     tls_files: Option<(Arc<CertificateFiles>, Duration)>,
 }
@@ -196,6 +224,8 @@ impl Proxy {
                 max_header_bytes: settings.server.max_header_bytes.as_u64() as usize,
                 ready: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
+                token_problem: std::sync::Mutex::new(None),
+                ready_requires_token: settings.server.ready_requires_token,
                 admin_token_sha256: settings.server.admin_token_sha256.as_deref().and_then(
                     |hex_digest| {
                         let mut digest = [0u8; 32];
@@ -204,7 +234,6 @@ impl Proxy {
                     },
                 ),
             }),
-            ready_requires_token: settings.server.ready_requires_token,
             tls_files: tls_files.map(|files| (files, settings.server.tls_reload_interval)),
             connections: ConnectionOptions {
                 guard: true,
@@ -257,13 +286,17 @@ impl Proxy {
             ConnectionOptions::internal(self.connections.grace),
         );
         let readiness = async {
-            if self.ready_requires_token {
+            if state.ready_requires_token {
                 // Keep out of rotation until the identity platform has issued a token.
                 while !state.draining.load(Ordering::SeqCst) {
                     match state.tokens.token().await {
-                        Ok(_) => break,
+                        Ok(_) => {
+                            state.set_token_problem(None);
+                            break;
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "not ready: no Graph token yet");
+                            state.set_token_problem(Some(e.caller_message()));
                             tokio::time::sleep(Duration::from_secs(2)).await;
                         }
                     }

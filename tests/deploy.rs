@@ -141,6 +141,27 @@ fn chain(e: &ConfigError) -> String {
     msg
 }
 
+/// The ConfigMap's placeholders replaced the way its comments tell a user to.
+fn edited_like_a_user(text: &str) -> String {
+    use sha2::Digest;
+    let digest = |secret: &str| hex::encode(sha2::Sha256::digest(secret));
+    let edited = text
+        .replacen(
+            "00000000-0000-0000-0000-000000000000",
+            "5466a424-aadf-425c-9b24-034ca28d4bdd",
+            1,
+        )
+        .replacen(
+            "00000000-0000-0000-0000-000000000000",
+            "9d5b4e7c-0c4a-4a8e-8d7e-2f1b6c3a9e11",
+            1,
+        )
+        .replace(&"0".repeat(64), &digest("a-caller-key"))
+        .replace(&digest("change-me"), &digest("an-admin-token"));
+    assert_ne!(edited, text, "the placeholders are where the comments say");
+    edited
+}
+
 fn configmap_text() -> String {
     block_scalar(
         &read("deploy/kubernetes/base/configmap.yaml"),
@@ -210,6 +231,8 @@ fn configmap_is_a_valid_configuration() {
         "{digest}"
     );
     assert!(text.contains("format = \"json\""));
+    // A wrong secret keeps a pod out of rotation.
+    assert!(settings.server.ready_requires_token);
 }
 
 #[test]
@@ -664,6 +687,18 @@ fn shared_cache_overlay_wires_the_proxy_to_redis() {
     let redis_password = dir.join("redis-password");
     std::fs::write(&client_secret, "dummy-client-secret").unwrap();
     std::fs::write(&redis_password, "dummy-redis-password").unwrap();
+    // serve refuses the ConfigMap's placeholders: edited the way the comments say.
+    let unedited = load_with_env(
+        &text,
+        &[(
+            "GSP__AUTH__CLIENT_SECRET_FILE",
+            client_secret.to_str().unwrap(),
+        )],
+        Purpose::Serve,
+    )
+    .expect_err("serve refuses the placeholders");
+    assert!(chain(&unedited).contains("auth.tenant_id"), "{unedited}");
+    let text = edited_like_a_user(&text);
     let served = load_with_env(
         &text,
         &[

@@ -380,3 +380,82 @@ async fn shutdown_drains_fifty_requests_and_reports_draining() {
         .unwrap()
         .unwrap();
 }
+
+/// With a wrong secret the pod stays out of rotation, and `/readyz` says why with the
+/// token error's caller-safe text (the AADSTS code), never the secret.
+#[tokio::test]
+async fn readiness_says_why_there_is_no_token() {
+    let h = Harness::with(
+        |s| {
+            s.server.ready_requires_token = true;
+            s.auth.client_secret = Some("a-wrong-secret-7f3e".to_string().into());
+        },
+        graph_session_proxy::sim::SimConfig::default(),
+    )
+    .await;
+    let ready = format!("http://{}/readyz", h.admin);
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        let answer = h.http.get(&ready).send().await.unwrap();
+        assert_eq!(answer.status(), 503);
+        last = answer.json().await.unwrap();
+        if last["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("AADSTS"))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(last["status"], "starting", "{last}");
+    let reason = last["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("no Graph token yet") && reason.contains("AADSTS7000215"),
+        "{last}"
+    );
+    assert!(!reason.contains("a-wrong-secret"), "{last}");
+}
+
+/// Admin error answers carry a request id: the caller's when it is short and plain,
+/// else a fresh one; always echoed as `x-request-id`.
+#[tokio::test]
+async fn admin_errors_carry_a_request_id() {
+    let h = Harness::with(
+        |s| s.server.admin_token_sha256 = Some(sha256_hex("admin-secret-2")),
+        graph_session_proxy::sim::SimConfig::default(),
+    )
+    .await;
+    let admin = format!("http://{}", h.admin);
+    let long = "a".repeat(129);
+    for (sent, echoed) in [
+        (None, false),
+        (Some("ops-1234.a_b:c-d"), true),
+        (Some("not plain!"), false),
+        (Some(long.as_str()), false),
+    ] {
+        for request in [
+            h.http.delete(format!("{admin}/cache")),
+            h.http.get(format!("{admin}/nowhere")),
+            h.http.post(format!("{admin}/healthz")),
+        ] {
+            let request = match sent {
+                Some(id) => request.header("x-request-id", id),
+                None => request,
+            };
+            let answer = request.send().await.unwrap();
+            assert!([401, 404, 405].contains(&answer.status().as_u16()));
+            let header = answer.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let body: serde_json::Value = answer.json().await.unwrap();
+            let id = body["error"]["requestId"].as_str().unwrap();
+            assert_eq!(id, header, "{body}");
+            if echoed {
+                assert_eq!(Some(id), sent);
+            } else {
+                assert!(uuid::Uuid::parse_str(id).is_ok(), "{sent:?}: {body}");
+            }
+        }
+    }
+}
