@@ -15,6 +15,7 @@ use serde_json::json;
 use tower::Service;
 
 use crate::error::error_response;
+use crate::request_id;
 use crate::routes;
 use crate::server::AppState;
 use crate::shared::Purge;
@@ -59,21 +60,15 @@ pub async fn handle<B>(state: &AppState, req: &Request<B>) -> Response<Full<Byte
 
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
-/// The caller's `x-request-id` when it is at most 128 bytes of `[A-Za-z0-9._:-]` (it is
-/// echoed into a header, a JSON body and the logs), else a fresh UUID.
+/// The caller's `x-request-id` when [`request_id::is_usable`] keeps it (it is echoed
+/// into a header, a JSON body and the logs), else a fresh one.
 fn request_id(headers: &http::HeaderMap) -> String {
     headers
         .get(X_REQUEST_ID)
         .map(HeaderValue::as_bytes)
-        .filter(|id| {
-            !id.is_empty()
-                && id.len() <= 128
-                && id
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-        })
+        .filter(|id| request_id::is_usable(id))
         .and_then(|id| std::str::from_utf8(id).ok())
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+        .map_or_else(request_id::fresh, str::to_string)
 }
 
 /// Probes and metrics are open (kubelets and Prometheus call them); purges need the admin
