@@ -612,8 +612,9 @@ fn cache_status(lookup: &Lookup, now: tokio::time::Instant) -> HeaderValue {
 }
 
 /// Request-target and `Host` forms this origin server refuses: an absolute-form target
-/// with another scheme than http(s) or with userinfo, and repeated `Host` headers
-/// (RFC 9112 3.2).
+/// with another scheme than http(s) or with userinfo, repeated `Host` headers, and an
+/// HTTP/1.1 request without one (RFC 9112 3.2; HTTP/1.0 may omit it, and HTTP/2 carries
+/// `:authority` instead).
 fn bad_framing<B>(req: &Request<B>) -> Option<&'static str> {
     let uri = req.uri();
     if uri
@@ -633,6 +634,9 @@ fn bad_framing<B>(req: &Request<B>) -> Option<&'static str> {
         .is_some()
     {
         return Some("more than one Host header");
+    }
+    if req.version() == http::Version::HTTP_11 && !req.headers().contains_key(http::header::HOST) {
+        return Some("HTTP/1.1 requests must carry a Host header");
     }
     None
 }
