@@ -75,6 +75,9 @@ pub struct ServerSettings {
     /// A client that has not sent all request headers in this time is disconnected.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Pending connections the kernel queues for `listen` and `admin_listen` before they
+    /// are accepted (capped by the kernel, on Linux by `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// More request headers than this (count or bytes) is a 431.
     pub max_headers: usize,
     pub max_header_bytes: ByteSize,
@@ -103,6 +106,7 @@ impl Default for ServerSettings {
             ready_requires_token: false,
             max_connections: 20_000,
             header_read_timeout: Duration::from_secs(10),
+            listen_backlog: 4096,
             max_headers: 64,
             max_header_bytes: ByteSize::kib(16),
             tls_cert_file: None,
@@ -804,6 +808,12 @@ impl Settings {
                 "must be at least 1",
             ));
         }
+        if !(1..=65535).contains(&s.listen_backlog) {
+            return Err(ConfigError::invalid(
+                "server.listen_backlog",
+                "from 1 to 65535",
+            ));
+        }
         match &s.admin_token_sha256 {
             Some(digest)
                 if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) =>
@@ -1310,6 +1320,24 @@ mod tests {
             s.token_url(),
             "https://login.microsoftonline.com/11111111-2222-3333-4444-555555555555/oauth2/v2.0/token"
         );
+    }
+
+    #[test]
+    fn connection_settings_are_checked() {
+        let with = |table: &str| format!("{MINIMAL}\n[server]\n{table}\n");
+        let s = Settings::from_toml(MINIMAL, Purpose::Serve).unwrap();
+        assert_eq!(s.server.listen_backlog, 4096);
+        for (table, key) in [
+            ("listen_backlog = 0", "server.listen_backlog"),
+            ("listen_backlog = 65536", "server.listen_backlog"),
+        ] {
+            let err = Settings::from_toml(&with(table), Purpose::Serve)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{table}: {err}");
+        }
+        let s = Settings::from_toml(&with("listen_backlog = 65535"), Purpose::Serve).unwrap();
+        assert_eq!(s.server.listen_backlog, 65535);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -732,6 +733,24 @@ impl ConnectionOptions {
             grace,
         }
     }
+}
+
+/// Binds a listener on `addr` with room for `backlog` connections not yet accepted
+/// (tokio's `TcpListener::bind` leaves the standard library's 128: a burst of connects
+/// overflows it and costs callers one-second SYN retransmits; the kernel caps `backlog`
+/// at `net.core.somaxconn`). `SO_REUSEADDR` as tokio sets it (not on Windows, where it
+/// would allow taking over a port in use), so a restart can bind while old connections
+/// sit in TIME_WAIT. Needs a tokio runtime.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Accepts connections on `listener`, serving each with a clone of `service` (HTTP/1.1 or
