@@ -70,11 +70,18 @@ pub struct ServerSettings {
     pub admin_token_sha256: Option<String>,
     /// Readiness waits for a first Graph token (so a bad secret keeps a pod out of rotation).
     pub ready_requires_token: bool,
-    /// Open caller connections at most; beyond, new connections wait in the listen backlog.
+    /// Open caller connections at most; beyond, a newcomer takes the place of the
+    /// longest-idle connection, or gets a 503 `overloaded` when all are busy.
     pub max_connections: usize,
     /// A client that has not sent all request headers in this time is disconnected.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Pending connections the kernel queues for `listen` and `admin_listen` before they
+    /// are accepted (capped by the kernel, on Linux by `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// More request headers than this (count or bytes) is a 431.
     pub max_headers: usize,
     pub max_header_bytes: ByteSize,
@@ -103,6 +110,8 @@ impl Default for ServerSettings {
             ready_requires_token: false,
             max_connections: 20_000,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            listen_backlog: 4096,
             max_headers: 64,
             max_header_bytes: ByteSize::kib(16),
             tls_cert_file: None,
@@ -812,6 +821,7 @@ impl Settings {
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
             ),
+            ("server.idle_timeout", self.server.idle_timeout),
             ("graph.timeout", self.graph.timeout),
             ("graph.circuit_cooldown", self.graph.circuit_cooldown),
             (
@@ -860,10 +870,17 @@ impl Settings {
         }
         positive("server.request_timeout", s.request_timeout)?;
         positive("server.header_read_timeout", s.header_read_timeout)?;
+        positive("server.idle_timeout", s.idle_timeout)?;
         if s.max_connections == 0 {
             return Err(ConfigError::invalid(
                 "server.max_connections",
                 "must be at least 1",
+            ));
+        }
+        if !(1..=65535).contains(&s.listen_backlog) {
+            return Err(ConfigError::invalid(
+                "server.listen_backlog",
+                "from 1 to 65535",
             ));
         }
         match &s.admin_token_sha256 {
@@ -1474,6 +1491,27 @@ mod tests {
             s.token_url(),
             "https://login.microsoftonline.com/11111111-2222-3333-4444-555555555555/oauth2/v2.0/token"
         );
+    }
+
+    #[test]
+    fn connection_settings_are_checked() {
+        let with = |table: &str| format!("{MINIMAL}\n[server]\n{table}\n");
+        let s = Settings::from_toml(MINIMAL, Purpose::Serve).unwrap();
+        assert_eq!(s.server.listen_backlog, 4096);
+        assert_eq!(s.server.idle_timeout, Duration::from_secs(60));
+        for (table, key) in [
+            ("idle_timeout = \"0s\"", "server.idle_timeout"),
+            ("idle_timeout = \"20years\"", "server.idle_timeout"),
+            ("listen_backlog = 0", "server.listen_backlog"),
+            ("listen_backlog = 65536", "server.listen_backlog"),
+        ] {
+            let err = Settings::from_toml(&with(table), Purpose::Serve)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{table}: {err}");
+        }
+        let s = Settings::from_toml(&with("listen_backlog = 65535"), Purpose::Serve).unwrap();
+        assert_eq!(s.server.listen_backlog, 65535);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! listener (server)                 accept, HTTP/1.1 or HTTP/2, graceful shutdown
+//!   -> connections                  per connection: first-byte and idle deadlines, room at the cap
 //!   -> tls (when configured)        rustls handshake in the connection's task, ALPN h2/http1.1
 //!   -> wire::GuardedIo              raw '#', control and non-UTF-8 target bytes -> '%'
 //!   -> tower-http layers (server)   sensitive headers, request id, panic -> JSON 500
@@ -31,6 +32,7 @@ pub mod cache;
 pub mod callers;
 pub mod clock;
 pub mod config;
+mod connections;
 pub mod error;
 pub mod gate;
 pub mod graph;
