@@ -654,3 +654,90 @@ async fn the_shipped_file_serves_with_the_secret_from_the_environment() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+/// The demo's printed curl lines, run as printed, answer what the README's "Try it" says:
+/// a miss then `hit; ttl=300` counting down, the town hall by `x-api-key`, the 25-session list, a JSON
+/// 401 without a key, the simulator's stats.
+#[tokio::test]
+async fn the_demo_answers_what_the_readme_says() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut curls = Vec::new();
+    while curls.len() < 5 {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the demo prints five curl lines");
+        if line.trim_start().starts_with("curl ") {
+            curls.push(line.trim().to_string());
+        }
+    }
+    // `curl -s[i] [-H 'Name: value'] 'URL'`, run with reqwest.
+    let http = reqwest::Client::new();
+    let run = |line: String| {
+        let http = http.clone();
+        async move {
+            let quoted: Vec<&str> = line.split('\'').skip(1).step_by(2).collect();
+            let (url, headers) = quoted.split_last().unwrap();
+            let mut request = http.get(*url);
+            for header in headers {
+                let (name, value) = header.split_once(": ").unwrap();
+                request = request.header(name, value);
+            }
+            tokio::time::timeout(std::time::Duration::from_secs(10), request.send())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let first = run(curls[0].clone()).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(
+        first.headers()["cache-status"],
+        "graph-session-proxy; fwd=miss; fwd-status=200; stored"
+    );
+    let again = run(curls[0].clone()).await;
+    // Fresh for the demo's ttl (5m) counting down; never the hour an ended session gets.
+    let status = again.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let ttl: i64 = status
+        .strip_prefix("graph-session-proxy; hit; ttl=")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!((290..=300).contains(&ttl), "{status}");
+    let townhall = run(curls[1].clone()).await;
+    assert!(curls[1].contains("x-api-key: demo-key"), "{}", curls[1]);
+    assert_eq!(townhall.status(), 200);
+    let list: serde_json::Value = run(curls[2].clone()).await.json().await.unwrap();
+    assert_eq!(list["value"].as_array().map(Vec::len), Some(25), "{list}");
+    let anonymous = run(curls[3].clone()).await;
+    assert_eq!(anonymous.status(), 401);
+    let body: serde_json::Value = anonymous.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthenticated");
+    let stats: serde_json::Value = run(curls[4].clone()).await.json().await.unwrap();
+    assert!(stats["graph_requests"].as_u64().unwrap() >= 4, "{stats}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
