@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use graph_session_proxy::clock::Clock;
 use graph_session_proxy::config::{Purpose, Settings};
-use graph_session_proxy::routes;
-use graph_session_proxy::server::{handle, Proxy};
+use graph_session_proxy::core::clock::Clock;
+use graph_session_proxy::http::routes;
 use graph_session_proxy::sim::{SimConfig, Simulator, SEED_EVENT, SEED_SESSION};
+use graph_session_proxy::{http::handler::handle, Proxy};
 use http::{Method, Request};
 use http_body_util::Empty;
 

@@ -26,23 +26,15 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod bounded;
+mod app;
+pub mod auth;
 pub mod cache;
-pub mod callers;
-pub mod clock;
 pub mod config;
-mod connections;
-pub mod error;
-pub mod gate;
-pub mod graph;
-pub mod jwt;
-pub mod request_id;
-pub mod routes;
+pub mod core;
+pub mod http;
 pub mod server;
-pub mod shared;
 pub mod sim;
 pub mod telemetry;
-pub mod tls;
-pub mod token;
-pub mod wire;
+pub mod upstream;
+
+pub use app::{BuildError, Proxy};

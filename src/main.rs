@@ -6,11 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
-use graph_session_proxy::clock::Clock;
 use graph_session_proxy::config::{ConfigError, Purpose, Settings};
-use graph_session_proxy::server::{self, Proxy};
+use graph_session_proxy::core::clock::Clock;
 use graph_session_proxy::sim::{self, SimConfig, Simulator};
 use graph_session_proxy::telemetry;
+use graph_session_proxy::{server, Proxy};
 use tokio::net::TcpListener;
 
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");

@@ -31,7 +31,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::clock::Clock;
+use crate::core::clock::Clock;
 
 /// The seed page's example ids (reference/seed-get-virtualEventSession.txt).
 pub const SEED_EVENT: &str =

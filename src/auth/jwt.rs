@@ -20,9 +20,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::bounded::{self, ReadError};
-use crate::clock::Clock;
-use crate::error::ProxyError;
+use crate::core::clock::Clock;
+use crate::http::error::ProxyError;
+use crate::upstream::bounded::{self, ReadError};
 
 /// Shortest time between two key-set fetches caused by unknown `kid`s.
 pub const MIN_REFETCH: Duration = Duration::from_secs(30);
@@ -312,7 +312,7 @@ mod tests {
     #[test]
     fn only_signing_keys_with_kids_are_kept() {
         let set: JwkSet =
-            serde_json::from_str(include_str!("../tests/fixtures/jwks.json")).unwrap();
+            serde_json::from_str(include_str!("../../tests/fixtures/jwks.json")).unwrap();
         let keys = usable_keys(&set);
         assert_eq!(keys.len(), 2);
         assert!(keys["test-rsa"].algorithms.contains(&Algorithm::PS256));

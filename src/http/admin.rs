@@ -14,11 +14,11 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tower::Service;
 
-use crate::error::error_response;
-use crate::request_id;
-use crate::routes;
-use crate::server::AppState;
-use crate::shared::Purge;
+use crate::cache::tier2::Purge;
+use crate::core::request_id;
+use crate::http::error::error_response;
+use crate::http::routes;
+use crate::http::AppState;
 use crate::telemetry::names;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;

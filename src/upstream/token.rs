@@ -23,10 +23,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
 
-use crate::bounded::{self, ReadError};
-use crate::clock::Clock;
 use crate::config::{AssertionAlgorithm, ClientCertificate};
+use crate::core::clock::Clock;
 use crate::telemetry::{names, Causes, Metrics, Wait};
+use crate::upstream::bounded::{self, ReadError};
 
 /// Entra's token response: the standard fields, with `expires_in` as a number or a string,
 /// and the Microsoft extras kept rather than dropped.
@@ -505,7 +505,9 @@ impl TokenProvider {
                     .headers()
                     .get(http::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| crate::graph::parse_retry_after(v, std::time::SystemTime::now()));
+                    .and_then(|v| {
+                        crate::upstream::graph::parse_retry_after(v, std::time::SystemTime::now())
+                    });
                 if let Ok(mut seen) = seen.lock() {
                     *seen = Exchange {
                         status: status.as_u16(),

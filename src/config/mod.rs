@@ -15,7 +15,7 @@ use redis::IntoConnectionInfo;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::routes::Kind;
+use crate::http::routes::Kind;
 
 /// Why a configuration could not be used. Every variant names the offending key or file.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +133,7 @@ impl ServerSettings {
         if purpose == Purpose::Check && !(cert.exists() && key.exists()) {
             return Ok(());
         }
-        crate::tls::load(cert, key).map(drop)
+        crate::server::tls::load(cert, key).map(drop)
     }
 }
 
@@ -1858,7 +1858,7 @@ mod tests {
         let real = with_key("c48a01f49fd0f2cc404bc3cbbc80e91457a3d41bb429a695243de4c61794155c");
         assert!(Settings::from_toml(&real, Purpose::Serve).is_ok());
         let demo =
-            Settings::from_toml(include_str!("../config/demo.toml"), Purpose::Serve).unwrap();
+            Settings::from_toml(include_str!("../../config/demo.toml"), Purpose::Serve).unwrap();
         assert!(demo.placeholders().is_empty());
     }
 

@@ -15,11 +15,11 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::clock::Clock;
+use crate::auth::jwt::{Claims, JwtOptions, JwtVerifier};
 use crate::config::{CallerMode, CallersSettings, JwtAppSettings};
-use crate::error::ProxyError;
-use crate::jwt::{Claims, JwtOptions, JwtVerifier};
-use crate::routes::{Kind, SessionKey};
+use crate::core::clock::Clock;
+use crate::http::error::ProxyError;
+use crate::http::routes::{Kind, SessionKey};
 
 /// Who is calling and what they may read.
 #[derive(Debug)]

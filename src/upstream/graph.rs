@@ -17,14 +17,14 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use crate::bounded::{self, ReadError};
-use crate::clock::Clock;
-use crate::error::ProxyError;
-use crate::gate::{Closed, Gate, Report};
-use crate::request_id;
-use crate::routes::SessionKey;
+use crate::core::clock::Clock;
+use crate::core::request_id;
+use crate::http::error::ProxyError;
+use crate::http::routes::SessionKey;
 use crate::telemetry::{names, Metrics};
-use crate::token::{TokenError, TokenProvider};
+use crate::upstream::bounded::{self, ReadError};
+use crate::upstream::gate::{Closed, Gate, Report};
+use crate::upstream::token::{TokenError, TokenProvider};
 
 /// Largest body accepted from Graph; sessions are a few KiB.
 const MAX_BODY: usize = 4 * 1024 * 1024;

@@ -13,9 +13,9 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::routes::Style;
+use crate::http::routes::Style;
 use crate::telemetry::Wait;
-use crate::token::TokenError;
+use crate::upstream::token::TokenError;
 
 /// Everything that can stop a request from getting its session.
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,7 @@
 //! single flight. A failed call is remembered for `failure_ttl`, so the next burst gets
 //! the same error (or a stale entry) without calling a failing Graph again.
 
+pub mod tier2;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,14 +35,14 @@ use http::HeaderValue;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::clock::Clock;
+use crate::cache::tier2::{Holder, LookMode, Purge, SharedGate, SharedTier, Unavailable};
 use crate::config::{ApiVersion, CacheSettings};
-use crate::error::ProxyError;
-use crate::graph::{Fetched, GraphAnswer, GraphClient};
-use crate::request_id;
-use crate::routes::{Kind, SessionKey};
-use crate::shared::{Holder, LookMode, Purge, SharedGate, SharedTier, Unavailable};
+use crate::core::clock::Clock;
+use crate::core::request_id;
+use crate::http::error::ProxyError;
+use crate::http::routes::{Kind, SessionKey};
 use crate::telemetry::{names, Metrics};
+use crate::upstream::graph::{Fetched, GraphAnswer, GraphClient};
 
 /// Rough per-entry bookkeeping (moka node, Arc, headers) added to the weigher's count.
 const ENTRY_OVERHEAD: usize = 256;
@@ -1167,7 +1168,7 @@ mod tests {
         let settings = CacheSettings::default();
         let clock = Clock::new();
         let raw = Bytes::from_static(br#"{"value": {"id":"s1","n":1.50} }"#);
-        let session = crate::graph::unwrap_envelope(raw.clone()).unwrap();
+        let session = crate::upstream::graph::unwrap_envelope(raw.clone()).unwrap();
         let entry = Entry::new(
             GraphAnswer {
                 fetched: Fetched::Found {

@@ -15,7 +15,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 use serde::{Deserialize, Serialize};
 
 use crate::config::ApiVersion;
-use crate::error::ProxyError;
+use crate::http::error::ProxyError;
 
 /// Longest id accepted, after decoding.
 pub const MAX_ID_LEN: usize = 256;

@@ -22,7 +22,7 @@
 //! goes without one, they ask Graph themselves when the holder said it could not share its
 //! answer (too large, Graph failed), or elect a new holder when it died.
 //!
-//! Entries carry their freshness as wall-clock times ([`crate::clock::Clock::wall`]), so
+//! Entries carry their freshness as wall-clock times ([`crate::core::clock::Clock::wall`]), so
 //! `Age`, `Cache-Status` and the stale windows read the same on every replica whose clock
 //! is synchronised (NTP). The gate uses no clock but Redis's: it lasts as long as its key
 //! (`PX`), so a replica with a wrong clock cannot shorten or lengthen it.
@@ -45,7 +45,7 @@ use redis::IntoConnectionInfo;
 use secrecy::ExposeSecret;
 
 use crate::config::SharedSettings;
-use crate::routes::{Kind, SessionKey};
+use crate::http::routes::{Kind, SessionKey};
 use crate::telemetry::{names, Metrics};
 
 /// The entry, the lock's holder, the gate and the purge generation in one step; takes the

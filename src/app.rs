@@ -1,0 +1,263 @@
+//! The one place that knows every layer: [`Proxy::build`] wires configuration into the
+//! parts (token provider, Graph client, cache, callers, the handler's state);
+//! [`Proxy::serve`] takes already-bound listeners and a shutdown future, so tests run it
+//! on `127.0.0.1:0` and stop it at will.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::auth::callers::Callers;
+use crate::cache::tier2::SharedTier;
+use crate::cache::SessionCache;
+use crate::config::Settings;
+use crate::core::clock::Clock;
+use crate::http::handler::caller_service;
+use crate::http::{admin, AppState};
+use crate::server::tls::{self, CertificateFiles};
+use crate::server::{accept_loop, ConnectionOptions};
+use crate::telemetry::Metrics;
+use crate::upstream::graph::{http_client, GraphClient, GraphOptions};
+use crate::upstream::token::{Credential, TokenOptions, TokenProvider};
+
+/// Why the proxy could not be put together.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot build the HTTP client")]
+    Http(#[source] reqwest::Error),
+    #[error("auth.token_url is not a valid URL")]
+    TokenUrl(#[source] oauth2::url::ParseError),
+    #[error("configuration key `{0}` is required")]
+    Missing(&'static str),
+    #[error("cannot use the caller listener's TLS certificate")]
+    Tls(#[source] crate::config::ConfigError),
+    #[error("cannot set up TLS")]
+    TlsConfig(#[source] rustls::Error),
+    #[error("cache.shared.redis_url cannot be used")]
+    Redis(#[source] redis::RedisError),
+}
+
+pub struct Proxy {
+    pub state: Arc<AppState>,
+    connections: ConnectionOptions,
+    /// The caller listener's certificate files and how often to check them for changes.
+    tls_files: Option<(Arc<CertificateFiles>, Duration)>,
+}
+
+impl Proxy {
+    pub fn build(settings: &Settings, clock: Clock) -> Result<Proxy, BuildError> {
+        let metrics = Arc::new(Metrics::new());
+        let http = http_client(settings.graph.timeout).map_err(BuildError::Http)?;
+        let callers = Callers::new(&settings.callers, http.clone(), clock.clone());
+        let client_id = settings
+            .auth
+            .client_id
+            .as_deref()
+            .ok_or(BuildError::Missing("auth.client_id"))?;
+        let credential = match (&settings.auth.certificate, &settings.auth.client_secret) {
+            (Some(certificate), _) => Credential::Certificate {
+                certificate: certificate.clone(),
+                algorithm: settings.auth.assertion_algorithm,
+            },
+            (None, Some(secret)) => Credential::Secret(secret.clone()),
+            (None, None) => return Err(BuildError::Missing("auth.client_secret")),
+        };
+        let tokens = Arc::new(
+            TokenProvider::new(
+                http.clone(),
+                TokenOptions {
+                    client_id: client_id.to_string(),
+                    credential,
+                    token_url: settings.token_url(),
+                    scope: settings.scope(),
+                    refresh_before: settings.auth.refresh_before_expiry,
+                    timeout: settings.graph.timeout,
+                },
+                clock.clone(),
+                metrics.clone(),
+            )
+            .map_err(BuildError::TokenUrl)?,
+        );
+        let graph = Arc::new(GraphClient::new(
+            http,
+            GraphOptions {
+                root: settings.graph.root(),
+                timeout: settings.graph.timeout,
+                max_retries: settings.graph.max_retries,
+                circuit_failures: settings.graph.circuit_failures,
+                circuit_cooldown: settings.graph.circuit_cooldown,
+                max_list_pages: settings.graph.max_list_pages,
+            },
+            tokens.clone(),
+            clock.clone(),
+            metrics.clone(),
+        ));
+        let shared = match &settings.cache.shared {
+            Some(shared) => Some(Arc::new(
+                SharedTier::new(shared, metrics.clone()).map_err(BuildError::Redis)?,
+            )),
+            None => None,
+        };
+        let cache = SessionCache::new(
+            &settings.cache,
+            graph,
+            settings.server.request_timeout,
+            clock,
+            metrics.clone(),
+            shared,
+        );
+        let tls_files = match (
+            &settings.server.tls_cert_file,
+            &settings.server.tls_key_file,
+        ) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                CertificateFiles::load(cert, key).map_err(BuildError::Tls)?,
+            )),
+            _ => None,
+        };
+        let tls_config = match &tls_files {
+            Some(files) => Some(Arc::new(
+                tls::server_config(files.clone()).map_err(BuildError::TlsConfig)?,
+            )),
+            None => None,
+        };
+        if callers.is_open() {
+            tracing::warn!(
+                "callers.mode = \"none\": every caller can read every session this proxy can reach"
+            );
+        }
+        Ok(Proxy {
+            state: Arc::new(AppState {
+                callers,
+                cache,
+                metrics,
+                tokens,
+                limit: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
+                request_timeout: settings.server.request_timeout,
+                max_headers: settings.server.max_headers,
+                api_version: settings.graph.api_version,
+                max_header_bytes: settings.server.max_header_bytes.as_u64() as usize,
+                ready: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
+                token_problem: std::sync::Mutex::new(None),
+                ready_requires_token: settings.server.ready_requires_token,
+                admin_token_sha256: settings.server.admin_token_sha256.as_deref().and_then(
+                    |hex_digest| {
+                        let mut digest = [0u8; 32];
+                        hex::decode_to_slice(hex_digest.to_ascii_lowercase(), &mut digest).ok()?;
+                        Some(digest)
+                    },
+                ),
+            }),
+            tls_files: tls_files.map(|files| (files, settings.server.tls_reload_interval)),
+            connections: ConnectionOptions {
+                guard: true,
+                tls: tls_config,
+                max_connections: settings.server.max_connections,
+                header_read_timeout: settings.server.header_read_timeout,
+                idle_timeout: settings.server.idle_timeout,
+                // Twice the handler's limits: between the two, callers get a JSON 431.
+                hard_max_headers: settings.server.max_headers.saturating_mul(2),
+                hard_max_buf: (settings.server.max_header_bytes.as_u64() as usize)
+                    .saturating_mul(4)
+                    .max(8192),
+                h2_max_streams: 256,
+                h2_max_header_list: (settings.server.max_header_bytes.as_u64() as u32)
+                    .saturating_mul(2),
+                grace: settings.server.shutdown_grace,
+            },
+        })
+    }
+
+    /// Serves callers on `listener` and operators on `admin_listener` until `shutdown`
+    /// completes, then drains for at most `server.shutdown_grace`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        admin_listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        let state = self.state.clone();
+        let (stop_callers, callers_stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let callers = async {
+            accept_loop(
+                listener,
+                caller_service(state.clone()),
+                async {
+                    let _ = callers_stopped.await;
+                },
+                self.connections.clone(),
+            )
+            .await;
+            // The admin listener outlives the drain, so probes see /readyz answer 503.
+            let _ = stop_admin.send(());
+        };
+        let admin = accept_loop(
+            admin_listener,
+            admin::service(state.clone()),
+            async {
+                let _ = admin_stopped.await;
+            },
+            ConnectionOptions::internal(self.connections.grace),
+        );
+        let readiness = async {
+            if state.ready_requires_token {
+                // Keep out of rotation until the identity platform has issued a token.
+                while !state.draining.load(Ordering::SeqCst) {
+                    match state.tokens.token().await {
+                        Ok(_) => {
+                            state.set_token_problem(None);
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "not ready: no Graph token yet");
+                            state.set_token_problem(Some(e.caller_message()));
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                    }
+                }
+            }
+            if !state.draining.load(Ordering::SeqCst) {
+                state.ready.store(true, Ordering::SeqCst);
+                tracing::info!("ready");
+            }
+        };
+        // What the exporter's own installer does: fold histogram samples regularly, so
+        // memory stays flat whether or not Prometheus scrapes.
+        let upkeep = async {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            while !state.draining.load(Ordering::SeqCst) {
+                every.tick().await;
+                state.metrics.upkeep();
+            }
+        };
+        // New certificates are picked up until the process ends.
+        let reload = async {
+            match &self.tls_files {
+                Some((files, every)) => files.clone().watch(*every, state.metrics.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let signal = async {
+            shutdown.await;
+            tracing::info!("shutting down: draining requests in flight");
+            state.ready.store(false, Ordering::SeqCst);
+            state.draining.store(true, Ordering::SeqCst);
+            let _ = stop_callers.send(());
+        };
+        // With a shared tier: purges broadcast by other replicas, gate closures published
+        // to them (otherwise idle).
+        let shared = state.cache.clone().run_shared_tasks();
+        tokio::select! {
+            () = async { tokio::join!(callers, admin, readiness, signal); } => {}
+            () = async { upkeep.await; std::future::pending::<()>().await } => {}
+            () = reload => {}
+            () = shared => {}
+        }
+    }
+}

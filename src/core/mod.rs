@@ -1,0 +1,5 @@
+//! What every layer shares and that needs nothing of theirs: the model of what is
+//! cached, the clock, and small HTTP helpers.
+
+pub mod clock;
+pub mod request_id;

@@ -1,0 +1,520 @@
+//! The caller-facing tower stack and the request handler.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    HeaderName, HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG,
+    IF_NONE_MATCH, PRAGMA, TRANSFER_ENCODING,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tower::{Service, ServiceBuilder};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::cache::{Directives, Lookup, Outcome};
+use crate::core::request_id;
+use crate::http::error::{error_response, ProxyError, CLIENT_REQUEST_ID, REQUEST_ID};
+use crate::http::routes::{self, Style};
+use crate::http::AppState;
+use crate::telemetry::Causes;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_GRAPH_REQUEST_ID: HeaderName = HeaderName::from_static("x-graph-request-id");
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+/// The `caller` label of requests refused before authentication.
+static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
+/// Longest path worth routing: two 256-character ids, each up to 3 bytes per character
+/// when percent-encoded, and the fixed segments.
+const MAX_PATH_BYTES: usize = 2 * 256 * 3 + 64;
+
+/// The caller-facing stack. Order, outside in: credentials are marked sensitive before
+/// anything can log them; a request id is set (or the caller's kept) and copied to the
+/// response; a panic becomes a JSON 500 instead of a dropped connection.
+pub fn caller_service(
+    state: Arc<AppState>,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<
+        impl hyper::body::Body<
+                Data = Bytes,
+                Error = impl Into<Box<dyn std::error::Error + Send + Sync>>,
+            > + Send
+            + 'static,
+    >,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            AUTHORIZATION,
+            HeaderName::from_static("x-api-key"),
+        ]))
+        // A caller's id is kept only when short and plain (it is echoed and logged);
+        // otherwise it is dropped here and the next layer sets a fresh one.
+        .map_request(|mut req: Request<Incoming>| {
+            drop_unusable_request_id(req.headers_mut());
+            req
+        })
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(CatchPanicLayer::custom(
+            |_panic: Box<dyn std::any::Any + Send>| {
+                tracing::error!("request handler panicked");
+                error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internalError",
+                    "internal error",
+                    "",
+                )
+            },
+        ))
+        .service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, req).await) }
+        })
+}
+
+/// Removes `x-request-id` unless there is exactly one and [`request_id::is_usable`] keeps it.
+pub(crate) fn drop_unusable_request_id(headers: &mut http::HeaderMap) {
+    let mut ids = headers.get_all(X_REQUEST_ID).iter();
+    let keep = matches!((ids.next(), ids.next()), (Some(id), None) if request_id::is_usable(id.as_bytes()));
+    if !keep {
+        headers.remove(X_REQUEST_ID);
+    }
+}
+
+/// What the access log line reports about one request.
+#[derive(Default)]
+struct AccessLog {
+    caller: Option<Arc<str>>,
+    kind: Option<&'static str>,
+    /// The request named an event's session list.
+    list: bool,
+    cache: Option<HeaderValue>,
+    graph_request_id: Option<HeaderValue>,
+    /// Close the connection after answering (a body we did not read).
+    close: bool,
+    /// How the cache answered, for metrics.
+    outcome: Option<Outcome>,
+    /// The error code, when the answer is an error.
+    code: Option<&'static str>,
+    /// Which contract the request came in by (decides the error shape).
+    style: Style,
+}
+
+impl AccessLog {
+    fn cache_label(&self) -> &'static str {
+        match (self.outcome, &self.cache) {
+            (Some(Outcome::Hit), _) => "hit",
+            (Some(Outcome::Miss), _) => "miss",
+            (Some(Outcome::Collapsed), _) => "collapsed",
+            (Some(Outcome::Revalidated), _) => "revalidated",
+            (Some(Outcome::StaleWhileRevalidate), _) => "stale_while_revalidate",
+            (Some(Outcome::StaleIfError), _) => "stale_if_error",
+            (Some(Outcome::MaxStale), _) => "max_stale",
+            (Some(Outcome::Tier2), _) => "tier2_hit",
+            (None, Some(_)) => "miss",
+            (None, None) => "none",
+        }
+    }
+}
+
+/// One request, start to finish: never fails, every refusal is docs/DESIGN.md's JSON error.
+pub async fn handle<B: hyper::body::Body>(
+    state: &AppState,
+    req: Request<B>,
+) -> Response<Full<Bytes>> {
+    let started = std::time::Instant::now();
+    let request_id = req
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let mut log = AccessLog {
+        style: Style::of(req.uri().path()),
+        ..AccessLog::default()
+    };
+    // Graph echoes the client's `client-request-id`; so do the Graph-compatible routes.
+    let client_request_id = match req.headers().get(CLIENT_REQUEST_ID) {
+        Some(id) if request_id::is_usable(id.as_bytes()) => id.to_str().unwrap_or("-").to_string(),
+        _ => request_id.clone(),
+    };
+    let mut response = match answer(state, &req, &mut log, &client_request_id).await {
+        Ok(response) => response,
+        Err(error) => {
+            let status = error.status();
+            log.code = Some(error.code());
+            if status.is_server_error() {
+                tracing::warn!(request_id, error = %error, cause = %Causes(&*error), "request failed");
+            } else {
+                tracing::debug!(request_id, error = %error, "request refused");
+            }
+            let mut response = error.to_response_in(log.style, &request_id, &client_request_id);
+            if log.close {
+                // The unread body would otherwise be taken for the next request.
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            if let Some(cache) = &log.cache {
+                response.headers_mut().insert(CACHE_STATUS, cache.clone());
+            }
+            response
+        }
+    };
+    if log.style == Style::Graph {
+        for (name, value) in [
+            (REQUEST_ID, &request_id),
+            (CLIENT_REQUEST_ID, &client_request_id),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
+    }
+    tracing::info!(
+        target: "graph_session_proxy::access",
+        request_id,
+        method = %req.method(),
+        caller = log.caller.as_deref().unwrap_or("-"),
+        kind = log.kind.unwrap_or("-"),
+        status = response.status().as_u16(),
+        cache = log.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        latency_ms = format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
+        graph_request_id = log.graph_request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        "request"
+    );
+    let class = match response.status().as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    let cache = log.cache_label();
+    let caller = log.caller.clone().unwrap_or_else(|| ANONYMOUS.clone());
+    state.metrics.record_request(
+        [
+            (
+                "route",
+                match (log.kind, log.list) {
+                    (Some(_), false) => "session",
+                    (Some(_), true) => "list",
+                    (None, _) => "other",
+                },
+            ),
+            ("status", class),
+            ("code", log.code.unwrap_or("none")),
+            ("cache", cache),
+        ],
+        &caller,
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+async fn answer<B: hyper::body::Body>(
+    state: &AppState,
+    req: &Request<B>,
+    log: &mut AccessLog,
+    client_request_id: &str,
+) -> Result<Response<Full<Bytes>>, Arc<ProxyError>> {
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(ProxyError::Draining.into());
+    }
+    let _permit = state
+        .limit
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::Overloaded)?;
+    let headers = req.headers();
+    // Whatever the answer, a body we do not read means the connection cannot be reused.
+    // (HTTP/2 may send DATA without announcing a length: the stream is not at its end.)
+    log.close = has_body(headers) || !req.body().is_end_stream();
+    if let Some(why) = bad_framing(req) {
+        return Err(ProxyError::InvalidRequest(why).into());
+    }
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers.len() > state.max_headers || header_bytes > state.max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge.into());
+    }
+    if req.uri().path().len() > MAX_PATH_BYTES {
+        return Err(ProxyError::UriTooLong.into());
+    }
+    let mut key = routes::route(req.method(), req.uri().path(), req.uri().query())?;
+    if log.style == Style::Proxy {
+        key = key.with_version(state.api_version);
+    }
+    log.kind = Some(key.kind.as_str());
+    log.list = key.is_list();
+    if log.close {
+        return Err(
+            ProxyError::InvalidRequest("GET and HEAD requests must not have a body").into(),
+        );
+    }
+    let caller = state.callers.authenticate(headers).await?;
+    log.caller = Some(caller.name.clone());
+    caller.authorize(&key)?;
+    let directives = directives(headers);
+    let lookup = match tokio::time::timeout(
+        state.request_timeout,
+        state.cache.get(&key, directives),
+    )
+    .await
+    {
+        Ok(Ok(lookup)) => lookup,
+        Ok(Err(error)) => {
+            if !matches!(*error, ProxyError::NotCached) {
+                log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
+            }
+            return Err(error);
+        }
+        Err(_elapsed) => match state.cache.stale_if_error(&key) {
+            // Graph hangs: a stale copy still beats a timeout.
+            Some(lookup) => lookup,
+            None => {
+                log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
+                return Err(ProxyError::UpstreamTimeout.into());
+            }
+        },
+    };
+    let now = state.cache.now();
+    let cache_status = cache_status(&lookup, now);
+    log.cache = Some(cache_status.clone());
+    log.outcome = Some(lookup.outcome);
+    log.graph_request_id = lookup.entry.graph_request_id.clone();
+    let entry = &lookup.entry;
+
+    let request_id = headers
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    // Graph-style callers get Graph's bytes exactly as sent (envelope and all).
+    let (body, etag) = match log.style {
+        Style::Proxy => (entry.body.clone(), &entry.etag),
+        Style::Graph => (
+            entry.body.as_ref().map(|_| entry.raw.clone()),
+            &entry.raw_etag,
+        ),
+    };
+    let mut response = match body {
+        None if key.is_list() => {
+            ProxyError::EventNotFound.to_response_in(log.style, request_id, client_request_id)
+        }
+        None => {
+            ProxyError::SessionNotFound.to_response_in(log.style, request_id, client_request_id)
+        }
+        Some(body) if !if_none_match(headers, etag) => {
+            let mut response = Response::new(Full::new(body));
+            response.headers_mut().insert(CONTENT_TYPE, JSON);
+            response
+        }
+        Some(_) => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            response
+        }
+    };
+    let out = response.headers_mut();
+    out.insert(CACHE_STATUS, cache_status);
+    out.insert(AGE, HeaderValue::from(entry.age(now)));
+    if entry.body.is_some() {
+        out.insert(ETAG, etag.clone());
+    }
+    if let Some(id) = &entry.graph_request_id {
+        out.insert(X_GRAPH_REQUEST_ID, id.clone());
+    }
+    Ok(response)
+}
+
+/// RFC 9211 `Cache-Status` for a served lookup.
+fn cache_status(lookup: &Lookup, now: tokio::time::Instant) -> HeaderValue {
+    let entry = &lookup.entry;
+    let fwd_status = if entry.body.is_some() { 200 } else { 404 };
+    let text = match lookup.outcome {
+        Outcome::Hit => format!("graph-session-proxy; hit; ttl={}", entry.ttl(now)),
+        Outcome::StaleWhileRevalidate => format!(
+            "graph-session-proxy; fwd=stale; ttl={}; detail=stale-while-revalidate",
+            entry.ttl(now)
+        ),
+        Outcome::MaxStale => format!(
+            "graph-session-proxy; hit; ttl={}; detail=max-stale",
+            entry.ttl(now)
+        ),
+        Outcome::Miss => format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored"),
+        Outcome::Collapsed => {
+            format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored; collapsed")
+        }
+        Outcome::Revalidated => {
+            format!("graph-session-proxy; fwd=request; fwd-status={fwd_status}; stored")
+        }
+        Outcome::StaleIfError => format!(
+            "graph-session-proxy; fwd=stale; ttl={}; detail=stale-if-error",
+            entry.ttl(now)
+        ),
+        Outcome::Tier2 => format!(
+            "graph-session-proxy; hit; ttl={}; detail=tier2",
+            entry.ttl(now)
+        ),
+    };
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("graph-session-proxy"))
+}
+
+/// Request-target and `Host` forms this origin server refuses: an absolute-form target
+/// with another scheme than http(s) or with userinfo, repeated `Host` headers, and an
+/// HTTP/1.1 request without one (RFC 9112 3.2; HTTP/1.0 may omit it, and HTTP/2 carries
+/// `:authority` instead).
+fn bad_framing<B>(req: &Request<B>) -> Option<&'static str> {
+    let uri = req.uri();
+    if uri
+        .scheme_str()
+        .is_some_and(|s| !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https"))
+    {
+        return Some("only http and https request targets are accepted");
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some("request targets must not carry userinfo");
+    }
+    if req
+        .headers()
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Some("more than one Host header");
+    }
+    if req.version() == http::Version::HTTP_11 && !req.headers().contains_key(http::header::HOST) {
+        return Some("HTTP/1.1 requests must carry a Host header");
+    }
+    None
+}
+
+/// A GET or HEAD that announces a body is refused rather than half-read.
+fn has_body(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|v| v.to_str().map(|s| s.trim() != "0").unwrap_or(true))
+}
+
+/// `Cache-Control` request directives (and the old `Pragma: no-cache`).
+fn directives(headers: &http::HeaderMap) -> Directives {
+    let mut d = Directives::default();
+    for value in headers.get_all(CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',') {
+            let directive = directive.trim().to_ascii_lowercase();
+            match directive.as_str() {
+                "no-cache" | "max-age=0" => d.no_cache = true,
+                "only-if-cached" => d.only_if_cached = true,
+                "max-stale" => d.max_stale = Some(Duration::MAX),
+                other => {
+                    if let Some(secs) = other.strip_prefix("max-stale=") {
+                        if let Ok(secs) = secs.trim_matches('"').parse::<u64>() {
+                            d.max_stale = Some(Duration::from_secs(secs));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if headers
+        .get(PRAGMA)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("no-cache"))
+        && !headers.contains_key(CACHE_CONTROL)
+    {
+        d.no_cache = true;
+    }
+    d
+}
+
+/// `If-None-Match` with weak comparison (RFC 9110 13.1.2): `*` or any listed tag.
+fn if_none_match(headers: &http::HeaderMap, etag: &HeaderValue) -> bool {
+    let ours = etag.as_bytes();
+    headers.get_all(IF_NONE_MATCH).iter().any(|value| {
+        value.to_str().is_ok_and(|list| {
+            list.split(',').any(|tag| {
+                let tag = tag.trim();
+                tag == "*" || tag.strip_prefix("W/").unwrap_or(tag).as_bytes() == ours
+            })
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn cache_control_directives() {
+        assert!(directives(&headers(&[("cache-control", "No-Cache")])).no_cache);
+        assert!(directives(&headers(&[("cache-control", "max-age=0")])).no_cache);
+        assert!(
+            directives(&headers(&[("cache-control", "public, only-if-cached")])).only_if_cached
+        );
+        assert!(directives(&headers(&[("pragma", "no-cache")])).no_cache);
+        assert!(!directives(&headers(&[("cache-control", "max-age=60")])).no_cache);
+        assert_eq!(
+            directives(&headers(&[("cache-control", "max-stale=120")])).max_stale,
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            directives(&headers(&[("cache-control", "max-stale")])).max_stale,
+            Some(Duration::MAX)
+        );
+        assert_eq!(
+            directives(&headers(&[("cache-control", "max-stale=soon")])).max_stale,
+            None
+        );
+    }
+
+    #[test]
+    fn if_none_match_lists() {
+        let etag = HeaderValue::from_static("\"abc\"");
+        assert!(if_none_match(
+            &headers(&[("if-none-match", "\"x\", \"abc\"")]),
+            &etag
+        ));
+        assert!(if_none_match(
+            &headers(&[("if-none-match", "W/\"abc\"")]),
+            &etag
+        ));
+        assert!(if_none_match(&headers(&[("if-none-match", "*")]), &etag));
+        assert!(!if_none_match(
+            &headers(&[("if-none-match", "\"abcd\"")]),
+            &etag
+        ));
+        assert!(!if_none_match(&headers(&[]), &etag));
+    }
+
+    #[test]
+    fn bodies_on_get_are_detected() {
+        assert!(has_body(&headers(&[("content-length", "5")])));
+        assert!(has_body(&headers(&[("transfer-encoding", "chunked")])));
+        assert!(!has_body(&headers(&[("content-length", "0")])));
+        assert!(!has_body(&headers(&[])));
+    }
+}

@@ -1,0 +1,8 @@
+//! Everything that talks to Microsoft: the token provider (client credentials), the Graph
+//! client (URLs, retries, list paging), the gate that stops Graph calls while Graph
+//! throttles or fails, and bounded reads of what they answer.
+
+pub mod bounded;
+pub mod gate;
+pub mod graph;
+pub mod token;
