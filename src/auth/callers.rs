@@ -18,8 +18,8 @@ use subtle::ConstantTimeEq;
 use crate::auth::jwt::{Claims, JwtOptions, JwtVerifier};
 use crate::config::{CallerMode, CallersSettings, JwtAppSettings};
 use crate::core::clock::Clock;
+use crate::core::model::{Kind, SessionKey};
 use crate::http::error::ProxyError;
-use crate::http::routes::{Kind, SessionKey};
 
 /// Who is calling and what they may read.
 #[derive(Debug)]

@@ -38,9 +38,9 @@ use tokio::time::Instant;
 use crate::cache::tier2::{Holder, LookMode, Purge, SharedGate, SharedTier, Unavailable};
 use crate::config::{ApiVersion, CacheSettings};
 use crate::core::clock::Clock;
+use crate::core::model::{Kind, SessionKey};
 use crate::core::request_id;
 use crate::http::error::ProxyError;
-use crate::http::routes::{Kind, SessionKey};
 use crate::telemetry::{names, Metrics};
 use crate::upstream::graph::{Fetched, GraphAnswer, GraphClient};
 

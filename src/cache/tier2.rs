@@ -45,7 +45,7 @@ use redis::IntoConnectionInfo;
 use secrecy::ExposeSecret;
 
 use crate::config::SharedSettings;
-use crate::http::routes::{Kind, SessionKey};
+use crate::core::model::{Kind, SessionKey};
 use crate::telemetry::{names, Metrics};
 
 /// The entry, the lock's holder, the gate and the purge generation in one step; takes the
@@ -189,11 +189,7 @@ impl Purge {
     /// Decodes a broadcast; ids are validated again as if a caller had sent them.
     fn decode(message: &str) -> Option<Purge> {
         let parts: Vec<&str> = message.split(' ').collect();
-        let kind = |s: &str| match s {
-            "webinars" => Some(Kind::Webinars),
-            "townhalls" => Some(Kind::Townhalls),
-            _ => None,
-        };
+        let kind = Kind::parse;
         match parts.as_slice() {
             ["s", k, event, session] => SessionKey::new(kind(k)?, event, session)
                 .ok()

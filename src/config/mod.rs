@@ -6,6 +6,7 @@
 //! default. Secrets are [`SecretString`]s; neither `Debug` nor [`Settings::redacted_toml`]
 //! ever shows them.
 
+pub mod tls_files;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use redis::IntoConnectionInfo;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::http::routes::Kind;
+pub use crate::core::model::{ApiVersion, Kind};
 
 /// Why a configuration could not be used. Every variant names the offending key or file.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +134,7 @@ impl ServerSettings {
         if purpose == Purpose::Check && !(cert.exists() && key.exists()) {
             return Ok(());
         }
-        crate::server::tls::load(cert, key).map(drop)
+        tls_files::load(cert, key).map(drop)
     }
 }
 
@@ -236,24 +237,6 @@ impl Cloud {
             Cloud::Global => "login.microsoftonline.com",
             Cloud::Usgov | Cloud::Dod => "login.microsoftonline.us",
             Cloud::China => "login.chinacloudapi.cn",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
-pub enum ApiVersion {
-    #[default]
-    #[serde(rename = "v1.0")]
-    V1,
-    #[serde(rename = "beta")]
-    Beta,
-}
-
-impl ApiVersion {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ApiVersion::V1 => "v1.0",
-            ApiVersion::Beta => "beta",
         }
     }
 }

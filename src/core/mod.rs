@@ -2,4 +2,5 @@
 //! cached, the clock, and small HTTP helpers.
 
 pub mod clock;
+pub mod model;
 pub mod request_id;

@@ -13,7 +13,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::http::routes::Style;
+use crate::core::model::{IdError, Style};
 use crate::telemetry::Wait;
 use crate::upstream::token::TokenError;
 
@@ -70,6 +70,12 @@ pub enum ProxyError {
     Draining,
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+impl From<IdError> for ProxyError {
+    fn from(e: IdError) -> ProxyError {
+        ProxyError::InvalidId(e.what)
+    }
 }
 
 /// How an error is answered.

@@ -19,9 +19,10 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::cache::{Directives, Lookup, Outcome};
+use crate::core::model::Style;
 use crate::core::request_id;
 use crate::http::error::{error_response, ProxyError, CLIENT_REQUEST_ID, REQUEST_ID};
-use crate::http::routes::{self, Style};
+use crate::http::routes;
 use crate::http::AppState;
 use crate::telemetry::Causes;
 

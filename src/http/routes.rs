@@ -9,151 +9,10 @@
 //! encoded one (`%2F`): nothing a caller sends can add a segment to the Graph URL, which
 //! [`SessionKey::graph_path`] builds by percent-encoding each id as one segment again.
 
-use std::fmt;
+use percent_encoding::percent_decode_str;
 
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use serde::{Deserialize, Serialize};
-
-use crate::config::ApiVersion;
+use crate::core::model::{ApiVersion, Kind, SessionKey, Style};
 use crate::http::error::ProxyError;
-
-/// Longest id accepted, after decoding.
-pub const MAX_ID_LEN: usize = 256;
-
-/// Characters encoded when an id becomes a Graph path segment: everything except
-/// unreserved characters. `@`, `=` and `+` are encoded as the Graph SDKs do (RFC 6570
-/// simple expansion); `.` stays literal so `%2E` tricks cannot form a dot segment.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-/// The two kinds of virtual event Graph serves sessions for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Webinars,
-    Townhalls,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Webinars => "webinars",
-            Kind::Townhalls => "townhalls",
-        }
-    }
-
-    fn from_segment(segment: &str) -> Option<Kind> {
-        match segment {
-            "webinars" => Some(Kind::Webinars),
-            "townhalls" => Some(Kind::Townhalls),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One Graph session, or with `session: None` one event's session list, identified by
-/// validated, decoded ids, in one API version (v1.0 and beta bodies differ, so they are
-/// cached apart).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SessionKey {
-    pub kind: Kind,
-    pub version: ApiVersion,
-    pub event: Box<str>,
-    /// `None`: the list of the event's sessions (summaries).
-    pub session: Option<Box<str>>,
-}
-
-/// Which contract a request came in by: the proxy's own `/sessions/...` paths, or Graph's
-/// own paths (`/{v1.0|beta}/solutions/...`, for Graph SDKs pointed at the proxy), whose
-/// errors must be in Graph's shape.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Style {
-    #[default]
-    Proxy,
-    Graph,
-}
-
-impl Style {
-    /// Graph-style for every path under a Graph API version, whether or not it routes.
-    pub fn of(path: &str) -> Style {
-        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-        if matches!(first, "v1.0" | "beta") {
-            Style::Graph
-        } else {
-            Style::Proxy
-        }
-    }
-}
-
-impl SessionKey {
-    /// Builds a v1.0 key from decoded ids, validating them.
-    pub fn new(kind: Kind, event: &str, session: &str) -> Result<SessionKey, ProxyError> {
-        validate_id(event, "event id")?;
-        validate_id(session, "session id")?;
-        Ok(SessionKey {
-            kind,
-            version: ApiVersion::V1,
-            event: event.into(),
-            session: Some(session.into()),
-        })
-    }
-
-    /// Builds a v1.0 key for the session list of one event, validating the id.
-    pub fn list(kind: Kind, event: &str) -> Result<SessionKey, ProxyError> {
-        validate_id(event, "event id")?;
-        Ok(SessionKey {
-            kind,
-            version: ApiVersion::V1,
-            event: event.into(),
-            session: None,
-        })
-    }
-
-    /// Whether this names an event's session list rather than one session.
-    pub fn is_list(&self) -> bool {
-        self.session.is_none()
-    }
-
-    /// The same session in another API version.
-    pub fn with_version(mut self, version: ApiVersion) -> SessionKey {
-        self.version = version;
-        self
-    }
-
-    /// `/solutions/virtualEvents/{kind}/{event}/sessions/{session}` (or without the
-    /// `/{session}` for a list), each id encoded as a single segment. Append it to
-    /// `{graph root}/{api version}`.
-    pub fn graph_path(&self) -> String {
-        let mut path = format!(
-            "/solutions/virtualEvents/{}/{}/sessions",
-            self.kind,
-            utf8_percent_encode(&self.event, SEGMENT),
-        );
-        if let Some(session) = &self.session {
-            path.push('/');
-            path.extend(utf8_percent_encode(session, SEGMENT));
-        }
-        path
-    }
-}
-
-impl fmt::Display for SessionKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.session {
-            Some(session) => write!(f, "{}/{}/{}", self.kind, self.event, session),
-            None => write!(f, "{}/{}/sessions", self.kind, self.event),
-        }
-    }
-}
 
 /// Maps a request to the session it names. `path` is the raw (still encoded) path and
 /// `query` the raw query, if the request line had a `?`. `/sessions/...` keys come back in
@@ -200,7 +59,7 @@ fn graph_route(method: &http::Method, path: &str) -> Result<SessionKey, ProxyErr
         "beta" => ApiVersion::Beta,
         _ => return Err(ProxyError::NotSupported),
     };
-    if Kind::from_segment(kind).is_none() {
+    if Kind::parse(kind).is_none() {
         return Err(ProxyError::NotSupported);
     }
     Ok(session_key(method, kind, event, session)?.with_version(version))
@@ -212,7 +71,7 @@ fn session_key(
     event: &str,
     session: Option<&str>,
 ) -> Result<SessionKey, ProxyError> {
-    let kind = Kind::from_segment(kind).ok_or(ProxyError::RouteNotFound)?;
+    let kind = Kind::parse(kind).ok_or(ProxyError::RouteNotFound)?;
     if method != http::Method::GET && method != http::Method::HEAD {
         return Err(ProxyError::MethodNotAllowed);
     }
@@ -220,9 +79,9 @@ fn session_key(
     match session {
         Some(session) => {
             let session = decode_id(session, "session id")?;
-            SessionKey::new(kind, &event, &session)
+            Ok(SessionKey::new(kind, &event, &session)?)
         }
-        None => SessionKey::list(kind, &event),
+        None => Ok(SessionKey::list(kind, &event)?),
     }
 }
 
@@ -234,24 +93,10 @@ fn decode_id(raw: &str, what: &'static str) -> Result<String, ProxyError> {
         .map_err(|_| ProxyError::InvalidId(what))
 }
 
-fn validate_id(id: &str, what: &'static str) -> Result<(), ProxyError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id != "."
-        && id != ".."
-        && id.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'=' | b'+')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(ProxyError::InvalidId(what))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::model::MAX_ID_LEN;
     use http::Method;
 
     const EVENT: &str = "f8ce2a5f-0e6a-4186-aa90-1f64bc023566@5466a424-aadf-425c-9b24-034ca28d4bdd";

@@ -26,9 +26,9 @@ use tokio::sync::{watch, Semaphore};
 use tower::{Service, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
+use crate::core::model::Style;
 use crate::http::error::ProxyError;
 use crate::http::handler::drop_unusable_request_id;
-use crate::http::routes::Style;
 use crate::server::connections::{Activity, Close, Heard, Limits, Registry, Tracked};
 use crate::server::wire::GuardedIo;
 

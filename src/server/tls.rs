@@ -17,71 +17,14 @@ use std::time::{Duration, SystemTime};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::config::tls_files::{load, provider};
 use crate::config::ConfigError;
 use crate::telemetry::{names, Metrics};
-
-const CERT_KEY: &str = "server.tls_cert_file";
-const KEY_KEY: &str = "server.tls_key_file";
 
 /// ALPN protocols offered, in order of preference; hyper-util's auto builder then serves
 /// whichever the client chose (or detects the HTTP/2 preface when it chose none).
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
-
-/// Reads a PEM certificate chain (end-entity certificate first) and its PEM private key
-/// (PKCS#8, PKCS#1 or SEC1), and checks that the key belongs to the certificate.
-pub fn load(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, ConfigError> {
-    let read = |key: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|source| ConfigError::File {
-            key,
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    let invalid = |key: &str, reason: String| ConfigError::Invalid {
-        key: key.to_string(),
-        reason,
-    };
-    let cert_pem = read(CERT_KEY, cert_file)?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(CERT_KEY, format!("{} is not PEM: {e}", cert_file.display())))?;
-    if chain.is_empty() {
-        return Err(invalid(
-            CERT_KEY,
-            format!("{} holds no CERTIFICATE block", cert_file.display()),
-        ));
-    }
-    let key_pem = read(KEY_KEY, key_file)?;
-    // The error text of a failed key parse never includes key material.
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        invalid(
-            KEY_KEY,
-            format!(
-                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
-                key_file.display()
-            ),
-        )
-    })?;
-    CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
-        invalid(
-            KEY_KEY,
-            format!(
-                "{} does not fit {}: {e}",
-                key_file.display(),
-                cert_file.display()
-            ),
-        )
-    })
-}
-
-/// The crypto provider: ring, chosen explicitly so that no process-wide default (and no
-/// second provider pulled in by another crate) decides it.
-fn provider() -> rustls::crypto::CryptoProvider {
-    rustls::crypto::ring::default_provider()
-}
 
 /// What tells a changed file from an unchanged one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +165,9 @@ pub fn server_config(certificate: Arc<CertificateFiles>) -> Result<ServerConfig,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tls_files::{CERT_KEY, KEY_KEY};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
 
     fn fixture(name: &str) -> PathBuf {
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")).join(name)

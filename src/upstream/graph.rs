@@ -18,9 +18,9 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::core::clock::Clock;
+use crate::core::model::SessionKey;
 use crate::core::request_id;
 use crate::http::error::ProxyError;
-use crate::http::routes::SessionKey;
 use crate::telemetry::{names, Metrics};
 use crate::upstream::bounded::{self, ReadError};
 use crate::upstream::gate::{Closed, Gate, Report};
