@@ -224,6 +224,11 @@ async fn an_endless_graph_answer_is_an_error_and_nothing_is_stored() {
         );
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], "upstreamError");
+        // Said for what it is, not as an unreadable body.
+        assert_eq!(
+            body["error"]["message"], "Graph's answer was too large to pass on",
+            "round {round}"
+        );
         assert!(started.elapsed() < Duration::from_millis(1500));
         // Past failure_ttl (1 s), the next request asks Graph again: nothing was stored.
         h.clock.advance(Duration::from_secs(2));

@@ -15,11 +15,11 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::auth::error::AuthError;
 use crate::auth::jwt::{Claims, JwtOptions, JwtVerifier};
 use crate::config::{CallerMode, CallersSettings, JwtAppSettings};
 use crate::core::clock::Clock;
 use crate::core::model::{Kind, SessionKey};
-use crate::http::error::ProxyError;
 
 /// Who is calling and what they may read.
 #[derive(Debug)]
@@ -34,10 +34,10 @@ pub struct Caller {
 
 impl Caller {
     /// 403 unless this caller may read `key`.
-    pub fn authorize(&self, key: &SessionKey) -> Result<(), ProxyError> {
+    pub fn authorize(&self, key: &SessionKey) -> Result<(), AuthError> {
         if let Some(kinds) = &self.kinds {
             if !kinds.contains(&key.kind) {
-                return Err(ProxyError::Forbidden {
+                return Err(AuthError::Forbidden {
                     caller: self.name.to_string(),
                     what: "this kind of event",
                 });
@@ -48,7 +48,7 @@ impl Caller {
                 .iter()
                 .any(|pattern| event_matches(pattern, &key.event))
             {
-                return Err(ProxyError::Forbidden {
+                return Err(AuthError::Forbidden {
                     caller: self.name.to_string(),
                     what: "this event",
                 });
@@ -148,7 +148,7 @@ impl Callers {
     }
 
     /// Who sent these headers, or 400/401 (403 for a token without a required role).
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Caller>, ProxyError> {
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Caller>, AuthError> {
         if let Some(anonymous) = &self.anonymous {
             return Ok(anonymous.clone());
         }
@@ -159,17 +159,17 @@ impl Callers {
                 jwt_caller(&jwt.apps, claims)
             }
             (_, Some(keys)) => api_key_caller(keys, credential.value),
-            (Some(_), None) => Err(ProxyError::Unauthenticated(
+            (Some(_), None) => Err(AuthError::Unauthenticated(
                 "a bearer token (JWT) is required",
             )),
-            (None, None) => Err(ProxyError::Unauthenticated(
+            (None, None) => Err(AuthError::Unauthenticated(
                 "no caller credentials are accepted",
             )),
         }
     }
 }
 
-fn api_key_caller(keys: &[KeyEntry], presented: &str) -> Result<Arc<Caller>, ProxyError> {
+fn api_key_caller(keys: &[KeyEntry], presented: &str) -> Result<Arc<Caller>, AuthError> {
     let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
     let mut found: Option<&Arc<Caller>> = None;
     for entry in keys {
@@ -179,13 +179,13 @@ fn api_key_caller(keys: &[KeyEntry], presented: &str) -> Result<Arc<Caller>, Pro
     }
     found
         .cloned()
-        .ok_or(ProxyError::Unauthenticated("unknown API key"))
+        .ok_or(AuthError::Unauthenticated("unknown API key"))
 }
 
 /// The caller a verified token stands for. With apps listed, the first that matches (by
 /// client id, else by role) gives the limits, and a token matching none is refused.
-fn jwt_caller(apps: &[JwtAppSettings], claims: Claims) -> Result<Arc<Caller>, ProxyError> {
-    let id = claims.caller_id().ok_or(ProxyError::Unauthenticated(
+fn jwt_caller(apps: &[JwtAppSettings], claims: Claims) -> Result<Arc<Caller>, AuthError> {
+    let id = claims.caller_id().ok_or(AuthError::Unauthenticated(
         "token names no application (azp, appid or sub)",
     ))?;
     let name: Arc<str> = id.into();
@@ -214,7 +214,7 @@ fn jwt_caller(apps: &[JwtAppSettings], claims: Claims) -> Result<Arc<Caller>, Pr
             kinds: app.kinds.clone(),
             events: app.events.clone(),
         })),
-        None => Err(ProxyError::Forbidden {
+        None => Err(AuthError::Forbidden {
             caller: id.to_string(),
             what: "sessions (this application is not configured)",
         }),
@@ -234,23 +234,21 @@ struct Credential<'a> {
 
 /// The API key from `Authorization: Bearer` or `x-api-key`. Repeated or conflicting
 /// credentials are a bad request rather than a guess.
-fn presented_credential(headers: &HeaderMap) -> Result<Credential<'_>, ProxyError> {
+fn presented_credential(headers: &HeaderMap) -> Result<Credential<'_>, AuthError> {
     let mut bearer = None;
     let mut auths = headers.get_all(AUTHORIZATION).iter();
     if let Some(value) = auths.next() {
         if auths.next().is_some() {
-            return Err(ProxyError::InvalidRequest(
-                "more than one Authorization header",
-            ));
+            return Err(AuthError::Ambiguous("more than one Authorization header"));
         }
         let value = value
             .to_str()
-            .map_err(|_| ProxyError::Unauthenticated("malformed Authorization header"))?;
-        let (scheme, token) = value.split_once(' ').ok_or(ProxyError::Unauthenticated(
+            .map_err(|_| AuthError::Unauthenticated("malformed Authorization header"))?;
+        let (scheme, token) = value.split_once(' ').ok_or(AuthError::Unauthenticated(
             "Authorization must be: Bearer <API key>",
         ))?;
         if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(ProxyError::Unauthenticated(
+            return Err(AuthError::Unauthenticated(
                 "Authorization must be: Bearer <API key>",
             ));
         }
@@ -260,19 +258,19 @@ fn presented_credential(headers: &HeaderMap) -> Result<Credential<'_>, ProxyErro
     let header_key = match api_keys.next() {
         Some(value) => {
             if api_keys.next().is_some() {
-                return Err(ProxyError::InvalidRequest("more than one x-api-key header"));
+                return Err(AuthError::Ambiguous("more than one x-api-key header"));
             }
             Some(
                 value
                     .to_str()
-                    .map_err(|_| ProxyError::Unauthenticated("malformed x-api-key header"))?
+                    .map_err(|_| AuthError::Unauthenticated("malformed x-api-key header"))?
                     .trim(),
             )
         }
         None => None,
     };
     match (bearer, header_key) {
-        (Some(a), Some(b)) if a != b => Err(ProxyError::InvalidRequest(
+        (Some(a), Some(b)) if a != b => Err(AuthError::Ambiguous(
             "Authorization and x-api-key carry different keys",
         )),
         (Some(key), _) if !key.is_empty() => Ok(Credential {
@@ -283,7 +281,7 @@ fn presented_credential(headers: &HeaderMap) -> Result<Credential<'_>, ProxyErro
             value: key,
             bearer: false,
         }),
-        _ => Err(ProxyError::Unauthenticated(
+        _ => Err(AuthError::Unauthenticated(
             "an API key is required: Authorization: Bearer <key> or x-api-key: <key>",
         )),
     }
@@ -379,7 +377,7 @@ mod tests {
         ]);
         assert!(matches!(
             c.authenticate(&conflicting).await,
-            Err(ProxyError::InvalidRequest(_))
+            Err(AuthError::Ambiguous(_))
         ));
     }
 

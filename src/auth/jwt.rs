@@ -20,8 +20,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::auth::error::AuthError;
 use crate::core::clock::Clock;
-use crate::http::error::ProxyError;
 use crate::upstream::bounded::{self, ReadError};
 
 /// Shortest time between two key-set fetches caused by unknown `kid`s.
@@ -135,27 +135,26 @@ impl JwtVerifier {
 
     /// Verifies `token`; the caller's claims, or why not (401, 403, or 503 when no key
     /// set could ever be fetched).
-    pub async fn verify(&self, token: &str) -> Result<Claims, ProxyError> {
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
-            return Err(ProxyError::Unauthenticated("token too long"));
+            return Err(AuthError::Unauthenticated("token too long"));
         }
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| ProxyError::Unauthenticated("malformed token"))?;
+            .map_err(|_| AuthError::Unauthenticated("malformed token"))?;
         let kid = header
             .kid
             .as_deref()
-            .ok_or(ProxyError::Unauthenticated("token header has no kid"))?;
+            .ok_or(AuthError::Unauthenticated("token header has no kid"))?;
         let key = match self.key(kid) {
             Some(key) => key,
             None => {
                 self.refresh().await?;
-                self.key(kid).ok_or(ProxyError::Unauthenticated(
-                    "token signed by an unknown key",
-                ))?
+                self.key(kid)
+                    .ok_or(AuthError::Unauthenticated("token signed by an unknown key"))?
             }
         };
         if !key.algorithms.contains(&header.alg) {
-            return Err(ProxyError::Unauthenticated(
+            return Err(AuthError::Unauthenticated(
                 "token algorithm not allowed for its key",
             ));
         }
@@ -163,7 +162,7 @@ impl JwtVerifier {
         validation.algorithms = vec![header.alg];
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
-            ProxyError::Unauthenticated(match e.kind() {
+            AuthError::Unauthenticated(match e.kind() {
                 K::ExpiredSignature => "token expired",
                 K::ImmatureSignature => "token not yet valid",
                 K::InvalidIssuer => "token issuer not accepted",
@@ -181,7 +180,7 @@ impl JwtVerifier {
             .find(|r| !claims.roles.contains(r))
         {
             tracing::debug!(role = %missing, "token lacks a required role");
-            return Err(ProxyError::Forbidden {
+            return Err(AuthError::Forbidden {
                 caller: claims.caller_id().unwrap_or("-").to_string(),
                 what: "sessions (a required role is missing)",
             });
@@ -201,7 +200,7 @@ impl JwtVerifier {
 
     /// Fetches the key set unless one was attempted within [`MIN_REFETCH`] (then the keys
     /// at hand stand). Errs only when there are no keys at all.
-    async fn refresh(&self) -> Result<(), ProxyError> {
+    async fn refresh(&self) -> Result<(), AuthError> {
         let _one_fetch = self.fetch_lock.lock().await;
         let now = self.clock.now();
         let recently = self
@@ -226,7 +225,7 @@ impl JwtVerifier {
         }
         let mut set = self.keys.write().unwrap_or_else(|e| e.into_inner());
         if set.keys.is_empty() {
-            return Err(ProxyError::AuthUnavailable);
+            return Err(AuthError::Unavailable);
         }
         // Keys past their age stay usable until a fetch succeeds.
         if set.fetched_at.is_some_and(|at| now >= at + self.max_age) {

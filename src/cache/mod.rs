@@ -40,8 +40,8 @@ use crate::config::{ApiVersion, CacheSettings};
 use crate::core::clock::Clock;
 use crate::core::model::{Kind, SessionKey};
 use crate::core::request_id;
-use crate::http::error::ProxyError;
 use crate::telemetry::{names, Metrics};
+use crate::upstream::error::UpstreamError;
 use crate::upstream::graph::{Fetched, GraphAnswer, GraphClient};
 
 /// Rough per-entry bookkeeping (moka node, Arc, headers) added to the weigher's count.
@@ -358,14 +358,24 @@ pub struct Directives {
     pub max_stale: Option<Duration>,
 }
 
-type FetchResult = Result<Arc<Entry>, Arc<ProxyError>>;
+type FetchResult = Result<Arc<Entry>, Arc<UpstreamError>>;
+
+/// Why the cache could not answer a lookup.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error("only-if-cached and nothing is cached")]
+    NotCached,
+    /// Graph's (or the token endpoint's) failure, as the failure memory keeps it.
+    #[error(transparent)]
+    Upstream(Arc<UpstreamError>),
+}
 
 pub struct SessionCache {
     store: moka::sync::Cache<SessionKey, Arc<Entry>>,
     /// Graph calls in progress, one per key; removed by the call's task when it ends.
     inflight: Mutex<HashMap<SessionKey, Shared<BoxFuture<'static, FetchResult>>>>,
     /// Recent failures per key and until when they stand (`failure_ttl`).
-    failures: moka::sync::Cache<SessionKey, (Arc<ProxyError>, Instant)>,
+    failures: moka::sync::Cache<SessionKey, (Arc<UpstreamError>, Instant)>,
     graph: Arc<GraphClient>,
     settings: CacheSettings,
     /// Upper bound for one shared Graph call.
@@ -474,7 +484,7 @@ impl SessionCache {
         self: &Arc<Self>,
         key: &SessionKey,
         directives: Directives,
-    ) -> Result<Lookup, Arc<ProxyError>> {
+    ) -> Result<Lookup, CacheError> {
         let now = self.clock.now();
         let cached = self.store.get(key);
         if let Some(entry) = &cached {
@@ -489,7 +499,7 @@ impl SessionCache {
             }
         }
         if directives.only_if_cached {
-            return Err(Arc::new(ProxyError::NotCached));
+            return Err(CacheError::NotCached);
         }
         let result = match self.recent_failure(key, now) {
             Some(error) => Err(error),
@@ -523,7 +533,7 @@ impl SessionCache {
         };
         result.or_else(|error| {
             tracing::debug!(%key, error = %error, "Graph failed; looking for a stale entry");
-            self.stale_if_error(key).ok_or(error)
+            self.stale_if_error(key).ok_or(CacheError::Upstream(error))
         })
     }
 
@@ -559,7 +569,7 @@ impl SessionCache {
         None
     }
 
-    fn recent_failure(&self, key: &SessionKey, now: Instant) -> Option<Arc<ProxyError>> {
+    fn recent_failure(&self, key: &SessionKey, now: Instant) -> Option<Arc<UpstreamError>> {
         self.failures
             .get(key)
             .filter(|(_, until)| now < *until)
@@ -605,8 +615,9 @@ impl SessionCache {
             }
         });
         let call = async move {
-            task.await
-                .unwrap_or_else(|_| Err(Arc::new(ProxyError::Internal("Graph call task failed"))))
+            task.await.unwrap_or_else(|_| {
+                Err(Arc::new(UpstreamError::Internal("Graph call task failed")))
+            })
         }
         .boxed()
         .shared();
@@ -804,7 +815,7 @@ impl SessionCache {
     ) -> FetchResult {
         loop {
             if Instant::now() + SHARED_POLL >= deadline {
-                return Err(Arc::new(ProxyError::UpstreamTimeout));
+                return Err(Arc::new(UpstreamError::Timeout));
             }
             let jitter = Duration::from_millis(rand::random::<u64>() % 10);
             tokio::time::sleep(SHARED_POLL + jitter).await;

@@ -13,11 +13,13 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::auth::error::AuthError;
+use crate::cache::CacheError;
 use crate::core::model::{IdError, Style};
-use crate::telemetry::Wait;
-use crate::upstream::token::TokenError;
+use crate::upstream::error::UpstreamError;
 
-/// Everything that can stop a request from getting its session.
+/// Everything that can stop a request from getting its session: the HTTP layer's own
+/// refusals, and the lower layers' errors as they are (each classified once, below).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("invalid request: {0}")]
@@ -28,48 +30,39 @@ pub enum ProxyError {
     HeadersTooLarge,
     #[error("request target too long")]
     UriTooLong,
-    #[error("caller not authenticated: {0}")]
-    Unauthenticated(&'static str),
-    #[error("caller {caller} may not read {what}")]
-    Forbidden { caller: String, what: &'static str },
-    #[error("caller tokens cannot be verified: no key set")]
-    AuthUnavailable,
     #[error("no such route")]
     RouteNotFound,
     #[error("Graph path not served by this proxy")]
     NotSupported,
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("Graph has no such session")]
     SessionNotFound,
     #[error("Graph has no such event")]
     EventNotFound,
-    #[error("Graph sent a session list page that cannot be followed: {0}")]
-    BadListPage(&'static str),
-    #[error("method not allowed")]
-    MethodNotAllowed,
     #[error("only-if-cached and nothing is cached")]
     NotCached,
-    #[error("Graph answered {status} {code}")]
-    Upstream { status: u16, code: String },
-    #[error("Graph refused the application (403 {code})")]
-    UpstreamForbidden { code: String },
-    #[error("Graph could not be reached")]
-    UpstreamUnreachable(#[source] reqwest::Error),
-    #[error("Graph's answer is larger than {limit} bytes")]
-    UpstreamTooLarge { limit: usize },
-    #[error("Graph is throttling (retry in {})", Wait(*retry_after))]
-    Throttled { retry_after: Duration },
-    #[error("Graph keeps failing: circuit open (retry in {})", Wait(*retry_after))]
-    CircuitOpen { retry_after: Duration },
-    #[error("Graph did not answer in time")]
-    UpstreamTimeout,
-    #[error("no access token")]
-    Token(#[source] Arc<TokenError>),
     #[error("too many concurrent requests")]
     Overloaded,
     #[error("shutting down")]
     Draining,
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The caller could not be let in.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Graph or the identity platform failed (possibly remembered by the cache).
+    #[error(transparent)]
+    Upstream(Arc<UpstreamError>),
+}
+
+impl From<CacheError> for ProxyError {
+    fn from(e: CacheError) -> ProxyError {
+        match e {
+            CacheError::NotCached => ProxyError::NotCached,
+            CacheError::Upstream(e) => ProxyError::Upstream(e),
+        }
+    }
 }
 
 impl From<IdError> for ProxyError {
@@ -114,19 +107,22 @@ impl ProxyError {
                 "too many request headers, or too large",
             ),
             E::UriTooLong => answer(StatusCode::URI_TOO_LONG, "invalidRequest", "request target too long"),
-            E::Unauthenticated(why) => Answer {
+            E::Auth(AuthError::Ambiguous(why)) => {
+                answer(StatusCode::BAD_REQUEST, "invalidRequest", *why)
+            }
+            E::Auth(AuthError::Unauthenticated(why)) => Answer {
                 header: Some((
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"graph-session-proxy\""),
                 )),
                 ..answer(StatusCode::UNAUTHORIZED, "unauthenticated", *why)
             },
-            E::Forbidden { what, .. } => answer(
+            E::Auth(AuthError::Forbidden { what, .. }) => answer(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!("this caller may not read {what}"),
             ),
-            E::AuthUnavailable => Answer {
+            E::Auth(AuthError::Unavailable) => Answer {
                 header: Some((RETRY_AFTER, retry_after_value(Duration::from_secs(30)))),
                 ..answer(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -146,11 +142,6 @@ impl ProxyError {
             ),
             E::SessionNotFound => answer(StatusCode::NOT_FOUND, "notFound", "Graph has no such session"),
             E::EventNotFound => answer(StatusCode::NOT_FOUND, "notFound", "Graph has no such event"),
-            E::BadListPage(why) => answer(
-                StatusCode::BAD_GATEWAY,
-                "upstreamError",
-                format!("Graph sent a session list page that cannot be followed: {why}"),
-            ),
             E::MethodNotAllowed => Answer {
                 header: Some((ALLOW, HeaderValue::from_static("GET, HEAD"))),
                 ..answer(
@@ -164,53 +155,7 @@ impl ProxyError {
                 "notCached",
                 "only-if-cached was requested and this session is not cached",
             ),
-            E::Upstream { status, code } => answer(
-                StatusCode::BAD_GATEWAY,
-                "upstreamError",
-                format!("Graph answered {status} {code}"),
-            ),
-            E::UpstreamForbidden { code } => answer(
-                StatusCode::BAD_GATEWAY,
-                "upstreamForbidden",
-                format!(
-                    "Graph refused the proxy's application ({code}). Grant it the VirtualEvent.Read.All application permission and an application access policy for the event organizer: New-CsApplicationAccessPolicy -Identity NAME -AppIds APPID; Grant-CsApplicationAccessPolicy -PolicyName NAME -Identity ORGANIZER (or -Global); allow up to 30 minutes"
-                ),
-            ),
-            E::UpstreamUnreachable(_) => answer(
-                StatusCode::BAD_GATEWAY,
-                "upstreamError",
-                "Graph could not be reached",
-            ),
-            E::Throttled { retry_after } => Answer {
-                header: Some((RETRY_AFTER, retry_after_value(*retry_after))),
-                ..answer(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstreamThrottled",
-                    "Graph is throttling the proxy and this session is not cached; retry after the Retry-After delay",
-                )
-            },
-            E::CircuitOpen { retry_after } => Answer {
-                header: Some((RETRY_AFTER, retry_after_value(*retry_after))),
-                ..answer(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstreamUnavailable",
-                    "Graph has been failing; the proxy pauses calls to it and this session is not cached; retry after the Retry-After delay",
-                )
-            },
-            E::UpstreamTooLarge { .. } => answer(
-                StatusCode::BAD_GATEWAY,
-                "upstreamError",
-                "Graph's answer was too large to pass on",
-            ),
-            E::UpstreamTimeout => answer(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstreamTimeout",
-                "Graph did not answer in time",
-            ),
-            E::Token(e) => Answer {
-                header: e.retry_after().map(|wait| (RETRY_AFTER, retry_after_value(wait))),
-                ..answer(StatusCode::BAD_GATEWAY, "tokenUnavailable", e.caller_message())
-            },
+            E::Upstream(u) => upstream(u),
             E::Overloaded => answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
@@ -264,6 +209,67 @@ impl ProxyError {
             response.headers_mut().insert(name, value);
         }
         response
+    }
+}
+
+/// How an upstream failure is answered: the caller hears which side failed and what to
+/// do, never Graph's or Entra's own text.
+fn upstream(e: &UpstreamError) -> Answer {
+    use UpstreamError as U;
+    match e {
+        U::BadListPage(why) => answer(
+            StatusCode::BAD_GATEWAY,
+            "upstreamError",
+            format!("Graph sent a session list page that cannot be followed: {why}"),
+        ),
+        U::Status { status, code } => answer(
+            StatusCode::BAD_GATEWAY,
+            "upstreamError",
+            format!("Graph answered {status} {code}"),
+        ),
+        U::Forbidden { code } => answer(
+            StatusCode::BAD_GATEWAY,
+            "upstreamForbidden",
+            format!(
+                "Graph refused the proxy's application ({code}). Grant it the VirtualEvent.Read.All application permission and an application access policy for the event organizer: New-CsApplicationAccessPolicy -Identity NAME -AppIds APPID; Grant-CsApplicationAccessPolicy -PolicyName NAME -Identity ORGANIZER (or -Global); allow up to 30 minutes"
+            ),
+        ),
+        U::Unreachable(_) => answer(
+            StatusCode::BAD_GATEWAY,
+            "upstreamError",
+            "Graph could not be reached",
+        ),
+        U::Throttled { retry_after } => Answer {
+            header: Some((RETRY_AFTER, retry_after_value(*retry_after))),
+            ..answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstreamThrottled",
+                "Graph is throttling the proxy and this session is not cached; retry after the Retry-After delay",
+            )
+        },
+        U::CircuitOpen { retry_after } => Answer {
+            header: Some((RETRY_AFTER, retry_after_value(*retry_after))),
+            ..answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstreamUnavailable",
+                "Graph has been failing; the proxy pauses calls to it and this session is not cached; retry after the Retry-After delay",
+            )
+        },
+        U::TooLarge { .. } => answer(
+            StatusCode::BAD_GATEWAY,
+            "upstreamError",
+            "Graph's answer was too large to pass on",
+        ),
+        U::Timeout => answer(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstreamTimeout",
+            "Graph did not answer in time",
+        ),
+        U::Token(e) => Answer {
+            header: e.retry_after().map(|wait| (RETRY_AFTER, retry_after_value(wait))),
+            ..answer(StatusCode::BAD_GATEWAY, "tokenUnavailable", e.caller_message())
+        },
+        U::Internal(_) => answer(StatusCode::INTERNAL_SERVER_ERROR, "internalError", "internal error"),
     }
 }
 
@@ -430,12 +436,12 @@ mod tests {
     async fn every_error_has_the_graph_shape_on_graph_routes() {
         for e in [
             ProxyError::NotSupported,
-            ProxyError::Unauthenticated("no key"),
+            ProxyError::Auth(AuthError::Unauthenticated("no key")),
             ProxyError::InvalidRequest("bad"),
-            ProxyError::UpstreamTimeout,
-            ProxyError::Throttled {
+            ProxyError::Upstream(Arc::new(UpstreamError::Timeout)),
+            ProxyError::Upstream(Arc::new(UpstreamError::Throttled {
                 retry_after: Duration::from_secs(3),
-            },
+            })),
         ] {
             let r = e.to_response_in(Style::Graph, "rid", "cid");
             assert_eq!(r.headers()["request-id"], "rid");
@@ -448,13 +454,13 @@ mod tests {
 
     #[test]
     fn throttled_rounds_retry_after_up() {
-        let r = ProxyError::Throttled {
+        let r = ProxyError::Upstream(Arc::new(UpstreamError::Throttled {
             retry_after: Duration::from_millis(2128),
-        }
+        }))
         .to_response("x");
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[RETRY_AFTER], "3");
-        let r = ProxyError::Unauthenticated("no key").to_response("x");
+        let r = ProxyError::Auth(AuthError::Unauthenticated("no key")).to_response("x");
         assert!(r.headers().contains_key(WWW_AUTHENTICATE));
     }
 }

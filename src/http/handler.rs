@@ -18,13 +18,14 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use crate::cache::{Directives, Lookup, Outcome};
+use crate::cache::{CacheError, Directives, Lookup, Outcome};
 use crate::core::model::Style;
 use crate::core::request_id;
 use crate::http::error::{error_response, ProxyError, CLIENT_REQUEST_ID, REQUEST_ID};
 use crate::http::routes;
 use crate::http::AppState;
 use crate::telemetry::Causes;
+use crate::upstream::error::UpstreamError;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_GRAPH_REQUEST_ID: HeaderName = HeaderName::from_static("x-graph-request-id");
@@ -157,7 +158,7 @@ pub async fn handle<B: hyper::body::Body>(
             let status = error.status();
             log.code = Some(error.code());
             if status.is_server_error() {
-                tracing::warn!(request_id, error = %error, cause = %Causes(&*error), "request failed");
+                tracing::warn!(request_id, error = %error, cause = %Causes(&error), "request failed");
             } else {
                 tracing::debug!(request_id, error = %error, "request refused");
             }
@@ -229,9 +230,9 @@ async fn answer<B: hyper::body::Body>(
     req: &Request<B>,
     log: &mut AccessLog,
     client_request_id: &str,
-) -> Result<Response<Full<Bytes>>, Arc<ProxyError>> {
+) -> Result<Response<Full<Bytes>>, ProxyError> {
     if state.draining.load(Ordering::Relaxed) {
-        return Err(ProxyError::Draining.into());
+        return Err(ProxyError::Draining);
     }
     let _permit = state
         .limit
@@ -243,17 +244,17 @@ async fn answer<B: hyper::body::Body>(
     // (HTTP/2 may send DATA without announcing a length: the stream is not at its end.)
     log.close = has_body(headers) || !req.body().is_end_stream();
     if let Some(why) = bad_framing(req) {
-        return Err(ProxyError::InvalidRequest(why).into());
+        return Err(ProxyError::InvalidRequest(why));
     }
     let header_bytes: usize = headers
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
     if headers.len() > state.max_headers || header_bytes > state.max_header_bytes {
-        return Err(ProxyError::HeadersTooLarge.into());
+        return Err(ProxyError::HeadersTooLarge);
     }
     if req.uri().path().len() > MAX_PATH_BYTES {
-        return Err(ProxyError::UriTooLong.into());
+        return Err(ProxyError::UriTooLong);
     }
     let mut key = routes::route(req.method(), req.uri().path(), req.uri().query())?;
     if log.style == Style::Proxy {
@@ -262,9 +263,9 @@ async fn answer<B: hyper::body::Body>(
     log.kind = Some(key.kind.as_str());
     log.list = key.is_list();
     if log.close {
-        return Err(
-            ProxyError::InvalidRequest("GET and HEAD requests must not have a body").into(),
-        );
+        return Err(ProxyError::InvalidRequest(
+            "GET and HEAD requests must not have a body",
+        ));
     }
     let caller = state.callers.authenticate(headers).await?;
     log.caller = Some(caller.name.clone());
@@ -278,17 +279,17 @@ async fn answer<B: hyper::body::Body>(
     {
         Ok(Ok(lookup)) => lookup,
         Ok(Err(error)) => {
-            if !matches!(*error, ProxyError::NotCached) {
+            if !matches!(error, CacheError::NotCached) {
                 log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
             }
-            return Err(error);
+            return Err(error.into());
         }
         Err(_elapsed) => match state.cache.stale_if_error(&key) {
             // Graph hangs: a stale copy still beats a timeout.
             Some(lookup) => lookup,
             None => {
                 log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
-                return Err(ProxyError::UpstreamTimeout.into());
+                return Err(ProxyError::Upstream(Arc::new(UpstreamError::Timeout)));
             }
         },
     };

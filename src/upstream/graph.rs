@@ -20,9 +20,9 @@ use tokio::time::Instant;
 use crate::core::clock::Clock;
 use crate::core::model::SessionKey;
 use crate::core::request_id;
-use crate::http::error::ProxyError;
 use crate::telemetry::{names, Metrics};
 use crate::upstream::bounded::{self, ReadError};
+use crate::upstream::error::UpstreamError;
 use crate::upstream::gate::{Closed, Gate, Report};
 use crate::upstream::token::{TokenError, TokenProvider};
 
@@ -122,17 +122,18 @@ impl GraphClient {
         &self,
         key: &SessionKey,
         deadline: Instant,
-    ) -> Result<GraphAnswer, ProxyError> {
+    ) -> Result<GraphAnswer, UpstreamError> {
         if key.is_list() {
             return self.fetch_list(key, deadline).await;
         }
         let got = self.get(&self.url(key), deadline).await?;
         let fetched = match got.body {
             Some(raw) => {
-                let session = unwrap_envelope(raw.clone()).ok_or_else(|| ProxyError::Upstream {
-                    status: 200,
-                    code: "invalidJson".to_string(),
-                })?;
+                let session =
+                    unwrap_envelope(raw.clone()).ok_or_else(|| UpstreamError::Status {
+                        status: 200,
+                        code: "invalidJson".to_string(),
+                    })?;
                 Fetched::Found { session, raw }
             }
             None => Fetched::NotFound,
@@ -150,9 +151,9 @@ impl GraphClient {
         &self,
         key: &SessionKey,
         deadline: Instant,
-    ) -> Result<GraphAnswer, ProxyError> {
+    ) -> Result<GraphAnswer, UpstreamError> {
         let first = reqwest::Url::parse(&self.url(key))
-            .map_err(|_| ProxyError::Internal("Graph list URL does not parse"))?;
+            .map_err(|_| UpstreamError::Internal("Graph list URL does not parse"))?;
         let mut url = first.clone();
         let mut merged = ListMerger::default();
         let mut graph_request_id = None;
@@ -167,7 +168,7 @@ impl GraphClient {
                         graph_request_id: got.graph_request_id,
                     });
                 }
-                return Err(ProxyError::BadListPage("a next page answered 404"));
+                return Err(UpstreamError::BadListPage("a next page answered 404"));
             };
             if graph_request_id.is_none() {
                 graph_request_id = got.graph_request_id;
@@ -201,21 +202,23 @@ impl GraphClient {
     }
 
     /// One Graph URL with retries: `Some(body)` for 200, `None` for 404, else the error.
-    async fn get(&self, url: &str, deadline: Instant) -> Result<Got, ProxyError> {
+    async fn get(&self, url: &str, deadline: Instant) -> Result<Got, UpstreamError> {
         let mut retries = 0u32;
         let mut renewed_token = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let token = tokio::time::timeout(left, self.tokens.token())
                 .await
-                .map_err(|_| ProxyError::Token(Arc::new(TokenError::TimedOut)))?
-                .map_err(ProxyError::Token)?;
+                .map_err(|_| UpstreamError::Token(Arc::new(TokenError::TimedOut)))?
+                .map_err(UpstreamError::Token)?;
             // After the token: a probe admitted here must be the one that calls Graph.
             self.gate
                 .admit(self.clock.now())
                 .map_err(|closed| match closed {
-                    Closed::Throttled { retry_after } => ProxyError::Throttled { retry_after },
-                    Closed::CircuitOpen { retry_after } => ProxyError::CircuitOpen { retry_after },
+                    Closed::Throttled { retry_after } => UpstreamError::Throttled { retry_after },
+                    Closed::CircuitOpen { retry_after } => {
+                        UpstreamError::CircuitOpen { retry_after }
+                    }
                 })?;
             let client_request_id = uuid::Uuid::new_v4().to_string();
             let mut request = self
@@ -230,7 +233,7 @@ impl GraphClient {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt_timeout = self.timeout.min(left);
             if attempt_timeout.is_zero() {
-                return Err(ProxyError::UpstreamTimeout);
+                return Err(UpstreamError::Timeout);
             }
             let attempt_started = std::time::Instant::now();
             let outcome = tokio::time::timeout(attempt_timeout, async {
@@ -248,22 +251,22 @@ impl GraphClient {
                 Err(_elapsed) => {
                     tracing::warn!(%url, client_request_id, "Graph attempt timed out");
                     self.gate.report(now, Report::Failed);
-                    Retry::After(None, ProxyError::UpstreamTimeout)
+                    Retry::After(None, UpstreamError::Timeout)
                 }
                 Ok(Err(e)) if e.is_timeout() => {
                     self.gate.report(now, Report::Failed);
-                    Retry::After(None, ProxyError::UpstreamTimeout)
+                    Retry::After(None, UpstreamError::Timeout)
                 }
                 Ok(Err(ReadError::TooLarge { limit })) => {
                     // Not worth retrying: the same request gets the same answer.
                     tracing::warn!(%url, client_request_id, limit, "Graph's answer is too large");
                     self.gate.report(now, Report::Answered);
-                    return Err(ProxyError::UpstreamTooLarge { limit });
+                    return Err(UpstreamError::TooLarge { limit });
                 }
                 Ok(Err(ReadError::Http(e))) => {
                     tracing::warn!(%url, client_request_id, error = %e, "Graph request failed");
                     self.gate.report(now, Report::Failed);
-                    Retry::After(None, ProxyError::UpstreamUnreachable(e))
+                    Retry::After(None, UpstreamError::Unreachable(e))
                 }
                 Ok(Ok((status, headers, body))) => {
                     let graph_request_id =
@@ -316,22 +319,22 @@ impl GraphClient {
                             renewed_token = true;
                             continue;
                         }
-                        403 => return Err(ProxyError::UpstreamForbidden { code }),
+                        403 => return Err(UpstreamError::Forbidden { code }),
                         429 => Retry::After(
                             throttle,
-                            ProxyError::Throttled {
+                            UpstreamError::Throttled {
                                 retry_after: throttle.unwrap_or(Duration::from_secs(1)),
                             },
                         ),
                         503 | 504 => Retry::After(
                             throttle,
-                            ProxyError::Upstream {
+                            UpstreamError::Status {
                                 status: status.as_u16(),
                                 code,
                             },
                         ),
                         other => {
-                            return Err(ProxyError::Upstream {
+                            return Err(UpstreamError::Status {
                                 status: other,
                                 code,
                             })
@@ -367,22 +370,22 @@ const MAX_NEXT_LINK: usize = 8 * 1024;
 /// scheme, host and port, no user info or fragment, the same path segments (compared
 /// percent-decoded, since Graph may encode ids differently) and a query. Anything else
 /// is refused: a next link must never take the proxy, or its token, anywhere else.
-fn next_page(first: &reqwest::Url, next: &str) -> Result<reqwest::Url, ProxyError> {
+fn next_page(first: &reqwest::Url, next: &str) -> Result<reqwest::Url, UpstreamError> {
     if next.len() > MAX_NEXT_LINK {
-        return Err(ProxyError::BadListPage("@odata.nextLink too long"));
+        return Err(UpstreamError::BadListPage("@odata.nextLink too long"));
     }
     let url = reqwest::Url::parse(next)
-        .map_err(|_| ProxyError::BadListPage("@odata.nextLink is not a URL"))?;
+        .map_err(|_| UpstreamError::BadListPage("@odata.nextLink is not a URL"))?;
     let same_origin = url.scheme() == first.scheme()
         && url.host_str() == first.host_str()
         && url.port_or_known_default() == first.port_or_known_default();
     if !same_origin {
-        return Err(ProxyError::BadListPage(
+        return Err(UpstreamError::BadListPage(
             "@odata.nextLink points to another host",
         ));
     }
     if !url.username().is_empty() || url.password().is_some() || url.fragment().is_some() {
-        return Err(ProxyError::BadListPage(
+        return Err(UpstreamError::BadListPage(
             "@odata.nextLink has user info or a fragment",
         ));
     }
@@ -400,13 +403,13 @@ fn next_page(first: &reqwest::Url, next: &str) -> Result<reqwest::Url, ProxyErro
     match (decoded(&url), decoded(first)) {
         (Some(a), Some(b)) if a == b => {}
         _ => {
-            return Err(ProxyError::BadListPage(
+            return Err(UpstreamError::BadListPage(
                 "@odata.nextLink names another Graph path",
             ))
         }
     }
     if url.query().is_none_or(str::is_empty) {
-        return Err(ProxyError::BadListPage("@odata.nextLink has no query"));
+        return Err(UpstreamError::BadListPage("@odata.nextLink has no query"));
     }
     Ok(url)
 }
@@ -423,7 +426,7 @@ struct ListMerger {
 
 impl ListMerger {
     /// Adds one page; returns its `@odata.nextLink`, if any.
-    fn add(&mut self, body: &[u8]) -> Result<Option<String>, ProxyError> {
+    fn add(&mut self, body: &[u8]) -> Result<Option<String>, UpstreamError> {
         #[derive(Deserialize)]
         struct Page<'a> {
             #[serde(rename = "@odata.context", borrow, default)]
@@ -433,7 +436,7 @@ impl ListMerger {
             #[serde(rename = "@odata.nextLink", default)]
             next_link: Option<String>,
         }
-        let page: Page = serde_json::from_slice(body).map_err(|_| ProxyError::Upstream {
+        let page: Page = serde_json::from_slice(body).map_err(|_| UpstreamError::Status {
             status: 200,
             code: "invalidJson".to_string(),
         })?;
@@ -507,7 +510,7 @@ impl GraphClient {
 
 enum Retry {
     /// Retry after the server's `Retry-After` (or backoff), or fail with the error.
-    After(Option<Duration>, ProxyError),
+    After(Option<Duration>, UpstreamError),
 }
 
 /// Exponential backoff with up to 50% jitter.

@@ -3,6 +3,7 @@
 //! throttles or fails, and bounded reads of what they answer.
 
 pub mod bounded;
+pub mod error;
 pub mod gate;
 pub mod graph;
 pub mod token;
