@@ -13,16 +13,37 @@ use tokio::sync::Semaphore;
 
 use crate::auth::callers::Callers;
 use crate::cache::tier2::SharedTier;
-use crate::cache::SessionCache;
+use crate::cache::{Origin, SessionCache};
 use crate::config::Settings;
 use crate::core::clock::Clock;
+use crate::core::model::SessionKey;
 use crate::http::handler::caller_service;
 use crate::http::{admin, AppState};
 use crate::server::tls::{self, CertificateFiles};
 use crate::server::{accept_loop, ConnectionOptions};
 use crate::telemetry::Metrics;
+use crate::upstream::error::UpstreamError;
+use crate::upstream::gate::Gate;
+use crate::upstream::graph::GraphAnswer;
 use crate::upstream::graph::{http_client, GraphClient, GraphOptions};
 use crate::upstream::token::{Credential, TokenOptions, TokenProvider};
+use futures::future::{BoxFuture, FutureExt};
+use tokio::time::Instant;
+
+/// The cache's origin is the Graph client (the cache itself never names it).
+impl Origin for GraphClient {
+    fn fetch<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<GraphAnswer, UpstreamError>> {
+        GraphClient::fetch(self, key, deadline).boxed()
+    }
+
+    fn gate(&self) -> &Gate {
+        &self.gate
+    }
+}
 
 /// Why the proxy could not be put together.
 #[derive(Debug, thiserror::Error)]

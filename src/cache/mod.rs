@@ -23,7 +23,10 @@
 //! single flight. A failed call is remembered for `failure_ttl`, so the next burst gets
 //! the same error (or a stale entry) without calling a failing Graph again.
 
+pub mod origin;
 pub mod tier2;
+
+pub use origin::Origin;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,7 +45,8 @@ use crate::core::model::{Kind, SessionKey};
 use crate::core::request_id;
 use crate::telemetry::{names, Metrics};
 use crate::upstream::error::UpstreamError;
-use crate::upstream::graph::{Fetched, GraphAnswer, GraphClient};
+use crate::upstream::gate::Gate;
+use crate::upstream::graph::{Fetched, GraphAnswer};
 
 /// Rough per-entry bookkeeping (moka node, Arc, headers) added to the weigher's count.
 const ENTRY_OVERHEAD: usize = 256;
@@ -376,7 +380,7 @@ pub struct SessionCache {
     inflight: Mutex<HashMap<SessionKey, Shared<BoxFuture<'static, FetchResult>>>>,
     /// Recent failures per key and until when they stand (`failure_ttl`).
     failures: moka::sync::Cache<SessionKey, (Arc<UpstreamError>, Instant)>,
-    graph: Arc<GraphClient>,
+    origin: Arc<dyn Origin>,
     settings: CacheSettings,
     /// Upper bound for one shared Graph call.
     fetch_timeout: Duration,
@@ -419,7 +423,7 @@ impl moka::Expiry<SessionKey, Arc<Entry>> for KeepWhileServable {
 impl SessionCache {
     pub fn new(
         settings: &CacheSettings,
-        graph: Arc<GraphClient>,
+        origin: Arc<dyn Origin>,
         fetch_timeout: Duration,
         clock: Clock,
         metrics: Arc<Metrics>,
@@ -451,7 +455,7 @@ impl SessionCache {
             store,
             inflight: Mutex::new(HashMap::new()),
             failures,
-            graph,
+            origin,
             settings: settings.clone(),
             fetch_timeout,
             clock,
@@ -632,7 +636,7 @@ impl SessionCache {
         deadline: Instant,
     ) -> FetchResult {
         let purges = self.purge_count();
-        match self.graph.fetch(key, deadline).await {
+        match self.origin.fetch(key, deadline).await {
             Ok(answer) => {
                 let entry = Arc::new(Entry::new(
                     answer,
@@ -897,15 +901,15 @@ impl SessionCache {
     /// Closes this replica's Graph gate when another replica published a closed one.
     fn apply_shared_gate(&self, gate: Option<SharedGate>) {
         if let Some(gate) = gate {
-            self.graph
-                .gate
+            self.origin
+                .gate()
                 .close_for(self.clock.now(), gate.left, gate.throttled);
         }
     }
 
     /// Publishes this replica's closed Graph gate (429 or open circuit) to the others.
     async fn publish_gate(&self, shared: &SharedTier) {
-        if let Some((left, throttled)) = self.graph.gate.closed_for(self.clock.now()) {
+        if let Some((left, throttled)) = self.origin.gate().closed_for(self.clock.now()) {
             shared.close_gate(left, throttled).await;
         }
     }
@@ -953,7 +957,7 @@ impl SessionCache {
             tracing::debug!(?purge, "applying a shared purge");
             cache.purge_here(&purge);
         });
-        let mut closures = self.graph.gate.closures();
+        let mut closures = self.origin.gate().closures();
         let gates = async {
             while closures.changed().await.is_ok() {
                 self.publish_gate(&shared).await;
@@ -1015,8 +1019,9 @@ impl SessionCache {
         self.store.invalidate_all();
     }
 
-    pub fn graph(&self) -> &GraphClient {
-        &self.graph
+    /// The gate in front of the origin (for the admin's view of it).
+    pub fn gate(&self) -> &Gate {
+        self.origin.gate()
     }
 
     /// Entries and weighted bytes (after pending maintenance).

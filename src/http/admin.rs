@@ -233,7 +233,7 @@ fn metrics(state: &AppState) -> Response<Full<Bytes>> {
     m.gauge(names::CACHE_BYTES, &[]).set(bytes as f64);
     let expiry = state.tokens.remaining().unwrap_or_default();
     m.gauge(names::TOKEN_EXPIRY, &[]).set(expiry.as_secs_f64());
-    let gate = state.cache.graph().gate.describe(state.cache.now());
+    let gate = state.cache.gate().describe(state.cache.now());
     for s in ["open", "probing", "throttled", "circuit_open"] {
         m.gauge(names::GATE_STATE, &[("state", s)])
             .set(if s == gate { 1.0 } else { 0.0 });
