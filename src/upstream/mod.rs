@@ -6,4 +6,5 @@ pub mod bounded;
 pub mod error;
 pub mod gate;
 pub mod graph;
+pub mod list;
 pub mod token;
