@@ -7,10 +7,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    at_most_ten_years, check_http_url, loose_permissions, plain_http_warning, read_text_file,
-    ConfigError, Purpose,
-};
+use super::{at_most_ten_years, check_http_url, files, plain_http_warning, ConfigError, Purpose};
 
 /// Signature of the client assertion: PS256 (Microsoft's recommendation) or RS256.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -48,21 +45,14 @@ impl ClientCertificate {
     ) -> Result<ClientCertificate, ConfigError> {
         use base64::Engine;
         use sha2::Digest;
-        let read = |key: &'static str, path: &Path| {
-            std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-                key,
-                path: path.to_path_buf(),
-                source,
-            })
-        };
-        let cert_text = read("auth.certificate_file", certificate_file)?;
+        let cert_text = files::read_utf8("auth.certificate_file", certificate_file)?;
         let cert = pem::parse(&cert_text)
             .ok()
             .filter(|p| p.tag() == "CERTIFICATE")
             .ok_or_else(|| {
                 ConfigError::invalid("auth.certificate_file", "not a PEM certificate")
             })?;
-        let key_pem = read("auth.private_key_file", private_key_file)?;
+        let key_pem = files::read_utf8("auth.private_key_file", private_key_file)?;
         jsonwebtoken::EncodingKey::from_rsa_pem(key_pem.as_bytes()).map_err(|_| {
             ConfigError::invalid("auth.private_key_file", "not a PEM RSA private key")
         })?;
@@ -216,7 +206,7 @@ impl AuthSettings {
     /// Reads `auth.client_secret_file`, or the certificate and its key, once, at start-up.
     pub(super) fn read_files(&mut self) -> Result<(), ConfigError> {
         if let Some(path) = &self.client_secret_file {
-            let secret = read_text_file("auth.client_secret_file", path)?;
+            let secret = files::read_value("auth.client_secret_file", path)?;
             self.client_secret = Some(SecretString::from(secret));
         }
         if let (Some(cert), Some(key)) = (&self.certificate_file, &self.private_key_file) {
@@ -229,7 +219,7 @@ impl AuthSettings {
     pub(super) fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(key) = &self.private_key_file {
-            if let Some(mode) = loose_permissions(key) {
+            if let Some(mode) = files::loose_permissions(key) {
                 out.push(format!(
                     "auth.private_key_file {} is readable by group or others (mode {mode:o}): chmod 600 it",
                     key.display()
@@ -246,7 +236,7 @@ impl AuthSettings {
                 path.display()
             )),
             (_, Some(path)) => {
-                if let Some(mode) = loose_permissions(path) {
+                if let Some(mode) = files::loose_permissions(path) {
                     out.push(format!(
                         "auth.client_secret_file {} is readable by group or others (mode {mode:o}): chmod 600 it",
                         path.display()

@@ -9,7 +9,7 @@ use redis::IntoConnectionInfo;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::{at_most_ten_years, positive, read_text_file, ConfigError};
+use super::{at_most_ten_years, files, positive, ConfigError};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -233,7 +233,7 @@ impl SharedSettings {
     /// Reads `redis_url_file`, `password_file` and `ca_file` once, at start-up.
     pub(super) fn read_files(&mut self) -> Result<(), ConfigError> {
         if let Some(path) = &self.redis_url_file {
-            let url = read_text_file("cache.shared.redis_url_file", path)?
+            let url = files::read_value("cache.shared.redis_url_file", path)?
                 .trim()
                 .to_string();
             check_redis_url("cache.shared.redis_url_file", &url)?;
@@ -251,7 +251,7 @@ impl SharedSettings {
                     "the Redis URL carries a password already: use one or the other",
                 ));
             }
-            let password = read_text_file("cache.shared.password_file", path)?;
+            let password = files::read_value("cache.shared.password_file", path)?;
             self.password = Some(SecretString::from(password));
         }
         if let Some(path) = &self.ca_file {
@@ -265,7 +265,7 @@ impl SharedSettings {
                     "only for a rediss:// URL",
                 ));
             }
-            let pem = read_text_file("cache.shared.ca_file", path)?;
+            let pem = files::read_value("cache.shared.ca_file", path)?;
             if !pem.contains("-----BEGIN CERTIFICATE-----") {
                 return Err(ConfigError::invalid(
                     "cache.shared.ca_file",

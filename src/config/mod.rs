@@ -9,6 +9,7 @@
 mod auth;
 mod cache;
 mod callers;
+mod files;
 mod graph;
 mod log;
 mod placeholders;
@@ -335,34 +336,6 @@ fn redact<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<S::Ok, S:
         Some(_) => s.serialize_str("[redacted]"),
         None => s.serialize_none(),
     }
-}
-
-/// A secret (or similar) file read once at start-up: its text without the final line
-/// ending (only that: a password may begin or end with a space); empty is an error.
-fn read_text_file(key: &'static str, path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-        key,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let text = text.trim_end_matches(['\r', '\n']).to_string();
-    if text.is_empty() {
-        return Err(ConfigError::invalid(key, "the file is empty"));
-    }
-    Ok(text)
-}
-
-/// The file's permission bits when group or others may read it.
-#[cfg(unix)]
-fn loose_permissions(path: &Path) -> Option<u32> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-    (mode & 0o044 != 0).then_some(mode)
-}
-
-#[cfg(not(unix))]
-fn loose_permissions(_path: &Path) -> Option<u32> {
-    None
 }
 
 #[cfg(test)]

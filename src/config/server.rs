@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
-use super::{at_most_ten_years, loose_permissions, positive, tls_files, ConfigError, Purpose};
+use super::{at_most_ten_years, files, positive, tls_files, ConfigError, Purpose};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -166,7 +166,7 @@ impl ServerSettings {
                     ));
                 }
             }
-            if let Some(mode) = loose_permissions(key) {
+            if let Some(mode) = files::loose_permissions(key) {
                 out.push(format!(
                     "server.tls_key_file {} is readable by group or others (mode {mode:o}): chmod 600 it",
                     key.display()
