@@ -9,6 +9,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use super::files;
 use crate::config::ConfigError;
 
 pub const CERT_KEY: &str = "server.tls_cert_file";
@@ -17,18 +18,11 @@ pub const KEY_KEY: &str = "server.tls_key_file";
 /// Reads a PEM certificate chain (end-entity certificate first) and its PEM private key
 /// (PKCS#8, PKCS#1 or SEC1), and checks that the key belongs to the certificate.
 pub fn load(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, ConfigError> {
-    let read = |key: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|source| ConfigError::File {
-            key,
-            path: path.to_path_buf(),
-            source,
-        })
-    };
     let invalid = |key: &str, reason: String| ConfigError::Invalid {
         key: key.to_string(),
         reason,
     };
-    let cert_pem = read(CERT_KEY, cert_file)?;
+    let cert_pem = files::read(CERT_KEY, cert_file)?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(CERT_KEY, format!("{} is not PEM: {e}", cert_file.display())))?;
@@ -38,7 +32,7 @@ pub fn load(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, ConfigErr
             format!("{} holds no CERTIFICATE block", cert_file.display()),
         ));
     }
-    let key_pem = read(KEY_KEY, key_file)?;
+    let key_pem = files::read(KEY_KEY, key_file)?;
     // The error text of a failed key parse never includes key material.
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         invalid(

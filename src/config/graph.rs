@@ -1,0 +1,187 @@
+//! `[graph]`: which Microsoft cloud, which API version, and how Graph is called.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    at_most_ten_years, check_http_url, plain_http_warning, positive, ApiVersion, ConfigError,
+};
+
+/// Microsoft cloud instance: decides the Graph root, the token host and the default scope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cloud {
+    #[default]
+    Global,
+    Usgov,
+    Dod,
+    China,
+}
+
+impl Cloud {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cloud::Global => "global",
+            Cloud::Usgov => "usgov",
+            Cloud::Dod => "dod",
+            Cloud::China => "china",
+        }
+    }
+
+    /// Graph root without a trailing slash (docs/reference/graph-facts.md, national clouds).
+    pub fn graph_root(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://graph.microsoft.com",
+            Cloud::Usgov => "https://graph.microsoft.us",
+            Cloud::Dod => "https://dod-graph.microsoft.us",
+            Cloud::China => "https://microsoftgraph.chinacloudapi.cn",
+        }
+    }
+
+    /// Host of the identity platform's token endpoint.
+    pub fn login_host(self) -> &'static str {
+        match self {
+            Cloud::Global => "login.microsoftonline.com",
+            Cloud::Usgov | Cloud::Dod => "login.microsoftonline.us",
+            Cloud::China => "login.chinacloudapi.cn",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GraphSettings {
+    pub cloud: Cloud,
+    pub api_version: ApiVersion,
+    /// Override of the Graph root (tests, egress proxies); default from `cloud`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Per attempt.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub max_retries: u32,
+    /// Consecutive Graph failures (5xx, timeouts, connection errors) that open the
+    /// circuit; 0 = never.
+    pub circuit_failures: u32,
+    /// How long an open circuit stops calls before one probe is let through.
+    #[serde(with = "humantime_serde")]
+    pub circuit_cooldown: Duration,
+    /// Session lists: `@odata.nextLink` pages followed at most (the first page included).
+    pub max_list_pages: u32,
+}
+
+impl Default for GraphSettings {
+    fn default() -> Self {
+        GraphSettings {
+            cloud: Cloud::Global,
+            api_version: ApiVersion::V1,
+            base_url: None,
+            timeout: Duration::from_secs(10),
+            max_retries: 3,
+            circuit_failures: 5,
+            circuit_cooldown: Duration::from_secs(30),
+            max_list_pages: 20,
+        }
+    }
+}
+
+impl GraphSettings {
+    /// Graph root in effect, without a trailing slash.
+    pub fn root(&self) -> String {
+        match &self.base_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => self.cloud.graph_root().to_string(),
+        }
+    }
+
+    /// Checks values the types cannot: names the key and the reason.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        at_most_ten_years("graph.timeout", self.timeout)?;
+        at_most_ten_years("graph.circuit_cooldown", self.circuit_cooldown)?;
+        positive("graph.timeout", self.timeout)?;
+        if self.max_retries > 10 {
+            return Err(ConfigError::invalid("graph.max_retries", "at most 10"));
+        }
+        if !(1..=1000).contains(&self.max_list_pages) {
+            return Err(ConfigError::invalid(
+                "graph.max_list_pages",
+                "from 1 to 1000",
+            ));
+        }
+        if let Some(url) = &self.base_url {
+            check_http_url("graph.base_url", url)?;
+        }
+        if self.circuit_failures > 0 {
+            positive("graph.circuit_cooldown", self.circuit_cooldown)?;
+        }
+        Ok(())
+    }
+
+    /// What `check-config` should warn about in `[graph]`.
+    pub(super) fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.cloud != Cloud::Global {
+            out.push(format!(
+                "graph.cloud = \"{}\": Microsoft documents the virtual event session API for the global cloud only; it may not exist here",
+                self.cloud.name()
+            ));
+        }
+        out.extend(plain_http_warning(
+            "graph.base_url",
+            self.base_url.as_deref(),
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::MINIMAL;
+    use super::super::{Purpose, Settings};
+
+    #[test]
+    fn clouds_have_their_hosts_and_scopes() {
+        // docs/reference/graph-facts.md, national clouds.
+        let table = [
+            (
+                "global",
+                "https://graph.microsoft.com",
+                "login.microsoftonline.com",
+            ),
+            (
+                "usgov",
+                "https://graph.microsoft.us",
+                "login.microsoftonline.us",
+            ),
+            (
+                "dod",
+                "https://dod-graph.microsoft.us",
+                "login.microsoftonline.us",
+            ),
+            (
+                "china",
+                "https://microsoftgraph.chinacloudapi.cn",
+                "login.chinacloudapi.cn",
+            ),
+        ];
+        for (cloud, root, login) in table {
+            let text = format!("{MINIMAL}\n[graph]\ncloud = \"{cloud}\"\n");
+            let s = Settings::from_toml(&text, Purpose::Serve).unwrap();
+            assert_eq!(s.graph.root(), root, "{cloud}");
+            assert_eq!(s.scope(), format!("{root}/.default"), "{cloud}");
+            assert_eq!(
+                s.token_url(),
+                format!("https://{login}/11111111-2222-3333-4444-555555555555/oauth2/v2.0/token"),
+                "{cloud}"
+            );
+            let shown = s.redacted_toml();
+            assert!(shown.contains(root) && shown.contains(login), "{shown}");
+            assert_eq!(
+                s.warnings().iter().any(|w| w.contains("graph.cloud")),
+                cloud != "global",
+                "{cloud}"
+            );
+        }
+    }
+}
