@@ -230,6 +230,32 @@ impl SharedSettings {
         Ok(())
     }
 
+    /// Files this section names that cannot be used where `check-config` runs (serve and
+    /// `--strict` refuse them): missing, or empty.
+    pub fn warnings(&self) -> Vec<String> {
+        let files = [
+            ("cache.shared.redis_url_file", &self.redis_url_file),
+            ("cache.shared.password_file", &self.password_file),
+            ("cache.shared.ca_file", &self.ca_file),
+        ];
+        let mut out = Vec::new();
+        for (key, path) in files {
+            let Some(path) = path else { continue };
+            match std::fs::metadata(path) {
+                Err(_) => out.push(format!(
+                    "{key} {} does not exist here: serve reads it at start-up",
+                    path.display()
+                )),
+                Ok(meta) if meta.len() == 0 => out.push(format!(
+                    "{key} {} is empty: serve refuses it",
+                    path.display()
+                )),
+                Ok(_) => {}
+            }
+        }
+        out
+    }
+
     /// Reads `redis_url_file`, `password_file` and `ca_file` once, at start-up.
     pub(super) fn read_files(&mut self) -> Result<(), ConfigError> {
         if let Some(path) = &self.redis_url_file {
@@ -297,10 +323,41 @@ fn check_redis_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
 mod tests {
     use std::time::Duration;
 
+    use super::SharedSettings;
+
     use secrecy::ExposeSecret;
 
     use crate::config::tests::MINIMAL;
     use crate::config::{Purpose, Settings};
+
+    #[test]
+    fn missing_or_empty_shared_files_are_warned_about() {
+        let dir = std::env::temp_dir().join(format!("gsp-shared-warn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "").unwrap();
+        let full = dir.join("full");
+        std::fs::write(&full, "secret").unwrap();
+        let shared = SharedSettings {
+            redis_url_file: Some(dir.join("missing")),
+            password_file: Some(empty.clone()),
+            ca_file: Some(full),
+            ..SharedSettings::default()
+        };
+        let warnings = shared.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("cache.shared.redis_url_file"),
+            "{warnings:?}"
+        );
+        assert!(warnings[0].contains("does not exist"), "{warnings:?}");
+        assert!(
+            warnings[1].starts_with("cache.shared.password_file"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].contains("empty"), "{warnings:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn shared_tier_settings_are_checked_without_echoing_passwords() {

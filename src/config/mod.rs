@@ -204,6 +204,9 @@ impl Settings {
         out.extend(self.graph.warnings());
         out.extend(self.auth.warnings());
         out.extend(self.callers.warnings());
+        if let Some(shared) = &self.cache.shared {
+            out.extend(shared.warnings());
+        }
         for placeholder in self.placeholders() {
             out.push(format!(
                 "{placeholder} (serve and check-config --strict refuse it)"
