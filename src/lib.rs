@@ -33,6 +33,7 @@ pub mod config;
 pub mod core;
 pub mod http;
 pub mod server;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod telemetry;
 pub mod upstream;

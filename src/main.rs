@@ -1,5 +1,6 @@
 //! Command line: parse, load configuration, run. All the work is in the library.
 
+#[cfg(feature = "sim")]
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,11 +9,14 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use graph_session_proxy::config::{ConfigError, Purpose, Settings};
 use graph_session_proxy::core::clock::Clock;
+#[cfg(feature = "sim")]
 use graph_session_proxy::sim::{self, SimConfig, Simulator};
 use graph_session_proxy::telemetry;
 use graph_session_proxy::{server, Proxy};
+#[cfg(feature = "sim")]
 use tokio::net::TcpListener;
 
+#[cfg(feature = "sim")]
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 const DEFAULT_CONFIG: &str = "config/graph-session-proxy.toml";
 
@@ -52,6 +56,7 @@ enum Command {
     #[command(after_help = AFTER_HELP)]
     Serve,
     /// Simulated Graph + proxy on loopback; prints curl lines to try.
+    #[cfg(feature = "sim")]
     Demo {
         /// Where the demo proxy listens for callers; port 0 picks a free one.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
@@ -61,6 +66,7 @@ enum Command {
         admin_listen: SocketAddr,
     },
     /// The simulated identity platform and Graph alone.
+    #[cfg(feature = "sim")]
     Sim {
         /// Where the simulator listens.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
@@ -76,10 +82,22 @@ enum Command {
     },
 }
 
+impl Command {
+    /// Whether `--config` means anything to this subcommand (the demo and the simulator
+    /// have their own built-in configuration).
+    fn takes_config(&self) -> bool {
+        match self {
+            Command::Serve | Command::CheckConfig { .. } => true,
+            #[cfg(feature = "sim")]
+            Command::Demo { .. } | Command::Sim { .. } => false,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
-    if cli.config.is_some() && matches!(command, Command::Demo { .. } | Command::Sim { .. }) {
+    if cli.config.is_some() && !command.takes_config() {
         // The demo and the simulator have their own built-in configuration: a --config
         // given to them would be silently ignored.
         Cli::command()
@@ -100,10 +118,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match command {
             Command::Serve => serve(Settings::load(&config, Purpose::Serve)).await,
+            #[cfg(feature = "sim")]
             Command::Demo {
                 listen,
                 admin_listen,
             } => demo(listen, admin_listen).await,
+            #[cfg(feature = "sim")]
             Command::Sim { listen } => run_sim(listen).await,
             Command::CheckConfig { strict } => check_config(&config, strict),
         }
@@ -167,6 +187,7 @@ async fn serve(settings: Result<Settings, ConfigError>) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "sim")]
 async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()> {
     let mut settings = Settings::from_toml(DEMO_CONFIG, Purpose::Embedded)?;
     settings.server.listen = listen;
@@ -219,6 +240,7 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()
     Ok(())
 }
 
+#[cfg(feature = "sim")]
 async fn run_sim(listen: SocketAddr) -> anyhow::Result<()> {
     let _log_writer = telemetry::init(&Default::default());
     let listener = TcpListener::bind(listen)
