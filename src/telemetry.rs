@@ -79,7 +79,7 @@ pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGua
 
 /// The proxy's metrics, rendered in Prometheus text format on the admin listener.
 ///
-/// One recorder per [`crate::server::Proxy`] (not the process-global `metrics` recorder),
+/// One recorder per proxy (`Proxy` in `app`) (not the process-global `metrics` recorder),
 /// so that several proxies in one process — the tests — keep separate counts. Handles are
 /// looked up by name and labels when used; the recorder's registry makes that a hash
 /// lookup, the same work the `metrics` macros do.
