@@ -74,6 +74,17 @@ pub enum CacheError {
     Upstream(Arc<UpstreamError>),
 }
 
+/// What [`SessionCache::purge_everywhere`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Sessions removed from this replica (an event's purge).
+    pub removed: usize,
+    /// Whether the key was cached here (a session's or list's purge).
+    pub was_cached: bool,
+    /// Whether the shared tier took it (`None`: no shared tier).
+    pub shared: Option<bool>,
+}
+
 pub struct SessionCache {
     /// This replica's entries and remembered failures.
     memory: Memory,
@@ -256,14 +267,18 @@ impl SessionCache {
     }
 
     /// A purge through the admin API: here at once, then in Redis and, by broadcast, on
-    /// every other replica. Returns whether the shared tier took it (`None`: no tier).
-    pub async fn purge_everywhere(&self, purge: Purge) -> (usize, bool, Option<bool>) {
+    /// every other replica.
+    pub async fn purge_everywhere(&self, purge: Purge) -> PurgeReport {
         let (removed, was_cached) = self.purge_here(&purge);
         let shared = match &self.shared {
             Some(shared) => Some(shared.purge(&purge).await),
             None => None,
         };
-        (removed, was_cached, shared)
+        PurgeReport {
+            removed,
+            was_cached,
+            shared,
+        }
     }
 
     /// Applies a purge to this replica's memory: (sessions removed for an event, whether a
