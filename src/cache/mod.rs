@@ -322,3 +322,230 @@ impl SessionCache {
         self.memory.usage()
     }
 }
+
+/// The cache against a fake [`Origin`]: no sockets, tokio's paused clock.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use futures::future::BoxFuture;
+
+    use crate::upstream::graph::{Fetched, GraphAnswer};
+
+    /// Counts calls, answers after `delay`, fails while `fail` is set; call `n` answers
+    /// `{"n":n}`.
+    struct FakeOrigin {
+        calls: AtomicUsize,
+        delay: Duration,
+        fail: AtomicBool,
+        gate: Gate,
+    }
+
+    impl Origin for FakeOrigin {
+        fn fetch<'a>(
+            &'a self,
+            _key: &'a SessionKey,
+            _deadline: Instant,
+        ) -> BoxFuture<'a, Result<GraphAnswer, UpstreamError>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(self.delay).await;
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(UpstreamError::Status {
+                        status: 503,
+                        code: "unavailable".into(),
+                    });
+                }
+                let body = Bytes::from(format!("{{\"n\":{n}}}"));
+                Ok(GraphAnswer {
+                    fetched: Fetched::Found {
+                        session: body.clone(),
+                        raw: body,
+                    },
+                    graph_request_id: None,
+                })
+            })
+        }
+
+        fn gate(&self) -> &Gate {
+            &self.gate
+        }
+    }
+
+    const DELAY: Duration = Duration::from_millis(100);
+
+    fn cache_with(fail: bool) -> (Arc<SessionCache>, Arc<FakeOrigin>) {
+        let origin = Arc::new(FakeOrigin {
+            calls: AtomicUsize::new(0),
+            delay: DELAY,
+            fail: AtomicBool::new(fail),
+            gate: Gate::new(0, Duration::from_secs(30), Duration::from_secs(10)),
+        });
+        let cache = SessionCache::new(
+            &CacheSettings::default(),
+            origin.clone(),
+            Duration::from_secs(10),
+            Clock::new(),
+            Arc::new(Metrics::new()),
+            None,
+        );
+        (cache, origin)
+    }
+
+    fn key() -> SessionKey {
+        SessionKey::new(Kind::Webinars, "e1", "s1").unwrap()
+    }
+
+    fn calls(origin: &FakeOrigin) -> usize {
+        origin.calls.load(Ordering::SeqCst)
+    }
+
+    /// Lets spawned tasks run until they wait on the (paused) clock.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_make_one_origin_call() {
+        let (cache, origin) = cache_with(false);
+        let gets: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&key(), Directives::default()).await })
+            })
+            .collect();
+        let mut lookups = Vec::new();
+        for get in gets {
+            lookups.push(get.await.unwrap().unwrap());
+        }
+        assert_eq!(calls(&origin), 1);
+        let first = &lookups[0].entry;
+        assert!(lookups.iter().all(|l| Arc::ptr_eq(&l.entry, first)));
+        let started = lookups
+            .iter()
+            .filter(|l| l.outcome == Outcome::Miss)
+            .count();
+        let joined = lookups
+            .iter()
+            .filter(|l| l.outcome == Outcome::Collapsed)
+            .count();
+        assert_eq!((started, joined), (1, 99));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_caller_going_away_does_not_cancel_the_call() {
+        let (cache, origin) = cache_with(false);
+        let first = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.get(&key(), Directives::default()).await })
+        };
+        settle().await;
+        assert_eq!(calls(&origin), 1, "the first caller started the call");
+        first.abort();
+        let others: Vec<_> = (0..5)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&key(), Directives::default()).await })
+            })
+            .collect();
+        let mut entries = Vec::new();
+        for other in others {
+            let lookup = other.await.unwrap().unwrap();
+            assert_eq!(lookup.outcome, Outcome::Collapsed);
+            entries.push(lookup.entry);
+        }
+        assert_eq!(calls(&origin), 1);
+        assert!(entries.iter().all(|e| Arc::ptr_eq(e, &entries[0])));
+        assert_eq!(entries[0].body.as_deref(), Some(&b"{\"n\":1}"[..]));
+        let later = cache.get(&key(), Directives::default()).await.unwrap();
+        assert_eq!(later.outcome, Outcome::Hit);
+        assert_eq!(calls(&origin), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_is_remembered_for_failure_ttl() {
+        let (cache, origin) = cache_with(true);
+        let failure_ttl = CacheSettings::default().failure_ttl;
+        let first = cache.get(&key(), Directives::default()).await;
+        assert!(matches!(first, Err(CacheError::Upstream(_))), "{first:?}");
+        assert_eq!(calls(&origin), 1);
+        // Within failure_ttl (counted from the failure): the same error, Graph not asked.
+        tokio::time::advance(failure_ttl - Duration::from_millis(1)).await;
+        let again = cache.get(&key(), Directives::default()).await;
+        assert!(matches!(again, Err(CacheError::Upstream(_))), "{again:?}");
+        assert_eq!(calls(&origin), 1);
+        // Past it: a new call (which succeeds now).
+        origin.fail.store(false, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        let after = cache.get(&key(), Directives::default()).await.unwrap();
+        assert_eq!(after.outcome, Outcome::Miss);
+        assert_eq!(calls(&origin), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_entry_is_served_at_once_and_refreshed_once() {
+        let (cache, origin) = cache_with(false);
+        let settings = CacheSettings::default();
+        let first = cache.get(&key(), Directives::default()).await.unwrap();
+        // Past freshness, within stale_while_revalidate.
+        tokio::time::advance(settings.ttl + settings.stale_while_revalidate / 2).await;
+        let asked = Instant::now();
+        for _ in 0..3 {
+            let stale = cache.get(&key(), Directives::default()).await.unwrap();
+            assert_eq!(stale.outcome, Outcome::StaleWhileRevalidate);
+            assert!(Arc::ptr_eq(&stale.entry, &first.entry));
+        }
+        assert_eq!(Instant::now(), asked, "served without waiting for Graph");
+        settle().await;
+        tokio::time::advance(DELAY).await;
+        settle().await;
+        assert_eq!(
+            calls(&origin),
+            2,
+            "one background call for three stale reads"
+        );
+        let fresh = cache.get(&key(), Directives::default()).await.unwrap();
+        assert_eq!(fresh.outcome, Outcome::Hit);
+        assert_eq!(fresh.entry.body.as_deref(), Some(&b"{\"n\":2}"[..]));
+        assert_eq!(calls(&origin), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_entry_stands_in_for_an_error_within_stale_if_error() {
+        let (cache, origin) = cache_with(false);
+        let settings = CacheSettings::default();
+        let first = cache.get(&key(), Directives::default()).await.unwrap();
+        origin.fail.store(true, Ordering::SeqCst);
+        // Past both freshness and stale_while_revalidate: Graph is asked, and fails.
+        let past_revalidate = settings.ttl + settings.stale_while_revalidate;
+        tokio::time::advance(past_revalidate + Duration::from_secs(1)).await;
+        let served = cache.get(&key(), Directives::default()).await.unwrap();
+        assert_eq!(served.outcome, Outcome::StaleIfError);
+        assert!(Arc::ptr_eq(&served.entry, &first.entry));
+        assert_eq!(calls(&origin), 2);
+        // Past stale_if_error: the error.
+        tokio::time::advance(settings.stale_if_error).await;
+        let failed = cache.get(&key(), Directives::default()).await;
+        assert!(matches!(failed, Err(CacheError::Upstream(_))), "{failed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_if_cached_never_asks_the_origin() {
+        let (cache, origin) = cache_with(false);
+        let only = Directives {
+            only_if_cached: true,
+            ..Directives::default()
+        };
+        let miss = cache.get(&key(), only).await;
+        assert!(matches!(miss, Err(CacheError::NotCached)), "{miss:?}");
+        assert_eq!(calls(&origin), 0);
+        cache.get(&key(), Directives::default()).await.unwrap();
+        let hit = cache.get(&key(), only).await.unwrap();
+        assert_eq!(hit.outcome, Outcome::Hit);
+        assert_eq!(calls(&origin), 1);
+    }
+}
