@@ -15,6 +15,7 @@ use serde_json::json;
 use tower::Service;
 
 use crate::cache::tier2::Purge;
+use crate::cache::PurgeReport;
 use crate::core::request_id;
 use crate::http::error::error_response;
 use crate::http::routes;
@@ -167,7 +168,7 @@ async fn purge(state: &AppState, path: &str, request_id: &str) -> Response<Full<
             .metrics
             .counter(names::PURGES, &[("scope", "all")])
             .increment(1);
-        let (_, _, shared) = state.cache.purge_everywhere(Purge::All).await;
+        let shared = state.cache.purge_everywhere(Purge::All).await.shared;
         tracing::info!(shared = shared_label(shared), "purged the whole cache");
         return json_response(StatusCode::OK, json!({"purged": "all", "shared": shared}));
     }
@@ -182,7 +183,9 @@ async fn purge(state: &AppState, path: &str, request_id: &str) -> Response<Full<
                     .counter(names::PURGES, &[("scope", "session")])
                     .increment(1);
                 let name = key.to_string();
-                let (_, was_cached, shared) = state.cache.purge_everywhere(Purge::Key(key)).await;
+                let PurgeReport {
+                    was_cached, shared, ..
+                } = state.cache.purge_everywhere(Purge::Key(key)).await;
                 tracing::info!(
                     key = name,
                     was_cached,
@@ -205,7 +208,9 @@ async fn purge(state: &AppState, path: &str, request_id: &str) -> Response<Full<
                     .metrics
                     .counter(names::PURGES, &[("scope", "event")])
                     .increment(1);
-                let (removed, _, shared) = state
+                let PurgeReport {
+                    removed, shared, ..
+                } = state
                     .cache
                     .purge_everywhere(Purge::Event(key.kind, key.event.to_string()))
                     .await;

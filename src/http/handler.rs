@@ -18,7 +18,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use crate::cache::{CacheError, Directives, Lookup, Outcome};
+use crate::cache::{metric_label, CacheError, Directives, Outcome, MISS_STATUS};
 use crate::core::model::Style;
 use crate::core::request_id;
 use crate::http::error::{error_response, ProxyError, CLIENT_REQUEST_ID, REQUEST_ID};
@@ -114,23 +114,6 @@ struct AccessLog {
     style: Style,
 }
 
-impl AccessLog {
-    fn cache_label(&self) -> &'static str {
-        match (self.outcome, &self.cache) {
-            (Some(Outcome::Hit), _) => "hit",
-            (Some(Outcome::Miss), _) => "miss",
-            (Some(Outcome::Collapsed), _) => "collapsed",
-            (Some(Outcome::Revalidated), _) => "revalidated",
-            (Some(Outcome::StaleWhileRevalidate), _) => "stale_while_revalidate",
-            (Some(Outcome::StaleIfError), _) => "stale_if_error",
-            (Some(Outcome::MaxStale), _) => "max_stale",
-            (Some(Outcome::Tier2), _) => "tier2_hit",
-            (None, Some(_)) => "miss",
-            (None, None) => "none",
-        }
-    }
-}
-
 /// One request, start to finish: never fails, every refusal is docs/DESIGN.md's JSON error.
 pub async fn handle<B: hyper::body::Body>(
     state: &AppState,
@@ -203,7 +186,7 @@ pub async fn handle<B: hyper::body::Body>(
         400..=499 => "4xx",
         _ => "5xx",
     };
-    let cache = log.cache_label();
+    let cache = metric_label(log.outcome, log.cache.is_some());
     let caller = log.caller.clone().unwrap_or_else(|| ANONYMOUS.clone());
     state.metrics.record_request(
         [
@@ -280,7 +263,7 @@ async fn answer<B: hyper::body::Body>(
         Ok(Ok(lookup)) => lookup,
         Ok(Err(error)) => {
             if !matches!(error, CacheError::NotCached) {
-                log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
+                log.cache = Some(MISS_STATUS);
             }
             return Err(error.into());
         }
@@ -288,13 +271,13 @@ async fn answer<B: hyper::body::Body>(
             // Graph hangs: a stale copy still beats a timeout.
             Some(lookup) => lookup,
             None => {
-                log.cache = Some(HeaderValue::from_static("graph-session-proxy; fwd=miss"));
+                log.cache = Some(MISS_STATUS);
                 return Err(ProxyError::Upstream(Arc::new(UpstreamError::Timeout)));
             }
         },
     };
     let now = state.cache.now();
-    let cache_status = cache_status(&lookup, now);
+    let cache_status = lookup.cache_status(now);
     log.cache = Some(cache_status.clone());
     log.outcome = Some(lookup.outcome);
     log.graph_request_id = lookup.entry.graph_request_id.clone();
@@ -340,39 +323,6 @@ async fn answer<B: hyper::body::Body>(
         out.insert(X_GRAPH_REQUEST_ID, id.clone());
     }
     Ok(response)
-}
-
-/// RFC 9211 `Cache-Status` for a served lookup.
-fn cache_status(lookup: &Lookup, now: tokio::time::Instant) -> HeaderValue {
-    let entry = &lookup.entry;
-    let fwd_status = if entry.body.is_some() { 200 } else { 404 };
-    let text = match lookup.outcome {
-        Outcome::Hit => format!("graph-session-proxy; hit; ttl={}", entry.ttl(now)),
-        Outcome::StaleWhileRevalidate => format!(
-            "graph-session-proxy; fwd=stale; ttl={}; detail=stale-while-revalidate",
-            entry.ttl(now)
-        ),
-        Outcome::MaxStale => format!(
-            "graph-session-proxy; hit; ttl={}; detail=max-stale",
-            entry.ttl(now)
-        ),
-        Outcome::Miss => format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored"),
-        Outcome::Collapsed => {
-            format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored; collapsed")
-        }
-        Outcome::Revalidated => {
-            format!("graph-session-proxy; fwd=request; fwd-status={fwd_status}; stored")
-        }
-        Outcome::StaleIfError => format!(
-            "graph-session-proxy; fwd=stale; ttl={}; detail=stale-if-error",
-            entry.ttl(now)
-        ),
-        Outcome::Tier2 => format!(
-            "graph-session-proxy; hit; ttl={}; detail=tier2",
-            entry.ttl(now)
-        ),
-    };
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("graph-session-proxy"))
 }
 
 /// Request-target and `Host` forms this origin server refuses: an absolute-form target
