@@ -16,6 +16,7 @@ use crate::cache::tier2::SharedTier;
 use crate::cache::{Origin, SessionCache};
 use crate::config::Settings;
 use crate::core::clock::Clock;
+use crate::core::http::sha256_from_hex;
 use crate::core::model::SessionKey;
 use crate::http::handler::caller_service;
 use crate::http::{admin, AppState};
@@ -166,13 +167,11 @@ impl Proxy {
                 draining: AtomicBool::new(false),
                 token_problem: std::sync::Mutex::new(None),
                 ready_requires_token: settings.server.ready_requires_token,
-                admin_token_sha256: settings.server.admin_token_sha256.as_deref().and_then(
-                    |hex_digest| {
-                        let mut digest = [0u8; 32];
-                        hex::decode_to_slice(hex_digest.to_ascii_lowercase(), &mut digest).ok()?;
-                        Some(digest)
-                    },
-                ),
+                admin_token_sha256: settings
+                    .server
+                    .admin_token_sha256
+                    .as_deref()
+                    .and_then(sha256_from_hex),
             }),
             tls_files: tls_files.map(|files| (files, settings.server.tls_reload_interval)),
             connections: ConnectionOptions {

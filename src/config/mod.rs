@@ -16,6 +16,7 @@ use redis::IntoConnectionInfo;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::core::http::sha256_from_hex;
 pub use crate::core::model::{ApiVersion, Kind};
 
 /// Why a configuration could not be used. Every variant names the offending key or file.
@@ -867,9 +868,7 @@ impl Settings {
             ));
         }
         match &s.admin_token_sha256 {
-            Some(digest)
-                if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) =>
-            {
+            Some(digest) if sha256_from_hex(digest).is_none() => {
                 return Err(ConfigError::invalid(
                     "server.admin_token_sha256",
                     "must be 64 hex characters: printf %s \"$TOKEN\" | sha256sum",
@@ -1130,9 +1129,7 @@ impl Settings {
                     format!("duplicate caller name {:?}", key.name),
                 ));
             }
-            let hex_ok =
-                key.sha256.len() == 64 && key.sha256.chars().all(|c| c.is_ascii_hexdigit());
-            if !hex_ok {
+            if sha256_from_hex(&key.sha256).is_none() {
                 return Err(ConfigError::invalid(
                     &format!("callers.api_keys[{i}].sha256"),
                     "must be 64 hex characters: printf %s \"$KEY\" | sha256sum",

@@ -15,6 +15,7 @@ use serde_json::json;
 use tower::Service;
 
 use crate::cache::tier2::Purge;
+use crate::core::http::bearer_token;
 use crate::core::request_id;
 use crate::http::error::error_response;
 use crate::http::routes;
@@ -139,10 +140,7 @@ fn authorized(state: &AppState, headers: &http::HeaderMap) -> bool {
     };
     let presented = headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
+        .and_then(|v| bearer_token(v).ok());
     presented.is_some_and(|token| {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         bool::from(digest.ct_eq(expected))
