@@ -1,6 +1,7 @@
 //! The caller- and operator-facing HTTP layer: the request handler, routing, the one
 //! mapping of errors to answers, and the admin listener's routes.
 
+mod access_log;
 pub mod admin;
 pub mod error;
 pub mod handler;
