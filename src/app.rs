@@ -4,12 +4,11 @@
 //! on `127.0.0.1:0` and stop it at will.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::auth::callers::Callers;
 use crate::cache::tier2::SharedTier;
@@ -152,28 +151,7 @@ impl Proxy {
             );
         }
         Ok(Proxy {
-            state: Arc::new(AppState {
-                callers,
-                cache,
-                metrics,
-                tokens,
-                limit: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
-                request_timeout: settings.server.request_timeout,
-                max_headers: settings.server.max_headers,
-                api_version: settings.graph.api_version,
-                max_header_bytes: settings.server.max_header_bytes.as_u64() as usize,
-                ready: AtomicBool::new(false),
-                draining: AtomicBool::new(false),
-                token_problem: std::sync::Mutex::new(None),
-                ready_requires_token: settings.server.ready_requires_token,
-                admin_token_sha256: settings.server.admin_token_sha256.as_deref().and_then(
-                    |hex_digest| {
-                        let mut digest = [0u8; 32];
-                        hex::decode_to_slice(hex_digest.to_ascii_lowercase(), &mut digest).ok()?;
-                        Some(digest)
-                    },
-                ),
-            }),
+            state: Arc::new(AppState::new(settings, callers, cache, metrics, tokens)),
             tls_files: tls_files.map(|files| (files, settings.server.tls_reload_interval)),
             connections: ConnectionOptions {
                 guard: true,

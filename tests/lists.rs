@@ -13,10 +13,6 @@ fn list_url(h: &Harness, kind: &str, event: &str) -> String {
     format!("http://{}/sessions/{kind}/{event}", h.proxy)
 }
 
-fn cache_status(r: &reqwest::Response) -> String {
-    r.headers()["cache-status"].to_str().unwrap().to_string()
-}
-
 fn ids(v: &serde_json::Value) -> Vec<String> {
     v["value"]
         .as_array()
@@ -111,15 +107,7 @@ async fn a_list_longer_than_max_list_pages_is_marked_truncated() {
     assert_eq!(ids(&v), ["gen-0000", "gen-0001", "gen-0002", "gen-0003"]);
     assert_eq!(v["@graphSessionProxy.truncated"], true);
     assert_eq!(h.stats().graph_requests, 2);
-    let metrics = h
-        .http
-        .get(format!("http://{}/metrics", h.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&h, h.admin).await;
     assert!(
         metrics.contains("graph_session_proxy_list_truncated_total 1"),
         "{metrics}"

@@ -47,24 +47,6 @@ async fn get(h: &Harness, url: &str, extra: Option<(&str, &str)>) -> reqwest::Re
     request.send().await.unwrap()
 }
 
-fn cache_status(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("cache-status")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
-async fn metrics(h: &Harness, admin: std::net::SocketAddr) -> String {
-    h.http
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Tokens (and a first entry) for each replica, so that the Graph traffic a test counts
 /// afterwards is its own.
 async fn warm<const N: usize>(h: &Harness, urls: [String; N]) {

@@ -146,15 +146,7 @@ async fn connect(
 
 /// The value of a counter on the admin listener's /metrics, 0 when absent.
 async fn reloads(h: &Harness, outcome: &str) -> f64 {
-    let text = h
-        .http
-        .get(format!("http://{}/metrics", h.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(h, h.admin).await;
     let wanted = format!("graph_session_proxy_tls_reloads_total{{outcome=\"{outcome}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&wanted))

@@ -19,6 +19,7 @@ use crate::auth::error::AuthError;
 use crate::auth::jwt::{Claims, JwtOptions, JwtVerifier};
 use crate::config::{CallerMode, CallersSettings, JwtAppSettings};
 use crate::core::clock::Clock;
+use crate::core::http::{bearer_token, sha256_from_hex, NotBearer};
 use crate::core::model::{Kind, SessionKey};
 
 /// Who is calling and what they may read.
@@ -97,9 +98,8 @@ impl Callers {
                 .api_keys
                 .iter()
                 .filter_map(|k| {
-                    let mut digest = [0u8; 32];
                     // validate() checked the hex; skip rather than panic if it did not.
-                    hex::decode_to_slice(k.sha256.to_ascii_lowercase(), &mut digest).ok()?;
+                    let digest = sha256_from_hex(&k.sha256)?;
                     Some(KeyEntry {
                         digest,
                         caller: Arc::new(Caller {
@@ -241,18 +241,12 @@ fn presented_credential(headers: &HeaderMap) -> Result<Credential<'_>, AuthError
         if auths.next().is_some() {
             return Err(AuthError::Ambiguous("more than one Authorization header"));
         }
-        let value = value
-            .to_str()
-            .map_err(|_| AuthError::Unauthenticated("malformed Authorization header"))?;
-        let (scheme, token) = value.split_once(' ').ok_or(AuthError::Unauthenticated(
-            "Authorization must be: Bearer <API key>",
-        ))?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::Unauthenticated(
-                "Authorization must be: Bearer <API key>",
-            ));
-        }
-        bearer = Some(token.trim());
+        bearer = Some(bearer_token(value).map_err(|e| {
+            AuthError::Unauthenticated(match e {
+                NotBearer::Malformed => "malformed Authorization header",
+                NotBearer::OtherScheme => "Authorization must be: Bearer <API key>",
+            })
+        })?);
     }
     let mut api_keys = headers.get_all("x-api-key").iter();
     let header_key = match api_keys.next() {

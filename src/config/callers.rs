@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::http::sha256_from_hex;
+
 use super::{check_http_url, plain_http_warning, positive, ConfigError, Kind};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -168,9 +170,7 @@ impl CallersSettings {
                     format!("duplicate caller name {:?}", key.name),
                 ));
             }
-            let hex_ok =
-                key.sha256.len() == 64 && key.sha256.chars().all(|c| c.is_ascii_hexdigit());
-            if !hex_ok {
+            if sha256_from_hex(&key.sha256).is_none() {
                 return Err(ConfigError::invalid(
                     &format!("callers.api_keys[{i}].sha256"),
                     "must be 64 hex characters: printf %s \"$KEY\" | sha256sum",

@@ -7,6 +7,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use crate::core::http::sha256_from_hex;
+
 use super::{at_most_ten_years, files, positive, tls_files, ConfigError, Purpose};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -110,9 +112,7 @@ impl ServerSettings {
             ));
         }
         match &self.admin_token_sha256 {
-            Some(digest)
-                if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) =>
-            {
+            Some(digest) if sha256_from_hex(digest).is_none() => {
                 return Err(ConfigError::invalid(
                     "server.admin_token_sha256",
                     "must be 64 hex characters: printf %s \"$TOKEN\" | sha256sum",

@@ -2,5 +2,6 @@
 //! cached, the clock, and small HTTP helpers.
 
 pub mod clock;
+pub mod http;
 pub mod model;
 pub mod request_id;

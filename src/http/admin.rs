@@ -16,6 +16,7 @@ use tower::Service;
 
 use crate::cache::tier2::Purge;
 use crate::cache::PurgeReport;
+use crate::core::http::{bearer_token, json_response};
 use crate::core::request_id;
 use crate::http::error::error_response;
 use crate::http::routes;
@@ -38,15 +39,6 @@ pub fn service(
         let state = state.clone();
         async move { Ok::<_, Infallible>(handle(&state, &req).await) }
     })
-}
-
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
 }
 
 /// One admin request, answered with its request id (`x-request-id`, also in JSON errors).
@@ -78,20 +70,20 @@ async fn answer<B>(state: &AppState, req: &Request<B>, request_id: &str) -> Resp
     let (method, path) = (req.method(), req.uri().path());
     match (method, path) {
         (&Method::GET | &Method::HEAD, "/healthz") => {
-            json_response(StatusCode::OK, json!({"status": "ok"}))
+            json_response(StatusCode::OK, &json!({"status": "ok"}))
         }
         (&Method::GET | &Method::HEAD, "/readyz") => {
             if state.ready.load(Ordering::SeqCst) {
-                json_response(StatusCode::OK, json!({"status": "ready"}))
+                json_response(StatusCode::OK, &json!({"status": "ready"}))
             } else if state.draining.load(Ordering::SeqCst) {
                 json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"status": "draining"}),
+                    &json!({"status": "draining"}),
                 )
             } else {
                 json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"status": "starting", "reason": state.not_ready_reason()}),
+                    &json!({"status": "starting", "reason": state.not_ready_reason()}),
                 )
             }
         }
@@ -140,10 +132,7 @@ fn authorized(state: &AppState, headers: &http::HeaderMap) -> bool {
     };
     let presented = headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
+        .and_then(|v| bearer_token(v).ok());
     presented.is_some_and(|token| {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         bool::from(digest.ct_eq(expected))
@@ -170,13 +159,10 @@ async fn purge(state: &AppState, path: &str, request_id: &str) -> Response<Full<
             .increment(1);
         let shared = state.cache.purge_everywhere(Purge::All).await.shared;
         tracing::info!(shared = shared_label(shared), "purged the whole cache");
-        return json_response(StatusCode::OK, json!({"purged": "all", "shared": shared}));
+        return json_response(StatusCode::OK, &json!({"purged": "all", "shared": shared}));
     }
-    if let Some(session_path) = path
-        .strip_prefix("/cache")
-        .filter(|p| p.starts_with("/sessions/"))
-    {
-        return match routes::route(&Method::GET, session_path, None) {
+    if let Some(rest) = path.strip_prefix("/cache/sessions/") {
+        return match routes::purge_target(rest) {
             Ok(key) => {
                 state
                     .metrics
@@ -194,15 +180,14 @@ async fn purge(state: &AppState, path: &str, request_id: &str) -> Response<Full<
                 );
                 json_response(
                     StatusCode::OK,
-                    json!({"purged": name, "wasCached": was_cached, "shared": shared}),
+                    &json!({"purged": name, "wasCached": was_cached, "shared": shared}),
                 )
             }
             Err(e) => e.to_response(request_id),
         };
     }
     if let Some(rest) = path.strip_prefix("/cache/events/") {
-        // Same validation as a session path, with a placeholder session id.
-        return match routes::route(&Method::GET, &format!("/sessions/{rest}/x"), None) {
+        return match routes::event_purge_target(rest) {
             Ok(key) => {
                 state
                     .metrics
@@ -217,7 +202,7 @@ async fn purge(state: &AppState, path: &str, request_id: &str) -> Response<Full<
                 tracing::info!(kind = %key.kind, event = %key.event, removed, shared = shared_label(shared), "purged an event");
                 json_response(
                     StatusCode::OK,
-                    json!({"purged": format!("{}/{}", key.kind, key.event), "sessions": removed, "shared": shared}),
+                    &json!({"purged": format!("{}/{}", key.kind, key.event), "sessions": removed, "shared": shared}),
                 )
             }
             Err(e) => e.to_response(request_id),

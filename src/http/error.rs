@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
 use crate::auth::error::AuthError;
 use crate::cache::CacheError;
+use crate::core::http::json_response;
 use crate::core::model::{IdError, Style};
 use crate::upstream::error::UpstreamError;
 
@@ -302,10 +303,8 @@ fn graph_error_response(
             "client-request-id": client_request_id,
         }
     }});
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
+    let mut response = json_response(status, &body);
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     for (name, value) in [
         (REQUEST_ID, request_id),
         (CLIENT_REQUEST_ID, client_request_id),
@@ -328,18 +327,16 @@ pub fn error_response(
     message: &str,
     request_id: &str,
 ) -> Response<Full<Bytes>> {
-    let body = json!({"error": {"code": code, "message": message, "requestId": request_id}});
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    json_response(
+        status,
+        &json!({"error": {"code": code, "message": message, "requestId": request_id}}),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::CONTENT_TYPE;
     use http_body_util::BodyExt;
 
     #[tokio::test]

@@ -13,14 +13,17 @@ use http::header::{
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use crate::cache::{metric_label, CacheError, Directives, Outcome, MISS_STATUS};
-use crate::core::model::Style;
+use crate::auth::callers::Caller;
+use crate::cache::{CacheError, Directives, Lookup, MISS_STATUS};
+use crate::core::model::{SessionKey, Style};
 use crate::core::request_id;
+use crate::http::access_log::AccessLog;
 use crate::http::error::{error_response, ProxyError, CLIENT_REQUEST_ID, REQUEST_ID};
 use crate::http::routes;
 use crate::http::AppState;
@@ -31,8 +34,6 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_GRAPH_REQUEST_ID: HeaderName = HeaderName::from_static("x-graph-request-id");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
-/// The `caller` label of requests refused before authentication.
-static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
 /// Longest path worth routing: two 256-character ids, each up to 3 bytes per character
 /// when percent-encoded, and the fixed segments.
 const MAX_PATH_BYTES: usize = 2 * 256 * 3 + 64;
@@ -95,23 +96,32 @@ pub(crate) fn drop_unusable_request_id(headers: &mut http::HeaderMap) {
     }
 }
 
-/// What the access log line reports about one request.
-#[derive(Default)]
-struct AccessLog {
-    caller: Option<Arc<str>>,
-    kind: Option<&'static str>,
-    /// The request named an event's session list.
-    list: bool,
-    cache: Option<HeaderValue>,
-    graph_request_id: Option<HeaderValue>,
-    /// Close the connection after answering (a body we did not read).
-    close: bool,
-    /// How the cache answered, for metrics.
-    outcome: Option<Outcome>,
-    /// The error code, when the answer is an error.
-    code: Option<&'static str>,
-    /// Which contract the request came in by (decides the error shape).
-    style: Style,
+/// The two ids a request is answered with: ours (`x-request-id`, set by the stack) and,
+/// for Graph's contract, the caller's `client-request-id` echo.
+struct RequestIds {
+    request_id: String,
+    client_request_id: String,
+}
+
+impl RequestIds {
+    fn of(headers: &http::HeaderMap) -> RequestIds {
+        let request_id = headers
+            .get(X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string();
+        // Graph echoes the client's `client-request-id`; so do the Graph-compatible routes.
+        let client_request_id = match headers.get(CLIENT_REQUEST_ID) {
+            Some(id) if request_id::is_usable(id.as_bytes()) => {
+                id.to_str().unwrap_or("-").to_string()
+            }
+            _ => request_id.clone(),
+        };
+        RequestIds {
+            request_id,
+            client_request_id,
+        }
+    }
 }
 
 /// One request, start to finish: never fails, every refusal is docs/DESIGN.md's JSON error.
@@ -120,104 +130,54 @@ pub async fn handle<B: hyper::body::Body>(
     req: Request<B>,
 ) -> Response<Full<Bytes>> {
     let started = std::time::Instant::now();
-    let request_id = req
-        .headers()
-        .get(X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
+    let ids = RequestIds::of(req.headers());
     let mut log = AccessLog {
         style: Style::of(req.uri().path()),
         ..AccessLog::default()
     };
-    // Graph echoes the client's `client-request-id`; so do the Graph-compatible routes.
-    let client_request_id = match req.headers().get(CLIENT_REQUEST_ID) {
-        Some(id) if request_id::is_usable(id.as_bytes()) => id.to_str().unwrap_or("-").to_string(),
-        _ => request_id.clone(),
-    };
-    let mut response = match answer(state, &req, &mut log, &client_request_id).await {
+    let mut response = match answer(state, &req, &mut log, &ids).await {
         Ok(response) => response,
-        Err(error) => {
-            let status = error.status();
-            log.code = Some(error.code());
-            if status.is_server_error() {
-                tracing::warn!(request_id, error = %error, cause = %Causes(&error), "request failed");
-            } else {
-                tracing::debug!(request_id, error = %error, "request refused");
-            }
-            let mut response = error.to_response_in(log.style, &request_id, &client_request_id);
-            if log.close {
-                // The unread body would otherwise be taken for the next request.
-                response
-                    .headers_mut()
-                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            if let Some(cache) = &log.cache {
-                response.headers_mut().insert(CACHE_STATUS, cache.clone());
-            }
-            response
-        }
+        Err(error) => fail(&error, &mut log, &ids),
     };
-    if log.style == Style::Graph {
-        for (name, value) in [
-            (REQUEST_ID, &request_id),
-            (CLIENT_REQUEST_ID, &client_request_id),
-        ] {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                response.headers_mut().insert(name, value);
-            }
-        }
-    }
-    tracing::info!(
-        target: "graph_session_proxy::access",
-        request_id,
-        method = %req.method(),
-        caller = log.caller.as_deref().unwrap_or("-"),
-        kind = log.kind.unwrap_or("-"),
-        status = response.status().as_u16(),
-        cache = log.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        latency_ms = format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
-        graph_request_id = log.graph_request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        "request"
-    );
-    let class = match response.status().as_u16() {
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    let cache = metric_label(log.outcome, log.cache.is_some());
-    let caller = log.caller.clone().unwrap_or_else(|| ANONYMOUS.clone());
-    state.metrics.record_request(
-        [
-            (
-                "route",
-                match (log.kind, log.list) {
-                    (Some(_), false) => "session",
-                    (Some(_), true) => "list",
-                    (None, _) => "other",
-                },
-            ),
-            ("status", class),
-            ("code", log.code.unwrap_or("none")),
-            ("cache", cache),
-        ],
-        &caller,
-        started.elapsed().as_secs_f64(),
+    graph_ids(&mut response, log.style, &ids);
+    log.write(
+        &state.metrics,
+        &ids.request_id,
+        req.method(),
+        response.status(),
+        started,
     );
     response
 }
 
+/// The phases, in order; each may refuse the request with its [`ProxyError`]. A new
+/// policy (a rate limit, say) is one more phase here.
 async fn answer<B: hyper::body::Body>(
     state: &AppState,
     req: &Request<B>,
     log: &mut AccessLog,
-    client_request_id: &str,
+    ids: &RequestIds,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let _permit = admit(state, req, log)?;
+    let key = route(state, req, log)?;
+    refuse_body(log)?;
+    let caller = authenticate(state, req.headers(), log).await?;
+    caller.authorize(&key)?;
+    let lookup = lookup(state, &key, req.headers(), log).await?;
+    Ok(respond(state, req.headers(), &key, &lookup, log, ids))
+}
+
+/// Admission: not draining, a concurrency permit (held until the answer is built), sane
+/// framing, headers within their limits, a path worth routing.
+fn admit<B: hyper::body::Body>(
+    state: &AppState,
+    req: &Request<B>,
+    log: &mut AccessLog,
+) -> Result<OwnedSemaphorePermit, ProxyError> {
     if state.draining.load(Ordering::Relaxed) {
         return Err(ProxyError::Draining);
     }
-    let _permit = state
+    let permit = state
         .limit
         .clone()
         .try_acquire_owned()
@@ -239,55 +199,91 @@ async fn answer<B: hyper::body::Body>(
     if req.uri().path().len() > MAX_PATH_BYTES {
         return Err(ProxyError::UriTooLong);
     }
+    Ok(permit)
+}
+
+/// The session (or list) the request names, in the configured API version for
+/// `/sessions/...` paths.
+fn route<B>(
+    state: &AppState,
+    req: &Request<B>,
+    log: &mut AccessLog,
+) -> Result<SessionKey, ProxyError> {
     let mut key = routes::route(req.method(), req.uri().path(), req.uri().query())?;
     if log.style == Style::Proxy {
         key = key.with_version(state.api_version);
     }
     log.kind = Some(key.kind.as_str());
     log.list = key.is_list();
+    Ok(key)
+}
+
+/// A routed GET or HEAD that announced a body is refused (after routing, so a wrong path
+/// still answers 404 or 405).
+fn refuse_body(log: &AccessLog) -> Result<(), ProxyError> {
     if log.close {
         return Err(ProxyError::InvalidRequest(
             "GET and HEAD requests must not have a body",
         ));
     }
+    Ok(())
+}
+
+/// Who is calling (authorization against the key is [`Caller::authorize`]).
+async fn authenticate(
+    state: &AppState,
+    headers: &http::HeaderMap,
+    log: &mut AccessLog,
+) -> Result<Arc<Caller>, ProxyError> {
     let caller = state.callers.authenticate(headers).await?;
     log.caller = Some(caller.name.clone());
-    caller.authorize(&key)?;
+    Ok(caller)
+}
+
+/// The cache's answer within the request timeout; when Graph hangs past it, a stale copy
+/// (stale-if-error) still beats a timeout.
+async fn lookup(
+    state: &AppState,
+    key: &SessionKey,
+    headers: &http::HeaderMap,
+    log: &mut AccessLog,
+) -> Result<Lookup, ProxyError> {
     let directives = directives(headers);
-    let lookup = match tokio::time::timeout(
-        state.request_timeout,
-        state.cache.get(&key, directives),
-    )
-    .await
-    {
-        Ok(Ok(lookup)) => lookup,
+    match tokio::time::timeout(state.request_timeout, state.cache.get(key, directives)).await {
+        Ok(Ok(lookup)) => Ok(lookup),
         Ok(Err(error)) => {
             if !matches!(error, CacheError::NotCached) {
                 log.cache = Some(MISS_STATUS);
             }
-            return Err(error.into());
+            Err(error.into())
         }
-        Err(_elapsed) => match state.cache.stale_if_error(&key) {
-            // Graph hangs: a stale copy still beats a timeout.
-            Some(lookup) => lookup,
+        Err(_elapsed) => match state.cache.stale_if_error(key) {
+            Some(lookup) => Ok(lookup),
             None => {
                 log.cache = Some(MISS_STATUS);
-                return Err(ProxyError::Upstream(Arc::new(UpstreamError::Timeout)));
+                Err(ProxyError::Upstream(Arc::new(UpstreamError::Timeout)))
             }
         },
-    };
+    }
+}
+
+/// The served lookup as an answer: the body in the request's contract (Graph-style
+/// callers get Graph's bytes exactly as sent, envelope and all), a 404 for what Graph
+/// does not have, a 304 for a matching `If-None-Match`; with Cache-Status, Age, ETag.
+fn respond(
+    state: &AppState,
+    headers: &http::HeaderMap,
+    key: &SessionKey,
+    lookup: &Lookup,
+    log: &mut AccessLog,
+    ids: &RequestIds,
+) -> Response<Full<Bytes>> {
     let now = state.cache.now();
     let cache_status = lookup.cache_status(now);
     log.cache = Some(cache_status.clone());
     log.outcome = Some(lookup.outcome);
     log.graph_request_id = lookup.entry.graph_request_id.clone();
     let entry = &lookup.entry;
-
-    let request_id = headers
-        .get(X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    // Graph-style callers get Graph's bytes exactly as sent (envelope and all).
     let (body, etag) = match log.style {
         Style::Proxy => (entry.body.clone(), &entry.etag),
         Style::Graph => (
@@ -295,6 +291,7 @@ async fn answer<B: hyper::body::Body>(
             &entry.raw_etag,
         ),
     };
+    let (request_id, client_request_id) = (&ids.request_id, &ids.client_request_id);
     let mut response = match body {
         None if key.is_list() => {
             ProxyError::EventNotFound.to_response_in(log.style, request_id, client_request_id)
@@ -322,7 +319,44 @@ async fn answer<B: hyper::body::Body>(
     if let Some(id) = &entry.graph_request_id {
         out.insert(X_GRAPH_REQUEST_ID, id.clone());
     }
-    Ok(response)
+    response
+}
+
+/// The one rescue: a refusal or failure as its JSON error, logged by who is at fault.
+fn fail(error: &ProxyError, log: &mut AccessLog, ids: &RequestIds) -> Response<Full<Bytes>> {
+    let request_id = &ids.request_id;
+    let status = error.status();
+    log.code = Some(error.code());
+    if status.is_server_error() {
+        tracing::warn!(request_id, error = %error, cause = %Causes(error), "request failed");
+    } else {
+        tracing::debug!(request_id, error = %error, "request refused");
+    }
+    let mut response = error.to_response_in(log.style, request_id, &ids.client_request_id);
+    if log.close {
+        // The unread body would otherwise be taken for the next request.
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(cache) = &log.cache {
+        response.headers_mut().insert(CACHE_STATUS, cache.clone());
+    }
+    response
+}
+
+/// Graph-style answers name the call as Graph does: `request-id`, `client-request-id`.
+fn graph_ids(response: &mut Response<Full<Bytes>>, style: Style, ids: &RequestIds) {
+    if style == Style::Graph {
+        for (name, value) in [
+            (REQUEST_ID, &ids.request_id),
+            (CLIENT_REQUEST_ID, &ids.client_request_id),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
+    }
 }
 
 /// Request-target and `Host` forms this origin server refuses: an absolute-form target

@@ -1,14 +1,18 @@
 //! The caller- and operator-facing HTTP layer: the request handler, routing, the one
 //! mapping of errors to answers, and the admin listener's routes.
 
+mod access_log;
 pub mod admin;
 pub mod error;
 pub mod handler;
 pub mod routes;
+#[cfg(test)]
+mod tests;
 
 use crate::auth::callers::Callers;
 use crate::cache::SessionCache;
-use crate::config::ApiVersion;
+use crate::config::{ApiVersion, Settings};
+use crate::core::http::sha256_from_hex;
 use crate::telemetry::Metrics;
 use crate::upstream::token::TokenProvider;
 
@@ -46,6 +50,37 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The handler's state from the configuration and the parts built for it (by
+    /// `app`, or by the service tests with a fake origin): not ready, not draining.
+    pub fn new(
+        settings: &Settings,
+        callers: Callers,
+        cache: Arc<SessionCache>,
+        metrics: Arc<Metrics>,
+        tokens: Arc<TokenProvider>,
+    ) -> AppState {
+        AppState {
+            callers,
+            cache,
+            metrics,
+            tokens,
+            limit: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
+            request_timeout: settings.server.request_timeout,
+            max_headers: settings.server.max_headers,
+            api_version: settings.graph.api_version,
+            max_header_bytes: settings.server.max_header_bytes.as_u64() as usize,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            token_problem: std::sync::Mutex::new(None),
+            ready_requires_token: settings.server.ready_requires_token,
+            admin_token_sha256: settings
+                .server
+                .admin_token_sha256
+                .as_deref()
+                .and_then(sha256_from_hex),
+        }
+    }
+
     pub(crate) fn set_token_problem(&self, problem: Option<String>) {
         *self
             .token_problem

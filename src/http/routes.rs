@@ -65,6 +65,29 @@ fn graph_route(method: &http::Method, path: &str) -> Result<SessionKey, ProxyErr
     Ok(session_key(method, kind, event, session)?.with_version(version))
 }
 
+/// What an admin purge names after `/cache/sessions/`: `{kind}/{event}` (the event's
+/// session list) or `{kind}/{event}/{session}`, validated as the caller routes are.
+pub fn purge_target(rest: &str) -> Result<SessionKey, ProxyError> {
+    let segments: Vec<&str> = rest.split('/').collect();
+    match segments.as_slice() {
+        [kind, event] => ids_key(kind, event, None),
+        [kind, event, session] => ids_key(kind, event, Some(session)),
+        _ => Err(ProxyError::RouteNotFound),
+    }
+}
+
+/// What an admin purge names after `/cache/events/`: `{kind}/{event}`, as the event's
+/// session-list key (its kind and event are what is purged).
+pub fn event_purge_target(rest: &str) -> Result<SessionKey, ProxyError> {
+    let segments: Vec<&str> = rest.split('/').collect();
+    match segments.as_slice() {
+        [kind, event] => ids_key(kind, event, None),
+        // What the placeholder session path of the old parse made of a bare kind.
+        [kind] => ids_key(kind, "x", None),
+        _ => Err(ProxyError::RouteNotFound),
+    }
+}
+
 fn session_key(
     method: &http::Method,
     kind: &str,
@@ -75,6 +98,16 @@ fn session_key(
     if method != http::Method::GET && method != http::Method::HEAD {
         return Err(ProxyError::MethodNotAllowed);
     }
+    decoded_key(kind, event, session)
+}
+
+/// A key from raw (still encoded) ids, whatever the method.
+fn ids_key(kind: &str, event: &str, session: Option<&str>) -> Result<SessionKey, ProxyError> {
+    let kind = Kind::parse(kind).ok_or(ProxyError::RouteNotFound)?;
+    decoded_key(kind, event, session)
+}
+
+fn decoded_key(kind: Kind, event: &str, session: Option<&str>) -> Result<SessionKey, ProxyError> {
     let event = decode_id(event, "event id")?;
     match session {
         Some(session) => {
@@ -230,6 +263,45 @@ mod tests {
             route(&Method::GET, p, Some("$select=id")),
             Err(ProxyError::InvalidRequest(_))
         ));
+    }
+
+    /// The admin's purge targets are validated exactly as the caller routes are.
+    #[test]
+    fn purge_targets_match_the_caller_routes() {
+        for rest in [
+            "webinars/a%40b",
+            "townhalls/a/b",
+            "webinars/a%2Fb",
+            "webinars/a/b%2F",
+            "webinars/./b",
+            "webinars/",
+            "meetings/a",
+            "webinars/a/b/c",
+            "webinars/a/",
+            "webinars",
+        ] {
+            let ours = purge_target(rest).map(|k| k.to_string());
+            let routed = get(&format!("/sessions/{rest}")).map(|k| k.to_string());
+            assert_eq!(format!("{ours:?}"), format!("{routed:?}"), "{rest}");
+        }
+        for rest in [
+            "webinars/a%40b",
+            "townhalls/a",
+            "webinars/a%2Fb",
+            "webinars/",
+            "meetings/a",
+            "webinars/a/b",
+            "webinars/a/",
+            "webinars",
+        ] {
+            let ours = event_purge_target(rest).map(|k| k.to_string());
+            let routed = get(&format!("/sessions/{rest}/x")).map(|k| {
+                SessionKey::list(k.kind, &k.event)
+                    .map(|k| k.to_string())
+                    .unwrap_or_default()
+            });
+            assert_eq!(format!("{ours:?}"), format!("{routed:?}"), "{rest}");
+        }
     }
 
     mod properties {

@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::core::clock::Clock;
+use crate::core::http::parse_retry_after;
 use crate::core::model::SessionKey;
 use crate::core::request_id;
 use crate::telemetry::{names, Metrics};
@@ -481,41 +482,9 @@ pub fn unwrap_envelope(body: Bytes) -> Option<Bytes> {
     }
 }
 
-/// `Retry-After` as seconds (`30`), fractional seconds (`2.128`) or an HTTP date. Garbage,
-/// negative and absurd values give `None` (the caller then backs off exponentially).
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<f64>() {
-        if secs.is_finite() && (0.0..=86_400.0).contains(&secs) {
-            return Some(Duration::from_secs_f64(secs));
-        }
-        return None;
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
-        .filter(|d| *d <= Duration::from_secs(86_400))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_forms() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert_eq!(parse_retry_after("30", now), Some(Duration::from_secs(30)));
-        assert_eq!(
-            parse_retry_after(" 2.128 ", now),
-            Some(Duration::from_millis(2128))
-        );
-        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(90)));
-        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
-        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
-        for garbage in ["", "soon", "-5", "NaN", "inf", "1e9", "Mon, 99 Foo"] {
-            assert_eq!(parse_retry_after(garbage, now), None, "{garbage}");
-        }
-    }
 
     #[test]
     fn envelope_is_unwrapped_byte_for_byte() {

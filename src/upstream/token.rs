@@ -506,7 +506,7 @@ impl TokenProvider {
                     .get(http::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| {
-                        crate::upstream::graph::parse_retry_after(v, std::time::SystemTime::now())
+                        crate::core::http::parse_retry_after(v, std::time::SystemTime::now())
                     });
                 if let Ok(mut seen) = seen.lock() {
                     *seen = Exchange {

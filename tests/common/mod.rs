@@ -423,3 +423,24 @@ impl LogCapture {
         String::from_utf8_lossy(&self.0.lock().unwrap()).to_string()
     }
 }
+
+/// The text of `/metrics` on the admin listener at `admin` (this harness's or another
+/// instance's).
+pub async fn metrics(h: &Harness, admin: SocketAddr) -> String {
+    h.http
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The response's `Cache-Status`, empty when it has none.
+pub fn cache_status(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
