@@ -26,7 +26,7 @@ use crate::upstream::bounded::{self, ReadError};
 use crate::upstream::error::UpstreamError;
 use crate::upstream::gate::{Closed, Gate, Report};
 use crate::upstream::list::{next_page, ListMerger};
-use crate::upstream::token::{TokenError, TokenProvider};
+use crate::upstream::token::{CachedToken, TokenError, TokenProvider};
 
 /// Largest body accepted from Graph; sessions are a few KiB.
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -223,128 +223,26 @@ impl GraphClient {
                     }
                 })?;
             let client_request_id = uuid::Uuid::new_v4().to_string();
-            let mut request = self
-                .http
-                .get(url)
-                .bearer_auth(token.bearer())
-                .header("client-request-id", &client_request_id)
-                .header(http::header::ACCEPT, "application/json");
-            if retries > 0 {
-                request = request.header("Retry-Attempt", retries.to_string());
-            }
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt_timeout = self.timeout.min(left);
             if attempt_timeout.is_zero() {
                 return Err(UpstreamError::Timeout);
             }
             let attempt_started = std::time::Instant::now();
-            let outcome = tokio::time::timeout(attempt_timeout, async {
-                let response = request.send().await.map_err(ReadError::Http)?;
-                let status = response.status();
-                let headers = response.headers().clone();
-                let body = bounded::read(response, MAX_BODY).await?;
-                Ok::<_, ReadError>((status, headers, body))
-            })
-            .await;
-
-            let now = self.clock.now();
+            let outcome = self
+                .attempt(url, &token, &client_request_id, retries, attempt_timeout)
+                .await;
             self.record_attempt(&outcome, attempt_started.elapsed(), retries > 0);
-            let retry_wait = match outcome {
-                Err(_elapsed) => {
-                    tracing::warn!(%url, client_request_id, "Graph attempt timed out");
-                    self.gate.report(now, Report::Failed);
-                    Retry::After(None, UpstreamError::Timeout)
+            let step = self.judge(url, &client_request_id, outcome, retries, !renewed_token);
+            let Retry::After(retry_after, error) = match step {
+                Step::Done(result) => return result,
+                Step::RenewToken => {
+                    self.tokens.invalidate(&token);
+                    renewed_token = true;
+                    continue;
                 }
-                Ok(Err(e)) if e.is_timeout() => {
-                    self.gate.report(now, Report::Failed);
-                    Retry::After(None, UpstreamError::Timeout)
-                }
-                Ok(Err(ReadError::TooLarge { limit })) => {
-                    // Not worth retrying: the same request gets the same answer.
-                    tracing::warn!(%url, client_request_id, limit, "Graph's answer is too large");
-                    self.gate.report(now, Report::Answered);
-                    return Err(UpstreamError::TooLarge { limit });
-                }
-                Ok(Err(ReadError::Http(e))) => {
-                    tracing::warn!(%url, client_request_id, error = %e, "Graph request failed");
-                    self.gate.report(now, Report::Failed);
-                    Retry::After(None, UpstreamError::Unreachable(e))
-                }
-                Ok(Ok((status, headers, body))) => {
-                    let graph_request_id =
-                        graph_request_id(headers.get("request-id"), &client_request_id);
-                    let retry_after = headers
-                        .get(http::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                    // 429 (and 503 with Retry-After) close the gate for every key.
-                    let throttle = match (status.as_u16(), retry_after) {
-                        (429 | 503, Some(wait)) => Some(wait),
-                        (429, None) => Some(backoff(retries)),
-                        _ => None,
-                    };
-                    self.gate.report(
-                        now,
-                        match (throttle, status.as_u16()) {
-                            (Some(wait), _) => Report::Throttled(wait),
-                            (None, 500..=599) => Report::Failed,
-                            (None, _) => Report::Answered,
-                        },
-                    );
-                    match status {
-                        StatusCode::OK => {
-                            return Ok(Got {
-                                body: Some(body),
-                                graph_request_id,
-                            });
-                        }
-                        StatusCode::NOT_FOUND => {
-                            return Ok(Got {
-                                body: None,
-                                graph_request_id,
-                            });
-                        }
-                        _ => {}
-                    }
-                    let code = graph_error_code(&body);
-                    tracing::warn!(
-                        %url,
-                        client_request_id,
-                        graph_request_id = graph_request_id.as_deref().unwrap_or(""),
-                        status = status.as_u16(),
-                        code,
-                        "Graph answered with an error"
-                    );
-                    match status.as_u16() {
-                        401 if code == "InvalidAuthenticationToken" && !renewed_token => {
-                            self.tokens.invalidate(&token);
-                            renewed_token = true;
-                            continue;
-                        }
-                        403 => return Err(UpstreamError::Forbidden { code }),
-                        429 => Retry::After(
-                            throttle,
-                            UpstreamError::Throttled {
-                                retry_after: throttle.unwrap_or(Duration::from_secs(1)),
-                            },
-                        ),
-                        503 | 504 => Retry::After(
-                            throttle,
-                            UpstreamError::Status {
-                                status: status.as_u16(),
-                                code,
-                            },
-                        ),
-                        other => {
-                            return Err(UpstreamError::Status {
-                                status: other,
-                                code,
-                            })
-                        }
-                    }
-                }
+                Step::Retry(retry) => retry,
             };
-            let Retry::After(retry_after, error) = retry_wait;
             if retries >= self.max_retries {
                 return Err(error);
             }
@@ -357,6 +255,146 @@ impl GraphClient {
             retries += 1;
         }
     }
+
+    /// One request to Graph with `token`, its whole body read (bounded) within `timeout`.
+    async fn attempt(
+        &self,
+        url: &str,
+        token: &CachedToken,
+        client_request_id: &str,
+        retries: u32,
+        timeout: Duration,
+    ) -> Attempt {
+        let mut request = self
+            .http
+            .get(url)
+            .bearer_auth(token.bearer())
+            .header("client-request-id", client_request_id)
+            .header(http::header::ACCEPT, "application/json");
+        if retries > 0 {
+            request = request.header("Retry-Attempt", retries.to_string());
+        }
+        tokio::time::timeout(timeout, async {
+            let response = request.send().await.map_err(ReadError::Http)?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = bounded::read(response, MAX_BODY).await?;
+            Ok::<_, ReadError>((status, headers, body))
+        })
+        .await
+    }
+
+    /// What one attempt's outcome means: an answer, a retry (after how long), or a token
+    /// to renew (once, when `may_renew`). Reports to the gate as it goes.
+    fn judge(
+        &self,
+        url: &str,
+        client_request_id: &str,
+        outcome: Attempt,
+        retries: u32,
+        may_renew: bool,
+    ) -> Step {
+        let now = self.clock.now();
+        match outcome {
+            Err(_elapsed) => {
+                tracing::warn!(%url, client_request_id, "Graph attempt timed out");
+                self.gate.report(now, Report::Failed);
+                Step::Retry(Retry::After(None, UpstreamError::Timeout))
+            }
+            Ok(Err(e)) if e.is_timeout() => {
+                self.gate.report(now, Report::Failed);
+                Step::Retry(Retry::After(None, UpstreamError::Timeout))
+            }
+            Ok(Err(ReadError::TooLarge { limit })) => {
+                // Not worth retrying: the same request gets the same answer.
+                tracing::warn!(%url, client_request_id, limit, "Graph's answer is too large");
+                self.gate.report(now, Report::Answered);
+                Step::Done(Err(UpstreamError::TooLarge { limit }))
+            }
+            Ok(Err(ReadError::Http(e))) => {
+                tracing::warn!(%url, client_request_id, error = %e, "Graph request failed");
+                self.gate.report(now, Report::Failed);
+                Step::Retry(Retry::After(None, UpstreamError::Unreachable(e)))
+            }
+            Ok(Ok((status, headers, body))) => {
+                let graph_request_id =
+                    graph_request_id(headers.get("request-id"), client_request_id);
+                let retry_after = headers
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                // 429 (and 503 with Retry-After) close the gate for every key.
+                let throttle = match (status.as_u16(), retry_after) {
+                    (429 | 503, Some(wait)) => Some(wait),
+                    (429, None) => Some(backoff(retries)),
+                    _ => None,
+                };
+                self.gate.report(
+                    now,
+                    match (throttle, status.as_u16()) {
+                        (Some(wait), _) => Report::Throttled(wait),
+                        (None, 500..=599) => Report::Failed,
+                        (None, _) => Report::Answered,
+                    },
+                );
+                match status {
+                    StatusCode::OK => {
+                        return Step::Done(Ok(Got {
+                            body: Some(body),
+                            graph_request_id,
+                        }))
+                    }
+                    StatusCode::NOT_FOUND => {
+                        return Step::Done(Ok(Got {
+                            body: None,
+                            graph_request_id,
+                        }))
+                    }
+                    _ => {}
+                }
+                let code = graph_error_code(&body);
+                tracing::warn!(
+                    %url,
+                    client_request_id,
+                    graph_request_id = graph_request_id.as_deref().unwrap_or(""),
+                    status = status.as_u16(),
+                    code,
+                    "Graph answered with an error"
+                );
+                error_step(status.as_u16(), code, throttle, may_renew)
+            }
+        }
+    }
+}
+
+/// What a Graph error status means for the call.
+fn error_step(status: u16, code: String, throttle: Option<Duration>, may_renew: bool) -> Step {
+    match status {
+        401 if code == "InvalidAuthenticationToken" && may_renew => Step::RenewToken,
+        403 => Step::Done(Err(UpstreamError::Forbidden { code })),
+        429 => Step::Retry(Retry::After(
+            throttle,
+            UpstreamError::Throttled {
+                retry_after: throttle.unwrap_or(Duration::from_secs(1)),
+            },
+        )),
+        503 | 504 => Step::Retry(Retry::After(
+            throttle,
+            UpstreamError::Status { status, code },
+        )),
+        other => Step::Done(Err(UpstreamError::Status {
+            status: other,
+            code,
+        })),
+    }
+}
+
+/// Where one attempt leaves the call.
+enum Step {
+    Done(Result<Got, UpstreamError>),
+    /// Graph said the token expired: forget it and try again with a new one (once).
+    RenewToken,
+    Retry(Retry),
 }
 
 /// One Graph answer worth keeping: `body` is `None` for a 404.
