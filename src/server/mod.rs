@@ -130,18 +130,7 @@ pub async fn accept_loop<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .max_headers(options.hard_max_headers)
-        .max_buf_size(options.hard_max_buf);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(options.h2_max_streams)
-        .max_header_list_size(options.h2_max_header_list);
+    let builder = http_builder(&options);
     let grace = options.grace;
     // Shutdown is `true` sent on this channel; once every connection has dropped its
     // receiver, all have ended.
@@ -199,38 +188,15 @@ pub async fn accept_loop<S, B>(
             continue;
         };
         let made_room = registry.evict_longest_idle();
-        let slots = slots.clone();
-        let registry = registry.clone();
+        let (slots, registry) = (slots.clone(), registry.clone());
         tokio::spawn(async move {
-            let slot = match made_room {
-                true => tokio::time::timeout(ROOM_WAIT, slots.acquire_owned())
-                    .await
-                    .ok()
-                    .and_then(Result::ok),
-                false => None,
+            let newcomer = Newcomer {
+                connection,
+                registry,
+                stopping,
+                _over: over,
             };
-            match slot {
-                Some(slot) => {
-                    drop(over);
-                    let registered = registry.register();
-                    connection
-                        .serve(stream, service, &registered.activity, stopping)
-                        .await;
-                    drop(slot);
-                }
-                None => {
-                    tracing::debug!("connection limit reached, every connection busy: 503");
-                    let activity = Arc::new(Activity::new());
-                    let refusal = connection.serve(
-                        stream,
-                        overloaded_service(activity.clone()),
-                        &activity,
-                        stopping,
-                    );
-                    let _ = tokio::time::timeout(REFUSAL_BOUND, refusal).await;
-                    drop(over);
-                }
-            }
+            newcomer.serve(stream, service, made_room, slots).await;
         });
     }
     drop(listener);
@@ -239,6 +205,87 @@ pub async fn accept_loop<S, B>(
     tokio::select! {
         () = stop.closed() => {}
         () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed with connections still open"),
+    }
+}
+
+/// Hyper's HTTP/1.1 and HTTP/2 settings for one listener.
+fn http_builder(options: &ConnectionOptions) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_headers(options.hard_max_headers)
+        .max_buf_size(options.hard_max_buf);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(options.h2_max_streams)
+        .max_header_list_size(options.h2_max_header_list);
+    builder
+}
+
+/// A connection accepted beyond `max_connections`, holding one of the few over-cap
+/// places until it is served or refused.
+struct Newcomer {
+    connection: Arc<Connection>,
+    registry: Arc<Registry>,
+    stopping: watch::Receiver<bool>,
+    _over: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Newcomer {
+    /// Takes the place an evicted connection frees (when one was evicted) within
+    /// `ROOM_WAIT`, or answers a JSON 503 within `REFUSAL_BOUND`.
+    async fn serve<S, B>(
+        self,
+        stream: TcpStream,
+        service: S,
+        made_room: bool,
+        slots: Arc<Semaphore>,
+    ) where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S::Future: Send + 'static,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let slot = match made_room {
+            true => tokio::time::timeout(ROOM_WAIT, slots.acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok),
+            false => None,
+        };
+        let Newcomer {
+            connection,
+            registry,
+            stopping,
+            _over: over,
+        } = self;
+        match slot {
+            Some(slot) => {
+                drop(over);
+                let registered = registry.register();
+                connection
+                    .serve(stream, service, &registered.activity, stopping)
+                    .await;
+                drop(slot);
+            }
+            None => {
+                tracing::debug!("connection limit reached, every connection busy: 503");
+                let activity = Arc::new(Activity::new());
+                let refusal = connection.serve(
+                    stream,
+                    overloaded_service(activity.clone()),
+                    &activity,
+                    stopping,
+                );
+                let _ = tokio::time::timeout(REFUSAL_BOUND, refusal).await;
+                drop(over);
+            }
+        }
     }
 }
 
