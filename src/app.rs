@@ -73,35 +73,7 @@ impl Proxy {
         let metrics = Arc::new(Metrics::new());
         let http = http_client(settings.graph.timeout).map_err(BuildError::Http)?;
         let callers = Callers::new(&settings.callers, http.clone(), clock.clone());
-        let client_id = settings
-            .auth
-            .client_id
-            .as_deref()
-            .ok_or(BuildError::Missing("auth.client_id"))?;
-        let credential = match (&settings.auth.certificate, &settings.auth.client_secret) {
-            (Some(certificate), _) => Credential::Certificate {
-                certificate: certificate.clone(),
-                algorithm: settings.auth.assertion_algorithm,
-            },
-            (None, Some(secret)) => Credential::Secret(secret.clone()),
-            (None, None) => return Err(BuildError::Missing("auth.client_secret")),
-        };
-        let tokens = Arc::new(
-            TokenProvider::new(
-                http.clone(),
-                TokenOptions {
-                    client_id: client_id.to_string(),
-                    credential,
-                    token_url: settings.token_url(),
-                    scope: settings.scope(),
-                    refresh_before: settings.auth.refresh_before_expiry,
-                    timeout: settings.graph.timeout,
-                },
-                clock.clone(),
-                metrics.clone(),
-            )
-            .map_err(BuildError::TokenUrl)?,
-        );
+        let tokens = Arc::new(token_provider(settings, http.clone(), &clock, &metrics)?);
         let graph = Arc::new(GraphClient::new(
             http,
             GraphOptions {
@@ -130,21 +102,7 @@ impl Proxy {
             metrics.clone(),
             shared,
         );
-        let tls_files = match (
-            &settings.server.tls_cert_file,
-            &settings.server.tls_key_file,
-        ) {
-            (Some(cert), Some(key)) => Some(Arc::new(
-                CertificateFiles::load(cert, key).map_err(BuildError::Tls)?,
-            )),
-            _ => None,
-        };
-        let tls_config = match &tls_files {
-            Some(files) => Some(Arc::new(
-                tls::server_config(files.clone()).map_err(BuildError::TlsConfig)?,
-            )),
-            None => None,
-        };
+        let (tls_files, tls_config) = caller_tls(settings)?;
         if callers.is_open() {
             tracing::warn!(
                 "callers.mode = \"none\": every caller can read every session this proxy can reach"
@@ -153,22 +111,7 @@ impl Proxy {
         Ok(Proxy {
             state: Arc::new(AppState::new(settings, callers, cache, metrics, tokens)),
             tls_files: tls_files.map(|files| (files, settings.server.tls_reload_interval)),
-            connections: ConnectionOptions {
-                guard: true,
-                tls: tls_config,
-                max_connections: settings.server.max_connections,
-                header_read_timeout: settings.server.header_read_timeout,
-                idle_timeout: settings.server.idle_timeout,
-                // Twice the handler's limits: between the two, callers get a JSON 431.
-                hard_max_headers: settings.server.max_headers.saturating_mul(2),
-                hard_max_buf: (settings.server.max_header_bytes.as_u64() as usize)
-                    .saturating_mul(4)
-                    .max(8192),
-                h2_max_streams: 256,
-                h2_max_header_list: (settings.server.max_header_bytes.as_u64() as u32)
-                    .saturating_mul(2),
-                grace: settings.server.shutdown_grace,
-            },
+            connections: caller_connections(settings, tls_config),
         })
     }
 
@@ -258,5 +201,82 @@ impl Proxy {
             () = reload => {}
             () = shared => {}
         }
+    }
+}
+
+/// The token provider for `[auth]`: a certificate assertion when one is configured, else
+/// the client secret.
+fn token_provider(
+    settings: &Settings,
+    http: reqwest::Client,
+    clock: &Clock,
+    metrics: &Arc<Metrics>,
+) -> Result<TokenProvider, BuildError> {
+    let client_id = settings
+        .auth
+        .client_id
+        .as_deref()
+        .ok_or(BuildError::Missing("auth.client_id"))?;
+    let credential = match (&settings.auth.certificate, &settings.auth.client_secret) {
+        (Some(certificate), _) => Credential::Certificate {
+            certificate: certificate.clone(),
+            algorithm: settings.auth.assertion_algorithm,
+        },
+        (None, Some(secret)) => Credential::Secret(secret.clone()),
+        (None, None) => return Err(BuildError::Missing("auth.client_secret")),
+    };
+    TokenProvider::new(
+        http,
+        TokenOptions {
+            client_id: client_id.to_string(),
+            credential,
+            token_url: settings.token_url(),
+            scope: settings.scope(),
+            refresh_before: settings.auth.refresh_before_expiry,
+            timeout: settings.graph.timeout,
+        },
+        clock.clone(),
+        metrics.clone(),
+    )
+    .map_err(BuildError::TokenUrl)
+}
+
+/// The caller listener's certificate files and rustls configuration, when HTTPS is on.
+type CallerTls = (
+    Option<Arc<CertificateFiles>>,
+    Option<Arc<rustls::ServerConfig>>,
+);
+
+fn caller_tls(settings: &Settings) -> Result<CallerTls, BuildError> {
+    let (Some(cert), Some(key)) = (
+        &settings.server.tls_cert_file,
+        &settings.server.tls_key_file,
+    ) else {
+        return Ok((None, None));
+    };
+    let files = Arc::new(CertificateFiles::load(cert, key).map_err(BuildError::Tls)?);
+    let config = Arc::new(tls::server_config(files.clone()).map_err(BuildError::TlsConfig)?);
+    Ok((Some(files), Some(config)))
+}
+
+/// How the caller listener serves connections.
+fn caller_connections(
+    settings: &Settings,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> ConnectionOptions {
+    ConnectionOptions {
+        guard: true,
+        tls,
+        max_connections: settings.server.max_connections,
+        header_read_timeout: settings.server.header_read_timeout,
+        idle_timeout: settings.server.idle_timeout,
+        // Twice the handler's limits: between the two, callers get a JSON 431.
+        hard_max_headers: settings.server.max_headers.saturating_mul(2),
+        hard_max_buf: (settings.server.max_header_bytes.as_u64() as usize)
+            .saturating_mul(4)
+            .max(8192),
+        h2_max_streams: 256,
+        h2_max_header_list: (settings.server.max_header_bytes.as_u64() as u32).saturating_mul(2),
+        grace: settings.server.shutdown_grace,
     }
 }
