@@ -8,10 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use graph_session_proxy::config::{Purpose, Settings};
-use graph_session_proxy::core::clock::Clock;
-use graph_session_proxy::http::routes;
+use graph_session_proxy::Clock;
+use graph_session_proxy::route;
 use graph_session_proxy::sim::{SimConfig, Simulator, SEED_EVENT, SEED_SESSION};
-use graph_session_proxy::{http::handler::handle, Proxy};
+use graph_session_proxy::{handle, Proxy};
 use http::{Method, Request};
 use http_body_util::Empty;
 
@@ -20,11 +20,11 @@ const KEY: &str = "bench-key";
 fn routing(c: &mut Criterion) {
     let path = format!("/sessions/webinars/{SEED_EVENT}/{SEED_SESSION}");
     c.bench_function("route seed path", |b| {
-        b.iter(|| routes::route(&Method::GET, black_box(&path), None))
+        b.iter(|| route(&Method::GET, black_box(&path), None))
     });
     let encoded = "/sessions/townhalls/f8ce2a5f-0e6a-4186-aa90-1f64bc023566%405466a424-aadf-425c-9b24-034ca28d4bdd/MSpkYzE3%3D%2B";
     c.bench_function("route encoded path", |b| {
-        b.iter(|| routes::route(&Method::GET, black_box(encoded), None))
+        b.iter(|| route(&Method::GET, black_box(encoded), None))
     });
 }
 

@@ -38,15 +38,23 @@
 #![forbid(unsafe_code)]
 
 mod app;
-pub mod auth;
-pub mod cache;
+mod auth;
+mod cache;
 pub mod config;
-pub mod core;
-pub mod http;
-pub mod server;
+mod core;
+mod http;
+mod server;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod telemetry;
-pub mod upstream;
+mod upstream;
 
-pub use app::{BuildError, Proxy};
+// The deliberate API: what the binary, the tests, the benchmarks and the fuzz targets use.
+// Everything else is the crate's own.
+pub use crate::app::{BuildError, Proxy};
+pub use crate::auth::jwt::{JwtOptions, JwtVerifier};
+pub use crate::core::clock::Clock;
+pub use crate::core::model::{Kind, SessionKey, MAX_ID_LEN};
+pub use crate::http::handler::handle;
+pub use crate::http::routes::route;
+pub use crate::server::bind;

@@ -228,7 +228,7 @@ async fn serve_exits_0_on_sigterm_after_draining() {
 
     let sim = Simulator::new(
         SimConfig::default(),
-        graph_session_proxy::core::clock::Clock::new(),
+        graph_session_proxy::Clock::new(),
     );
     let sim_addr = sim.clone().spawn().await.unwrap();
     let key = "cli-key-1";
@@ -590,7 +590,7 @@ async fn the_shipped_file_serves_with_the_secret_from_the_environment() {
 
     let sim = Simulator::new(
         SimConfig::default(),
-        graph_session_proxy::core::clock::Clock::new(),
+        graph_session_proxy::Clock::new(),
     );
     let sim_addr = sim.clone().spawn().await.unwrap();
     let config = shipped_with_a_key("shipped-serve.toml", "a-caller-key");

@@ -67,7 +67,7 @@ async fn a_burst_of_connects_fits_in_the_listen_backlog() {
             return;
         }
     }
-    let listener = graph_session_proxy::server::bind("127.0.0.1:0".parse().unwrap(), 4096).unwrap();
+    let listener = graph_session_proxy::bind("127.0.0.1:0".parse().unwrap(), 4096).unwrap();
     let addr = listener.local_addr().unwrap();
     let connects: Vec<_> = (0..BURST)
         .map(|_| {

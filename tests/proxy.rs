@@ -354,7 +354,7 @@ async fn caller_limits_are_enforced_before_graph() {
     let h = Harness::with(
         |s| {
             s.callers.api_keys[0].kinds =
-                Some(vec![graph_session_proxy::core::model::Kind::Townhalls]);
+                Some(vec![graph_session_proxy::Kind::Townhalls]);
         },
         SimConfig::default(),
     )

@@ -8,8 +8,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use graph_session_proxy::core::clock::Clock;
-use graph_session_proxy::auth::jwt::{JwtOptions, JwtVerifier};
+use graph_session_proxy::Clock;
+use graph_session_proxy::{JwtOptions, JwtVerifier};
 use libfuzzer_sys::fuzz_target;
 use tokio::runtime::Runtime;
 

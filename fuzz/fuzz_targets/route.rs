@@ -5,8 +5,8 @@
 
 #![no_main]
 
-use graph_session_proxy::core::model::{SessionKey, MAX_ID_LEN};
-use graph_session_proxy::http::routes::route;
+use graph_session_proxy::{SessionKey, MAX_ID_LEN};
+use graph_session_proxy::route;
 use http::Method;
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::percent_decode_str;

@@ -42,7 +42,7 @@ pub mod origin;
 mod policy;
 pub mod tier2;
 
-pub use entry::{etag_of, Entry};
+pub use entry::Entry;
 pub use origin::Origin;
 pub use policy::{metric_label, Directives, Lookup, Outcome, MISS_STATUS};
 
