@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use graph_session_proxy::config::{ConfigError, Purpose, Settings};
-use graph_session_proxy::Clock;
 #[cfg(feature = "sim")]
 use graph_session_proxy::sim::{self, SimConfig, Simulator};
 use graph_session_proxy::telemetry;
+use graph_session_proxy::Clock;
 use graph_session_proxy::{bind, Proxy};
 #[cfg(feature = "sim")]
 use tokio::net::TcpListener;
@@ -164,15 +164,15 @@ async fn serve(settings: Result<Settings, ConfigError>) -> anyhow::Result<()> {
     for warning in settings.warnings() {
         tracing::warn!("{warning}");
     }
-    let listener = bind(settings.server.listen, settings.server.listen_backlog)
-        .with_context(|| {
+    let listener =
+        bind(settings.server.listen, settings.server.listen_backlog).with_context(|| {
             format!(
                 "cannot listen on {} (server.listen)",
                 settings.server.listen
             )
         })?;
-    let admin = bind(settings.server.admin_listen, settings.server.listen_backlog)
-        .with_context(|| {
+    let admin =
+        bind(settings.server.admin_listen, settings.server.listen_backlog).with_context(|| {
             format!(
                 "cannot listen on {} (server.admin_listen)",
                 settings.server.admin_listen
@@ -200,8 +200,8 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()
     settings.graph.base_url = Some(format!("http://{sim_addr}"));
     settings.auth.token_url = Some(format!("http://{sim_addr}/{{tenant}}/oauth2/v2.0/token"));
 
-    let listener = bind(settings.server.listen, settings.server.listen_backlog)
-        .with_context(|| {
+    let listener =
+        bind(settings.server.listen, settings.server.listen_backlog).with_context(|| {
             format!(
                 "cannot listen on {} (is another demo running? --listen picks another address)",
                 settings.server.listen

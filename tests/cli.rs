@@ -226,10 +226,7 @@ async fn serve_exits_0_on_sigterm_after_draining() {
     use graph_session_proxy::sim::{Faults, SimConfig, Simulator, SEED_EVENT, SEED_SESSION};
     use std::io::BufRead;
 
-    let sim = Simulator::new(
-        SimConfig::default(),
-        graph_session_proxy::Clock::new(),
-    );
+    let sim = Simulator::new(SimConfig::default(), graph_session_proxy::Clock::new());
     let sim_addr = sim.clone().spawn().await.unwrap();
     let key = "cli-key-1";
     let sha = {
@@ -588,10 +585,7 @@ async fn the_shipped_file_serves_with_the_secret_from_the_environment() {
     use graph_session_proxy::sim::{SimConfig, Simulator};
     use std::io::BufRead;
 
-    let sim = Simulator::new(
-        SimConfig::default(),
-        graph_session_proxy::Clock::new(),
-    );
+    let sim = Simulator::new(SimConfig::default(), graph_session_proxy::Clock::new());
     let sim_addr = sim.clone().spawn().await.unwrap();
     let config = shipped_with_a_key("shipped-serve.toml", "a-caller-key");
     let base_url = format!("http://{sim_addr}");

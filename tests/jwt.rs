@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use graph_session_proxy::config::{CallerMode, JwtAppSettings, JwtSettings};
-use graph_session_proxy::Kind;
 use graph_session_proxy::sim::{Faults, SimConfig};
+use graph_session_proxy::Kind;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 

@@ -353,8 +353,7 @@ async fn callers_must_authenticate() {
 async fn caller_limits_are_enforced_before_graph() {
     let h = Harness::with(
         |s| {
-            s.callers.api_keys[0].kinds =
-                Some(vec![graph_session_proxy::Kind::Townhalls]);
+            s.callers.api_keys[0].kinds = Some(vec![graph_session_proxy::Kind::Townhalls]);
         },
         SimConfig::default(),
     )

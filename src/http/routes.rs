@@ -82,8 +82,7 @@ pub fn event_purge_target(rest: &str) -> Result<SessionKey, ProxyError> {
     let segments: Vec<&str> = rest.split('/').collect();
     match segments.as_slice() {
         [kind, event] => ids_key(kind, event, None),
-        // What the placeholder session path of the old parse made of a bare kind.
-        [kind] => ids_key(kind, "x", None),
+        // A bare kind names no event (it once purged an event called "x").
         _ => Err(ProxyError::RouteNotFound),
     }
 }
@@ -292,7 +291,6 @@ mod tests {
             "meetings/a",
             "webinars/a/b",
             "webinars/a/",
-            "webinars",
         ] {
             let ours = event_purge_target(rest).map(|k| k.to_string());
             let routed = get(&format!("/sessions/{rest}/x")).map(|k| {
@@ -301,6 +299,13 @@ mod tests {
                     .unwrap_or_default()
             });
             assert_eq!(format!("{ours:?}"), format!("{routed:?}"), "{rest}");
+        }
+        // A kind without an event purges nothing: not found.
+        for rest in ["webinars", "townhalls"] {
+            assert!(
+                matches!(event_purge_target(rest), Err(ProxyError::RouteNotFound)),
+                "{rest}"
+            );
         }
     }
 

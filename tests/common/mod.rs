@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use graph_session_proxy::config::{Purpose, Settings};
-use graph_session_proxy::Clock;
 use graph_session_proxy::sim::{Faults, SimConfig, Simulator, Stats};
+use graph_session_proxy::Clock;
 use graph_session_proxy::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
