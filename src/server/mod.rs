@@ -123,12 +123,8 @@ pub async fn accept_loop<S, B>(
     shutdown: impl Future<Output = ()>,
     options: ConnectionOptions,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService<B>,
+    B: HttpBody,
 {
     let builder = http_builder(&options);
     let grace = options.grace;
@@ -208,6 +204,40 @@ pub async fn accept_loop<S, B>(
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a listener can serve: a cloneable tower service of HTTP requests, whose answers'
+/// bodies are [`HttpBody`]. (Named once instead of spelled out at every function.)
+pub trait HttpService<B>:
+    Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Error: Into<BoxError>,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A response body hyper can send from any task.
+pub trait HttpBody: hyper::body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> HttpBody for B where B: hyper::body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static
+{}
+
 /// Hyper's HTTP/1.1 and HTTP/2 settings for one listener.
 fn http_builder(options: &ConnectionOptions) -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
@@ -244,12 +274,8 @@ impl Newcomer {
         made_room: bool,
         slots: Arc<Semaphore>,
     ) where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        S::Future: Send + 'static,
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: HttpService<B>,
+        B: HttpBody,
     {
         let slot = match made_room {
             true => tokio::time::timeout(ROOM_WAIT, slots.acquire_owned())
@@ -350,12 +376,8 @@ impl Connection {
         activity: &Arc<Activity>,
         stopping: watch::Receiver<bool>,
     ) where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        S::Future: Send + 'static,
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: HttpService<B>,
+        B: HttpBody,
     {
         let Some(acceptor) = &self.tls else {
             return self.serve_http(stream, service, activity, stopping).await;
@@ -384,12 +406,8 @@ impl Connection {
         stopping: watch::Receiver<bool>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        S::Future: Send + 'static,
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: HttpService<B>,
+        B: HttpBody,
     {
         let service = Tracked::new(TowerToHyperService::new(service), activity.clone());
         let io = Heard::new(io, activity.clone());
