@@ -227,6 +227,52 @@ fn seconds(d: Duration) -> u64 {
     d.as_secs()
 }
 
+/// Every manifest under deploy/kubernetes is YAML that the parser takes, each document a
+/// Kubernetes object or a kustomization; the files with several documents yield them all.
+#[test]
+fn every_manifest_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut counts = Vec::new();
+    for dir in ["deploy/kubernetes", "deploy/kubernetes/base", OVERLAY] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+            .map(|entry| entry.expect("a directory entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            let docs = documents(&rel);
+            for doc in &docs {
+                assert!(doc["apiVersion"].is_string(), "{rel}: apiVersion");
+                assert!(doc["kind"].is_string(), "{rel}: kind");
+            }
+            counts.push((rel, docs.len()));
+        }
+    }
+    let count = |rel: &str| counts.iter().find(|(r, _)| r == rel).map(|(_, n)| *n);
+    assert_eq!(
+        count("deploy/kubernetes/base/service.yaml"),
+        Some(2),
+        "{counts:?}"
+    );
+    assert_eq!(
+        count(&format!("{OVERLAY}/networkpolicy.yaml")),
+        Some(2),
+        "{counts:?}"
+    );
+    assert_eq!(
+        count("deploy/kubernetes/base/deployment.yaml"),
+        Some(1),
+        "{counts:?}"
+    );
+}
+
 #[test]
 fn configmap_is_a_valid_configuration() {
     let settings = configmap_settings();
