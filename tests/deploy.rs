@@ -1,14 +1,16 @@
 //! `deploy/`: the Kubernetes ConfigMap holds a configuration this crate's loader accepts,
 //! and the Dockerfile, the manifests and the systemd unit agree on paths, ports and
-//! hardening; the shared-cache overlay wires the proxy to its Redis. No YAML crate: the
-//! few values checked are read line by line.
+//! hardening; the shared-cache overlay wires the proxy to its Redis. The manifests are read
+//! with a YAML parser (saphyr) into JSON values and navigated by JSON pointer.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use graph_session_proxy::config::{ConfigError, Purpose, Settings};
+use saphyr::{LoadableYamlNode, Scalar, Yaml};
 use secrecy::ExposeSecret;
+use serde_json::{json, Value};
 
 const CONFIG_PATH: &str = "/etc/graph-session-proxy/config.toml";
 
@@ -17,82 +19,107 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn indent(line: &str) -> usize {
-    line.len() - line.trim_start_matches(' ').len()
+/// Every document of the YAML file `rel` (separated by `---`), as JSON.
+fn documents(rel: &str) -> Vec<Value> {
+    let docs = Yaml::load_from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    docs.iter().map(|doc| to_json(doc, rel)).collect()
 }
 
-/// The YAML block scalar under `key: |` (the first such line), common indent removed.
-fn block_scalar(yaml: &str, key: &str) -> String {
-    let lines: Vec<&str> = yaml.lines().collect();
-    let header = format!("{key}: |");
-    let start = lines
-        .iter()
-        .position(|l| l.trim() == header)
-        .unwrap_or_else(|| panic!("no `{header}` line"));
-    let key_indent = indent(lines[start]);
-    let body: Vec<&str> = lines[start + 1..]
-        .iter()
-        .take_while(|l| l.trim().is_empty() || indent(l) > key_indent)
-        .copied()
-        .collect();
-    let common = body
-        .iter()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| indent(l))
-        .min()
-        .expect("empty block scalar");
-    let mut text: String = body
-        .iter()
-        .map(|l| {
-            if l.trim().is_empty() {
-                ""
-            } else {
-                &l[common..]
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    // `|` clips: exactly one final newline.
-    text.truncate(text.trim_end().len());
-    text.push('\n');
-    text
+/// The one document of the YAML file `rel`.
+fn manifest(rel: &str) -> Value {
+    let mut docs = documents(rel);
+    assert_eq!(docs.len(), 1, "{rel}: want one document");
+    docs.remove(0)
 }
 
-/// The lines nested under the first line `key:` (after an optional `- `).
-fn block<'a>(yaml: &'a str, key: &str) -> Vec<&'a str> {
-    let lines: Vec<&str> = yaml.lines().collect();
-    let header = format!("{key}:");
-    let start = lines
-        .iter()
-        .position(|l| l.trim().trim_start_matches("- ") == header)
-        .unwrap_or_else(|| panic!("no `{header}` block"));
-    let key_indent = indent(lines[start]);
-    lines[start + 1..]
-        .iter()
-        .take_while(|l| l.trim().is_empty() || indent(l) > key_indent)
-        .copied()
-        .collect()
+/// A YAML node as JSON. The manifests use mappings with string keys, sequences and plain
+/// scalars only; anything else (an alias, a tag) fails the test rather than being guessed.
+fn to_json(node: &Yaml, file: &str) -> Value {
+    match node {
+        Yaml::Value(Scalar::Null) => Value::Null,
+        Yaml::Value(Scalar::Boolean(b)) => Value::Bool(*b),
+        Yaml::Value(Scalar::Integer(i)) => Value::from(*i),
+        Yaml::Value(Scalar::FloatingPoint(f)) => Value::from(f.into_inner()),
+        Yaml::Value(Scalar::String(s)) => Value::from(s.as_ref()),
+        Yaml::Sequence(items) => items.iter().map(|item| to_json(item, file)).collect(),
+        Yaml::Mapping(map) => Value::Object(
+            map.iter()
+                .map(|(key, value)| match key {
+                    Yaml::Value(Scalar::String(key)) => (key.to_string(), to_json(value, file)),
+                    other => panic!("{file}: a mapping key that is not a string: {other:?}"),
+                })
+                .collect(),
+        ),
+        other => panic!("{file}: unsupported YAML node {other:?}"),
+    }
 }
 
-/// Every value of `key: value` among `lines` (list dashes and quotes removed).
-fn values<'a>(lines: impl IntoIterator<Item = &'a str>, key: &str) -> Vec<String> {
-    let prefix = format!("{key}:");
-    lines
-        .into_iter()
-        .filter_map(|l| {
-            l.trim()
-                .trim_start_matches("- ")
-                .strip_prefix(prefix.as_str())
-        })
-        .map(|v| v.trim().trim_matches('"').to_string())
-        .filter(|v| !v.is_empty())
-        .collect()
+/// The value at the JSON `pointer` (`/spec/template/spec`) in `node`.
+fn at<'a>(node: &'a Value, pointer: &str) -> &'a Value {
+    node.pointer(pointer)
+        .unwrap_or_else(|| panic!("no {pointer}"))
 }
 
-fn value(lines: &[&str], key: &str) -> String {
-    let found = values(lines.iter().copied(), key);
+fn str_at<'a>(node: &'a Value, pointer: &str) -> &'a str {
+    at(node, pointer)
+        .as_str()
+        .unwrap_or_else(|| panic!("{pointer} is not a string"))
+}
+
+fn u64_at(node: &Value, pointer: &str) -> u64 {
+    at(node, pointer)
+        .as_u64()
+        .unwrap_or_else(|| panic!("{pointer} is not a number"))
+}
+
+fn list_at<'a>(node: &'a Value, pointer: &str) -> &'a [Value] {
+    at(node, pointer)
+        .as_array()
+        .unwrap_or_else(|| panic!("{pointer} is not a list"))
+}
+
+/// A scalar as written: a port is a name or a number.
+fn text(node: &Value) -> String {
+    match node {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => panic!("not a string or a number: {other}"),
+    }
+}
+
+/// Every value of `key`, at any depth of `node`.
+fn values_of<'a>(node: &'a Value, key: &str) -> Vec<&'a Value> {
+    match node {
+        Value::Object(map) => map
+            .iter()
+            .flat_map(|(k, v)| (k == key).then_some(v).into_iter().chain(values_of(v, key)))
+            .collect(),
+        Value::Array(items) => items.iter().flat_map(|v| values_of(v, key)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The one value of `key` at any depth of `node`.
+fn only<'a>(node: &'a Value, key: &str) -> &'a Value {
+    let found = values_of(node, key);
     assert_eq!(found.len(), 1, "want one `{key}`, got {found:?}");
-    found[0].clone()
+    found[0]
+}
+
+/// The first container of a Deployment (or a patch of one): in these files, the only one.
+fn container(deployment: &Value) -> &Value {
+    list_at(deployment, "/spec/template/spec/containers")
+        .first()
+        .expect("a container")
+}
+
+/// A securityContext setting (`capabilities/drop`) as it applies to the container: its
+/// own, else the pod's.
+fn security<'a>(deployment: &'a Value, setting: &str) -> Option<&'a Value> {
+    let pointer = format!("/securityContext/{setting}");
+    container(deployment)
+        .pointer(&pointer)
+        .or_else(|| at(deployment, "/spec/template/spec").pointer(&pointer))
 }
 
 /// Held while a test's `GSP__*` variables are in the process environment. The loader
@@ -163,10 +190,11 @@ fn edited_like_a_user(text: &str) -> String {
 }
 
 fn configmap_text() -> String {
-    block_scalar(
-        &read("deploy/kubernetes/base/configmap.yaml"),
-        "config.toml",
+    str_at(
+        &manifest("deploy/kubernetes/base/configmap.yaml"),
+        "/data/config.toml",
     )
+    .to_string()
 }
 
 /// The configuration in deploy/kubernetes/base/configmap.yaml, through the proxy's loader.
@@ -181,30 +209,68 @@ fn configmap_settings() -> Settings {
 }
 
 /// containerPort by port name, in the Deployment.
-fn container_ports(deployment: &str) -> Vec<(String, u16)> {
-    let ports = block(deployment, "ports");
-    let mut out = Vec::new();
-    let mut name = None;
-    for line in ports {
-        let line = line.trim().trim_start_matches("- ");
-        if let Some(n) = line.strip_prefix("name:") {
-            name = Some(n.trim().to_string());
-        } else if let Some(p) = line.strip_prefix("containerPort:") {
-            let port = p.trim().parse().expect("containerPort is a number");
-            out.push((name.take().expect("every port is named"), port));
-        }
-    }
-    out
+fn container_ports(deployment: &Value) -> Vec<(String, u16)> {
+    list_at(container(deployment), "/ports")
+        .iter()
+        .map(|port| {
+            let name = port["name"].as_str().expect("every port is named");
+            let number = port["containerPort"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .expect("containerPort is a number");
+            (name.to_string(), number)
+        })
+        .collect()
 }
 
 fn seconds(d: Duration) -> u64 {
     d.as_secs()
 }
 
+/// Every manifest under deploy/kubernetes is YAML that the parser takes, each document a
+/// Kubernetes object or a kustomization; the files with several documents yield them all.
 #[test]
-fn block_scalar_extraction() {
-    let yaml = "data:\n  config.toml: |\n    [a]\n      x = 1\n\n    y = 2\n  other: z\n";
-    assert_eq!(block_scalar(yaml, "config.toml"), "[a]\n  x = 1\n\ny = 2\n");
+fn every_manifest_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut counts = Vec::new();
+    for dir in ["deploy/kubernetes", "deploy/kubernetes/base", OVERLAY] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+            .map(|entry| entry.expect("a directory entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            let docs = documents(&rel);
+            for doc in &docs {
+                assert!(doc["apiVersion"].is_string(), "{rel}: apiVersion");
+                assert!(doc["kind"].is_string(), "{rel}: kind");
+            }
+            counts.push((rel, docs.len()));
+        }
+    }
+    let count = |rel: &str| counts.iter().find(|(r, _)| r == rel).map(|(_, n)| *n);
+    assert_eq!(
+        count("deploy/kubernetes/base/service.yaml"),
+        Some(2),
+        "{counts:?}"
+    );
+    assert_eq!(
+        count(&format!("{OVERLAY}/networkpolicy.yaml")),
+        Some(2),
+        "{counts:?}"
+    );
+    assert_eq!(
+        count("deploy/kubernetes/base/deployment.yaml"),
+        Some(1),
+        "{counts:?}"
+    );
 }
 
 #[test]
@@ -276,8 +342,8 @@ fn dockerfile_matches_the_manifests() {
 #[test]
 fn deployment_matches_the_configuration() {
     let settings = configmap_settings();
-    let deployment = read("deploy/kubernetes/base/deployment.yaml");
-    let lines: Vec<&str> = deployment.lines().collect();
+    let deployment = manifest("deploy/kubernetes/base/deployment.yaml");
+    let proxy = container(&deployment);
 
     let ports = container_ports(&deployment);
     assert_eq!(
@@ -295,69 +361,88 @@ fn deployment_matches_the_configuration() {
         ("livenessProbe", "/healthz"),
         ("startupProbe", "/healthz"),
     ] {
-        let probe_lines = block(&deployment, probe);
-        assert_eq!(value(&probe_lines, "path"), path, "{probe}");
-        let port = value(&probe_lines, "port");
+        let get = at(proxy, &format!("/{probe}/httpGet"));
+        assert_eq!(str_at(get, "/path"), path, "{probe}");
+        let port = text(at(get, "/port"));
         assert!(port == "admin" || port == "9090", "{probe} on {port}");
     }
 
-    let mounts = values(lines.iter().copied(), "mountPath");
-    assert!(mounts.iter().any(|m| m == CONFIG_PATH), "{mounts:?}");
+    let mounts: Vec<&str> = values_of(&deployment, "mountPath")
+        .into_iter()
+        .map(|m| m.as_str().expect("mountPath is a string"))
+        .collect();
+    assert!(mounts.contains(&CONFIG_PATH), "{mounts:?}");
     let secret_file = settings.auth.client_secret_file.clone().unwrap();
     assert!(
         mounts.iter().any(|m| Path::new(m) == secret_file),
         "the Secret is mounted at auth.client_secret_file: {mounts:?}"
     );
-    let args = value(&lines, "args");
-    assert!(args.contains(CONFIG_PATH), "{args}");
+    let args = list_at(proxy, "/args");
+    assert!(args.contains(&json!(CONFIG_PATH)), "{args:?}");
 
     // The Secret example is what the Deployment mounts.
-    let secret = read("deploy/kubernetes/base/secret.example.yaml");
-    let secret_name = value(&block(&secret, "metadata"), "name");
-    assert_eq!(value(&lines, "secretName"), secret_name);
-    let key = values(block(&secret, "stringData"), "client-secret");
-    assert_eq!(key.len(), 1, "stringData.client-secret");
-    let mount = block(&deployment, "volumeMounts");
-    assert!(values(mount.iter().copied(), "subPath").contains(&"client-secret".to_string()));
+    let secret = manifest("deploy/kubernetes/base/secret.example.yaml");
+    let secret_name = str_at(&secret, "/metadata/name");
+    assert_eq!(only(&deployment, "secretName"), secret_name);
+    let key = str_at(&secret, "/stringData/client-secret");
+    assert!(!key.is_empty(), "stringData.client-secret");
+    let sub_paths = values_of(at(proxy, "/volumeMounts"), "subPath");
+    assert!(
+        sub_paths.contains(&&json!("client-secret")),
+        "{sub_paths:?}"
+    );
 
     // Security context.
-    for line in [
-        "runAsNonRoot: true",
-        "runAsUser: 65532",
-        "readOnlyRootFilesystem: true",
-        "allowPrivilegeEscalation: false",
-        "drop: [\"ALL\"]",
-        "type: RuntimeDefault",
+    for (setting, want) in [
+        ("runAsNonRoot", json!(true)),
+        ("runAsUser", json!(65532)),
+        ("readOnlyRootFilesystem", json!(true)),
+        ("allowPrivilegeEscalation", json!(false)),
+        ("capabilities/drop", json!(["ALL"])),
+        ("seccompProfile/type", json!("RuntimeDefault")),
     ] {
-        assert!(lines.iter().any(|l| l.trim() == line), "missing `{line}`");
+        assert_eq!(
+            security(&deployment, setting),
+            Some(&want),
+            "securityContext {setting}"
+        );
     }
 
     // Longer than the preStop sleep plus the proxy's own drain.
-    let grace: u64 = value(&lines, "terminationGracePeriodSeconds")
-        .parse()
-        .unwrap();
-    let pre_stop: u64 = values(block(&deployment, "sleep"), "seconds")
-        .first()
-        .map_or(0, |s| s.parse().unwrap());
+    let grace = u64_at(
+        &deployment,
+        "/spec/template/spec/terminationGracePeriodSeconds",
+    );
+    let pre_stop = at(proxy, "/lifecycle/preStop/sleep")
+        .get("seconds")
+        .map_or(0, |s| s.as_u64().expect("seconds is a number"));
     assert!(
         grace > pre_stop + seconds(settings.server.shutdown_grace),
         "terminationGracePeriodSeconds {grace} <= {pre_stop} + shutdown_grace"
     );
     assert!(
-        !deployment.contains("command: [\"sleep\""),
+        !values_of(&deployment, "command")
+            .iter()
+            .any(|c| c.get(0) == Some(&json!("sleep"))),
         "no shell in distroless"
     );
 }
 
+/// The strings of the list at `pointer`.
+fn strings<'a>(node: &'a Value, pointer: &str) -> Vec<&'a str> {
+    list_at(node, pointer)
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .unwrap_or_else(|| panic!("{pointer}: {v} is not a string"))
+        })
+        .collect()
+}
+
 #[test]
 fn kustomization_lists_the_manifests_but_not_the_examples() {
-    let kustomization = read("deploy/kubernetes/base/kustomization.yaml");
-    let resources: Vec<String> = block(&kustomization, "resources")
-        .iter()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .filter_map(|l| l.trim().strip_prefix("- "))
-        .map(str::to_string)
-        .collect();
+    let kustomization = manifest("deploy/kubernetes/base/kustomization.yaml");
+    let resources = strings(&kustomization, "/resources");
     for file in [
         "namespace.yaml",
         "configmap.yaml",
@@ -367,10 +452,7 @@ fn kustomization_lists_the_manifests_but_not_the_examples() {
         "hpa.yaml",
         "networkpolicy.yaml",
     ] {
-        assert!(
-            resources.iter().any(|r| r == file),
-            "{file} in {resources:?}"
-        );
+        assert!(resources.contains(&file), "{file} in {resources:?}");
     }
     for file in &resources {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -378,12 +460,13 @@ fn kustomization_lists_the_manifests_but_not_the_examples() {
             .join(file);
         assert!(path.is_file(), "{}", path.display());
     }
-    assert!(!resources.iter().any(|r| r == "secret.example.yaml"));
-    assert!(!resources.iter().any(|r| r == "servicemonitor.yaml"));
-    assert!(kustomization.contains("\nnamespace: graph-session-proxy\n"));
+    assert!(!resources.contains(&"secret.example.yaml"));
+    assert!(!resources.contains(&"servicemonitor.yaml"));
+    assert_eq!(str_at(&kustomization, "/namespace"), "graph-session-proxy");
     // `kubectl apply -k deploy/kubernetes` applies the base.
-    let top = read("deploy/kubernetes/kustomization.yaml");
-    assert!(top.contains("resources:\n  - base\n"), "{top}");
+    let top = manifest("deploy/kubernetes/kustomization.yaml");
+    let top_resources = strings(&top, "/resources");
+    assert!(top_resources.contains(&"base"), "{top_resources:?}");
 }
 
 #[test]
@@ -440,81 +523,41 @@ fn systemd_unit_matches_and_is_hardened() {
 
 const OVERLAY: &str = "deploy/kubernetes/overlays/shared-cache";
 
-fn overlay(file: &str) -> String {
-    read(&format!("{OVERLAY}/{file}"))
+fn overlay(file: &str) -> Value {
+    manifest(&format!("{OVERLAY}/{file}"))
 }
 
-/// One entry of a container's `env:` list.
-#[derive(Debug, Default)]
-struct EnvVar {
-    name: String,
-    value: Option<String>,
-    /// `valueFrom.secretKeyRef`: (Secret name, key).
-    secret: Option<(String, String)>,
+/// The entry `name` of the container's `env:` list.
+fn env_var<'a>(container: &'a Value, name: &str) -> &'a Value {
+    list_at(container, "/env")
+        .iter()
+        .find(|var| var["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no env var {name}"))
 }
 
-/// The `env:` list of the (only) container in `yaml`.
-fn env_vars(yaml: &str) -> Vec<EnvVar> {
-    let lines = block(yaml, "env");
-    let item_indent = lines.first().map_or(0, |l| indent(l));
-    let mut vars: Vec<EnvVar> = Vec::new();
-    let mut ref_name = None;
-    for line in lines {
-        let trimmed = line.trim();
-        if indent(line) == item_indent {
-            if let Some(name) = trimmed.strip_prefix("- name:") {
-                vars.push(EnvVar {
-                    name: name.trim().to_string(),
-                    ..EnvVar::default()
-                });
-                continue;
-            }
-        }
-        let Some(var) = vars.last_mut() else { continue };
-        if let Some(v) = trimmed.strip_prefix("value:") {
-            var.value = Some(v.trim().trim_matches('"').to_string());
-        } else if let Some(n) = trimmed.strip_prefix("name:") {
-            ref_name = Some(n.trim().to_string());
-        } else if let Some(k) = trimmed.strip_prefix("key:") {
-            let name = ref_name.take().expect("secretKeyRef: name before key");
-            var.secret = Some((name, k.trim().to_string()));
-        }
-    }
-    vars
-}
-
-fn env_value(vars: &[EnvVar], name: &str) -> String {
-    vars.iter()
-        .find(|v| v.name == name)
-        .and_then(|v| v.value.clone())
+fn env_value(container: &Value, name: &str) -> String {
+    env_var(container, name)["value"]
+        .as_str()
         .unwrap_or_else(|| panic!("no env var {name} with a value"))
+        .to_string()
 }
 
-/// The argument after `flag` in the block-style `args:` list.
-fn arg_after(args: &[String], flag: &str) -> String {
+/// `valueFrom.secretKeyRef` of an env var: (Secret name, key).
+fn secret_ref(var: &Value) -> Option<(String, String)> {
+    let reference = var.pointer("/valueFrom/secretKeyRef")?;
+    Some((
+        str_at(reference, "/name").to_string(),
+        str_at(reference, "/key").to_string(),
+    ))
+}
+
+/// The argument after `flag` in the `args:` list.
+fn arg_after(args: &[&str], flag: &str) -> String {
     let i = args
         .iter()
-        .position(|a| a == flag)
+        .position(|a| *a == flag)
         .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
-    args[i + 1].clone()
-}
-
-#[test]
-fn env_vars_extraction() {
-    let yaml = "      env:\n        - name: A\n          value: \"x\"\n        - name: B\n          \
-                valueFrom:\n            secretKeyRef:\n              name: s\n              key: k\n      \
-                ports:\n";
-    let vars = env_vars(yaml);
-    assert_eq!(vars.len(), 2);
-    assert_eq!(
-        (vars[0].name.as_str(), vars[0].value.as_deref()),
-        ("A", Some("x"))
-    );
-    assert_eq!(
-        vars[1].secret,
-        Some(("s".to_string(), "k".to_string())),
-        "{vars:?}"
-    );
+    args[i + 1].to_string()
 }
 
 /// The overlay's pieces agree with each other (Redis Service name and port in the proxy's
@@ -524,16 +567,13 @@ fn env_vars_extraction() {
 fn shared_cache_overlay_wires_the_proxy_to_redis() {
     // The kustomization: the base, the overlay's own files, not the Secret example.
     let kustomization = overlay("kustomization.yaml");
-    let listed: Vec<String> = ["resources", "patches"]
-        .iter()
-        .flat_map(|key| block(&kustomization, key))
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .map(|l| {
-            let l = l.trim().trim_start_matches("- ");
-            l.strip_prefix("path:").unwrap_or(l).trim().to_string()
-        })
-        .collect();
-    assert!(listed.contains(&"../../base".to_string()), "{listed:?}");
+    let mut listed = strings(&kustomization, "/resources");
+    listed.extend(
+        list_at(&kustomization, "/patches")
+            .iter()
+            .map(|patch| str_at(patch, "/path")),
+    );
+    assert!(listed.contains(&"../../base"), "{listed:?}");
     for file in &listed {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join(OVERLAY)
@@ -544,44 +584,43 @@ fn shared_cache_overlay_wires_the_proxy_to_redis() {
             path.display()
         );
     }
-    assert!(!listed.iter().any(|r| r == "secret.example.yaml"));
-    assert!(kustomization.contains("\nnamespace: graph-session-proxy\n"));
+    assert!(!listed.contains(&"secret.example.yaml"));
+    assert_eq!(str_at(&kustomization, "/namespace"), "graph-session-proxy");
 
     // The Secret: one key, a placeholder.
     let secret = overlay("secret.example.yaml");
-    let secret_name = value(&block(&secret, "metadata"), "name");
-    let string_data = block(&secret, "stringData");
+    let secret_name = str_at(&secret, "/metadata/name").to_string();
+    let string_data = at(&secret, "/stringData")
+        .as_object()
+        .expect("stringData is a mapping");
     assert_eq!(string_data.len(), 1, "one key: {string_data:?}");
-    let (secret_key, placeholder) = string_data[0].trim().split_once(':').unwrap();
-    assert!(placeholder.contains("REPLACE"), "{placeholder}");
+    let (secret_key, placeholder) = string_data.iter().next().unwrap();
+    let secret_key = secret_key.as_str();
+    assert!(text(placeholder).contains("REPLACE"), "{placeholder}");
 
     // The Redis Service and the port it reaches.
     let service = overlay("redis-service.yaml");
-    let service_name = value(&block(&service, "metadata"), "name");
-    let service_ports = block(&service, "ports");
-    let service_port: u16 = value(&service_ports, "port").parse().unwrap();
-    let target = value(&service_ports, "targetPort");
+    let service_name = str_at(&service, "/metadata/name");
+    let service_ports = list_at(&service, "/spec/ports");
+    assert_eq!(service_ports.len(), 1, "{service_ports:?}");
+    let service_port = u16::try_from(u64_at(&service_ports[0], "/port")).unwrap();
+    let target = text(at(&service_ports[0], "/targetPort"));
     let redis = overlay("redis-deployment.yaml");
     let redis_ports = container_ports(&redis);
     assert_eq!(redis_ports, [(target, 6379)], "Redis listens on 6379");
 
     // Redis requires the password from the Secret, and its probes use it.
-    let redis_env = env_vars(&redis);
+    let redis_container = container(&redis);
     for var in ["REDIS_PASSWORD", "REDISCLI_AUTH"] {
-        let found = redis_env.iter().find(|v| v.name == var).expect(var);
         assert_eq!(
-            found.secret,
+            secret_ref(env_var(redis_container, var)),
             Some((secret_name.clone(), secret_key.to_string())),
             "{var}"
         );
     }
-    let args: Vec<String> = block(&redis, "args")
-        .iter()
-        .filter_map(|l| l.trim().strip_prefix("- "))
-        .map(|a| a.trim_matches('"').to_string())
-        .collect();
+    let args = strings(redis_container, "/args");
     assert_eq!(arg_after(&args, "--requirepass"), "$(REDIS_PASSWORD)");
-    assert!(!args.contains(&"--port".to_string()), "the default port");
+    assert!(!args.contains(&"--port"), "the default port");
     assert_eq!(arg_after(&args, "--save"), "", "a cache persists nothing");
     assert_eq!(arg_after(&args, "--appendonly"), "no");
     assert_eq!(arg_after(&args, "--maxmemory-policy"), "volatile-lru");
@@ -590,7 +629,7 @@ fn shared_cache_overlay_wires_the_proxy_to_redis() {
         .expect("--maxmemory in mb")
         .parse()
         .unwrap();
-    let limit_mib: u64 = value(&block(&redis, "limits"), "memory")
+    let limit_mib: u64 = str_at(redis_container, "/resources/limits/memory")
         .strip_suffix("Mi")
         .expect("the memory limit in Mi")
         .parse()
@@ -600,26 +639,25 @@ fn shared_cache_overlay_wires_the_proxy_to_redis() {
         "maxmemory {maxmemory_mib} MiB leaves Redis no headroom under {limit_mib} MiB"
     );
     // Never the proxy's label: the base's Services, PDB and NetworkPolicy select it.
-    let redis_lines: Vec<&str> = redis
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#'))
-        .collect();
-    assert!(!redis_lines.contains(&"app.kubernetes.io/name: graph-session-proxy"));
-    for line in [
-        "runAsNonRoot: true",
-        "readOnlyRootFilesystem: true",
-        "allowPrivilegeEscalation: false",
-        "drop: [\"ALL\"]",
-        "type: RuntimeDefault",
+    assert!(!values_of(&redis, "app.kubernetes.io/name").contains(&&json!("graph-session-proxy")));
+    for (setting, want) in [
+        ("runAsNonRoot", json!(true)),
+        ("readOnlyRootFilesystem", json!(true)),
+        ("allowPrivilegeEscalation", json!(false)),
+        ("capabilities/drop", json!(["ALL"])),
+        ("seccompProfile/type", json!("RuntimeDefault")),
     ] {
-        assert!(redis_lines.contains(&line), "Redis: missing `{line}`");
+        assert_eq!(
+            security(&redis, setting),
+            Some(&want),
+            "Redis: securityContext {setting}"
+        );
     }
 
     // The proxy: the URL names the Service and its port, without the password...
     let patch = overlay("proxy-deployment-patch.yaml");
-    let proxy_env = env_vars(&patch);
-    let url = env_value(&proxy_env, "GSP__CACHE__SHARED__REDIS_URL");
+    let proxy = container(&patch);
+    let url = env_value(proxy, "GSP__CACHE__SHARED__REDIS_URL");
     let (host_port, db) = url
         .strip_prefix("redis://")
         .and_then(|rest| rest.split_once('/'))
@@ -634,25 +672,18 @@ fn shared_cache_overlay_wires_the_proxy_to_redis() {
     assert!(db.parse::<u8>().is_ok(), "{db}");
 
     // ...which the proxy reads from the Secret key Redis requires.
-    let password_file = env_value(&proxy_env, "GSP__CACHE__SHARED__PASSWORD_FILE");
-    let mounts = block(&patch, "volumeMounts");
-    assert_eq!(value(&mounts, "mountPath"), password_file);
-    assert_eq!(value(&mounts, "subPath"), secret_key);
-    let volumes = block(&patch, "volumes");
-    assert_eq!(value(&volumes, "secretName"), secret_name);
-    assert_eq!(value(&volumes, "key"), secret_key);
-    assert_eq!(value(&volumes, "path"), secret_key);
+    let password_file = env_value(proxy, "GSP__CACHE__SHARED__PASSWORD_FILE");
+    let mounts = at(proxy, "/volumeMounts");
+    assert_eq!(only(mounts, "mountPath"), password_file.as_str());
+    assert_eq!(only(mounts, "subPath"), secret_key);
+    let volumes = at(&patch, "/spec/template/spec/volumes");
+    assert_eq!(only(volumes, "secretName"), secret_name.as_str());
+    assert_eq!(only(volumes, "key"), secret_key);
+    assert_eq!(only(volumes, "path"), secret_key);
 
     // Several replicas, the autoscaler's floor included.
-    let replicas: u32 = value(&patch.lines().collect::<Vec<_>>(), "replicas")
-        .parse()
-        .unwrap();
-    let min_replicas: u32 = value(
-        &overlay("hpa-patch.yaml").lines().collect::<Vec<_>>(),
-        "minReplicas",
-    )
-    .parse()
-    .unwrap();
+    let replicas = u64_at(&patch, "/spec/replicas");
+    let min_replicas = u64_at(&overlay("hpa-patch.yaml"), "/spec/minReplicas");
     assert!(2 <= min_replicas && min_replicas <= replicas);
 
     // The base ConfigMap has no [cache.shared]: the environment creates it.
