@@ -2,6 +2,7 @@
 //! cached, the clock, and small HTTP helpers.
 
 pub mod clock;
+pub(crate) mod flight;
 pub mod http;
 pub mod model;
 pub mod request_id;

@@ -11,17 +11,17 @@ use std::sync::{Arc, Mutex};
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 /// A call in progress, as its callers await it.
-pub(super) type Call<T> = Shared<BoxFuture<'static, T>>;
+pub(crate) type Call<T> = Shared<BoxFuture<'static, T>>;
 
 /// The calls in progress, one per key; a call's task removes it when it ends.
-pub(super) struct Flights<K, T: Clone> {
+pub(crate) struct Flights<K, T: Clone> {
     calls: Arc<Mutex<HashMap<K, Call<T>>>>,
     /// What a call whose task failed (panicked, or was cancelled at shutdown) answers.
     lost: fn() -> T,
 }
 
 /// What [`Flights::join_or_start`] found.
-pub(super) enum Joined<T: Clone, R> {
+pub(crate) enum Joined<T: Clone, R> {
     /// No call was in progress and `ready` had an answer: none was started.
     Ready(R),
     /// The key's call; `started` when this caller started it.
@@ -33,7 +33,7 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     T: Clone + Send + Sync + 'static,
 {
-    pub(super) fn new(lost: fn() -> T) -> Flights<K, T> {
+    pub(crate) fn new(lost: fn() -> T) -> Flights<K, T> {
         Flights {
             calls: Arc::new(Mutex::new(HashMap::new())),
             lost,
@@ -44,7 +44,7 @@ where
     /// (if it has an answer) or starts `call` as its own task. `ready` runs while no call
     /// can end: a call leaves the map only after its answer is stored, so a caller either
     /// finds the answer or starts a new call, never neither.
-    pub(super) fn join_or_start<R, F>(
+    pub(crate) fn join_or_start<R, F>(
         &self,
         key: &K,
         ready: impl FnOnce() -> Option<R>,
