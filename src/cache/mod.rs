@@ -29,7 +29,7 @@
 //! mod.rs       SessionCache, the facade: get, stale_if_error, purges, usage, gate, now
 //! entry.rs     Entry: validators, freshness windows, weight, smart ttl
 //! policy.rs    Directives, Outcome, Lookup: what may be served; Cache-Status, metric label
-//! memory.rs    the moka store, the failure memory, the purge count
+//! memory.rs    the moka store, the failure memory (`core::remembered`), the purge count
 //! origin.rs    Origin: the trait the cache fetches through (app implements it for Graph)
 //! tier2/       SharedTier (Redis) and SessionCache's side of it: the cross-replica miss
 //! ```
