@@ -204,6 +204,15 @@ impl<T: Clone + Send + Sync + 'static> Flight<T> {
         self.0.join_or_start(&(), ready, call)
     }
 
+    /// Starts `call` unless one is in progress; nobody waits for it (so it should be a
+    /// spawned flight's: an attached call nobody awaits never runs).
+    pub(crate) fn start<F>(&self, call: impl FnOnce() -> F)
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        drop(self.join_or_start(|| None::<()>, call));
+    }
+
     /// The call's answer: `ready`'s, or that of the call joined or started.
     pub(crate) async fn run<F>(
         &self,
@@ -435,5 +444,27 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         let spawned = Flight::<u32>::new(|| 0);
         assert_eq!(spawned.run(|| None, || async { 9 }).await, 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn start_runs_one_background_call_at_a_time() {
+        let flight = Flight::<()>::new(|| ());
+        let calls = Arc::new(AtomicUsize::new(0));
+        for _ in 0..3 {
+            let calls = calls.clone();
+            flight.start(move || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // It ended and left: the next start runs again.
+        let again = calls.clone();
+        flight.start(move || async move {
+            again.fetch_add(1, Ordering::SeqCst);
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }

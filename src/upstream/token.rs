@@ -261,9 +261,8 @@ pub struct TokenProvider {
     clock: Clock,
     /// The token in use; a read lock on the hot path, written only by a refresh.
     current: RwLock<Option<Arc<CachedToken>>>,
-    /// The token request in progress, so only one runs at a time and its waiters share its
-    /// result. Attached: it runs in its waiters' tasks and ends with the last of them, as
-    /// a request bounded by its caller's deadline.
+    /// The one token request in progress, its result shared by its waiters. Attached: it
+    /// runs in their tasks and ends with the last of them (bounded by their deadlines).
     requests: Flight<Result<Arc<CachedToken>, Arc<TokenError>>>,
     /// The last failure and until when it stands: a 429's `Retry-After`, or a short pause
     /// so that a burst of requests during an identity outage makes one token request,
@@ -386,11 +385,7 @@ impl TokenProvider {
 
     fn refresh_in_background(self: &Arc<Self>) {
         let this = Arc::clone(self);
-        // A task of its own that nobody waits for; while one runs, asking again joins it.
-        drop(self.background.join_or_start(
-            || None::<()>,
-            move || async move { this.retry_until_refreshed().await },
-        ));
+        self.background.start(move || this.retry_until_refreshed());
     }
 
     /// Refreshes, retrying with backoff while the current token stays valid.
