@@ -12,7 +12,8 @@
 //! endpoint. A failed fetch keeps the keys already known.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::future::Future;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
@@ -22,6 +23,8 @@ use tokio::time::Instant;
 
 use crate::auth::error::AuthError;
 use crate::core::clock::Clock;
+use crate::core::flight::{Flight, Joined};
+use crate::core::remembered::Recent;
 use crate::upstream::bounded::{self, ReadError};
 
 /// Shortest time between two key-set fetches caused by unknown `kid`s.
@@ -72,11 +75,13 @@ pub struct JwtVerifier {
     required_roles: Vec<String>,
     /// How long a fetched key set is used before it is refetched.
     max_age: Duration,
-    keys: RwLock<KeySet>,
-    /// One fetch at a time.
-    fetch_lock: tokio::sync::Mutex<()>,
-    /// When a fetch was last attempted (success or not), for the rate limit.
-    last_attempt: Mutex<Option<Instant>>,
+    /// Shared with the fetch in progress, which stores what it fetched.
+    keys: Arc<RwLock<KeySet>>,
+    /// One fetch at a time, its waiters sharing it. Attached: it runs in its waiters'
+    /// tasks and ends with the last of them.
+    fetches: Flight<()>,
+    /// The last fetch attempt (success or not) stands for [`MIN_REFETCH`]: the rate limit.
+    attempted: Recent<()>,
     clock: Clock,
 }
 
@@ -104,9 +109,9 @@ impl JwtVerifier {
             validation_template: validation,
             required_roles: options.required_roles,
             max_age: options.max_age,
-            keys: RwLock::new(KeySet::default()),
-            fetch_lock: tokio::sync::Mutex::new(()),
-            last_attempt: Mutex::new(None),
+            keys: Arc::new(RwLock::new(KeySet::default())),
+            fetches: Flight::attached(),
+            attempted: Recent::new(),
             clock,
         }
     }
@@ -126,10 +131,7 @@ impl JwtVerifier {
             keys: usable_keys(&set),
             fetched_at: Some(now),
         };
-        *verifier
-            .last_attempt
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(now);
+        verifier.attempted.remember((), now + MIN_REFETCH);
         Ok(verifier)
     }
 
@@ -201,28 +203,26 @@ impl JwtVerifier {
     /// Fetches the key set unless one was attempted within [`MIN_REFETCH`] (then the keys
     /// at hand stand). Errs only when there are no keys at all.
     async fn refresh(&self) -> Result<(), AuthError> {
-        let _one_fetch = self.fetch_lock.lock().await;
         let now = self.clock.now();
-        let recently = self
-            .last_attempt
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|at| now < at + MIN_REFETCH);
-        if !recently {
-            *self.last_attempt.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
-            match self.fetch().await {
-                Ok(keys) => {
-                    tracing::info!(keys = keys.len(), url = %self.jwks_url, "fetched the caller token key set");
-                    *self.keys.write().unwrap_or_else(|e| e.into_inner()) = KeySet {
-                        keys,
-                        fetched_at: Some(now),
-                    };
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, url = %self.jwks_url, "cannot fetch the caller token key set; keeping the keys at hand")
+        let joined = self.fetches.join_or_start(
+            || self.attempted.get(now),
+            || {
+                self.attempted.remember((), now + MIN_REFETCH);
+                self.fetch_and_keep(now)
+            },
+        );
+        // A caller that waited for another's fetch judges the keys as of its end.
+        let now = match joined {
+            Joined::Ready(()) => now,
+            Joined::Call { call, started } => {
+                call.await;
+                if started {
+                    now
+                } else {
+                    self.clock.now()
                 }
             }
-        }
+        };
         let mut set = self.keys.write().unwrap_or_else(|e| e.into_inner());
         if set.keys.is_empty() {
             return Err(AuthError::Unavailable);
@@ -234,26 +234,50 @@ impl JwtVerifier {
         Ok(())
     }
 
-    async fn fetch(&self) -> Result<HashMap<String, Arc<VerifyingKey>>, JwksError> {
-        let response = self
-            .http
-            .get(&self.jwks_url)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(JwksError::Http)?;
-        if !response.status().is_success() {
-            return Err(JwksError::Status(response.status().as_u16()));
+    /// One fetch of the key set, begun at `started`: the keys it brings replace those at
+    /// hand; a failure keeps them.
+    fn fetch_and_keep(&self, started: Instant) -> impl Future<Output = ()> + Send + 'static {
+        let http = self.http.clone();
+        let url = self.jwks_url.clone();
+        let keys = Arc::clone(&self.keys);
+        async move {
+            match fetch(&http, &url).await {
+                Ok(fetched) => {
+                    tracing::info!(keys = fetched.len(), url = %url, "fetched the caller token key set");
+                    *keys.write().unwrap_or_else(|e| e.into_inner()) = KeySet {
+                        keys: fetched,
+                        fetched_at: Some(started),
+                    };
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, url = %url, "cannot fetch the caller token key set; keeping the keys at hand")
+                }
+            }
         }
-        let body = bounded::read(response, MAX_JWKS_BYTES)
-            .await
-            .map_err(|e| match e {
-                ReadError::Http(e) => JwksError::Http(e),
-                ReadError::TooLarge { .. } => JwksError::TooLarge,
-            })?;
-        let set: JwkSet = serde_json::from_slice(&body).map_err(JwksError::Json)?;
-        Ok(usable_keys(&set))
     }
+}
+
+async fn fetch(
+    http: &reqwest::Client,
+    url: &str,
+) -> Result<HashMap<String, Arc<VerifyingKey>>, JwksError> {
+    let response = http
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(JwksError::Http)?;
+    if !response.status().is_success() {
+        return Err(JwksError::Status(response.status().as_u16()));
+    }
+    let body = bounded::read(response, MAX_JWKS_BYTES)
+        .await
+        .map_err(|e| match e {
+            ReadError::Http(e) => JwksError::Http(e),
+            ReadError::TooLarge { .. } => JwksError::TooLarge,
+        })?;
+    let set: JwkSet = serde_json::from_slice(&body).map_err(JwksError::Json)?;
+    Ok(usable_keys(&set))
 }
 
 /// Signing keys with a `kid` that this verifier can use, by `kid`.

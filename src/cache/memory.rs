@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use crate::cache::entry::Entry;
 use crate::config::{ApiVersion, CacheSettings};
 use crate::core::model::{Kind, SessionKey};
+use crate::core::remembered::Remembered;
 use crate::telemetry::{names, Metrics};
 use crate::upstream::error::UpstreamError;
 
@@ -19,7 +20,7 @@ pub(super) struct Memory {
     /// The entries, bounded by bytes; each kept while it may be served.
     store: moka::sync::Cache<SessionKey, Arc<Entry>>,
     /// Recent failures per key and until when they stand (`failure_ttl`).
-    failures: moka::sync::Cache<SessionKey, (Arc<UpstreamError>, Instant)>,
+    failures: moka::sync::Cache<SessionKey, Remembered<Arc<UpstreamError>>>,
     failure_ttl: Duration,
     /// Bumped by every purge: a Graph answer to a call that began before a purge is
     /// returned to its callers but not stored.
@@ -114,7 +115,8 @@ impl Memory {
     ) {
         if !self.failure_ttl.is_zero() {
             let until = now + self.failure_ttl;
-            self.failures.insert(key.clone(), (error, until));
+            self.failures
+                .insert(key.clone(), Remembered::new(error, until));
         }
     }
 
@@ -125,8 +127,7 @@ impl Memory {
     ) -> Option<Arc<UpstreamError>> {
         self.failures
             .get(key)
-            .filter(|(_, until)| now < *until)
-            .map(|(error, _)| error)
+            .and_then(|failure| failure.standing(now).cloned())
     }
 
     /// Drops one session (or list), in every API version, with any failure remembered for

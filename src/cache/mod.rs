@@ -15,9 +15,9 @@
 //! The freshness lifetime is `ttl`, `negative_ttl` for a Graph 404, or `ttl_ended` for a
 //! session whose `endDateTime` is more than an hour past (`smart_ttl`).
 //!
-//! Misses are single-flight: the first caller for a key spawns the Graph call as its own
-//! task and publishes a shared future in `inflight`; everyone else for that key awaits the
-//! same future. Because the call is a spawned task, the caller that started it may
+//! Misses are single-flight (`core::flight`): the first caller for a key spawns the Graph
+//! call as its own task and publishes a shared future in `flights`; everyone else for that
+//! key awaits the same future. Because the call is a spawned task, the caller that started it may
 //! disconnect without cancelling it: the answer is still stored for the next request.
 //! Background refreshes, revalidations (`no-cache`) and misses all go through the same
 //! single flight. A failed call is remembered for `failure_ttl`, so the next burst gets
@@ -29,14 +29,12 @@
 //! mod.rs       SessionCache, the facade: get, stale_if_error, purges, usage, gate, now
 //! entry.rs     Entry: validators, freshness windows, weight, smart ttl
 //! policy.rs    Directives, Outcome, Lookup: what may be served; Cache-Status, metric label
-//! flight.rs    single flight: one spawned call per key, shared by its callers
-//! memory.rs    the moka store, the failure memory, the purge count
+//! memory.rs    the moka store, the failure memory (`core::remembered`), the purge count
 //! origin.rs    Origin: the trait the cache fetches through (app implements it for Graph)
 //! tier2/       SharedTier (Redis) and SessionCache's side of it: the cross-replica miss
 //! ```
 
 mod entry;
-mod flight;
 mod memory;
 pub mod origin;
 mod policy;
@@ -51,12 +49,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cache::flight::{Flights, Joined};
 use crate::cache::memory::Memory;
 use crate::cache::policy::{servable, Mode};
 use crate::cache::tier2::{Purge, SharedTier};
 use crate::config::CacheSettings;
 use crate::core::clock::Clock;
+use crate::core::flight::{Flights, Joined};
 use crate::core::model::{Kind, SessionKey};
 use crate::telemetry::{names, Metrics};
 use crate::upstream::error::UpstreamError;

@@ -3,11 +3,11 @@
 //! One token serves every request. It is reused until a margin before its expiry
 //! (`auth.refresh_before_expiry`, but never more than a tenth of the token's lifetime,
 //! so short-lived tokens are not refreshed on every request), and only one refresh runs at
-//! a time: concurrent callers wait on the refresh lock and then find the new token. When
+//! a time: concurrent callers share the one token request (`core::flight`). When
 //! Graph rejects a token, [`TokenProvider::invalidate`] drops exactly that token, so a
 //! burst of 401s leads to one refresh, not one per request.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ use tokio::time::Instant;
 
 use crate::config::{AssertionAlgorithm, ClientCertificate};
 use crate::core::clock::Clock;
+use crate::core::flight::Flight;
+use crate::core::remembered::Recent;
 use crate::telemetry::{names, Causes, Metrics, Wait};
 use crate::upstream::bounded::{self, ReadError};
 
@@ -259,14 +261,15 @@ pub struct TokenProvider {
     clock: Clock,
     /// The token in use; a read lock on the hot path, written only by a refresh.
     current: RwLock<Option<Arc<CachedToken>>>,
-    /// Held for the length of one token request, so only one runs at a time.
-    refresh_lock: tokio::sync::Mutex<()>,
+    /// The one token request in progress, its result shared by its waiters. Attached: it
+    /// runs in their tasks and ends with the last of them (bounded by their deadlines).
+    requests: Flight<Result<Arc<CachedToken>, Arc<TokenError>>>,
     /// The last failure and until when it stands: a 429's `Retry-After`, or a short pause
     /// so that a burst of requests during an identity outage makes one token request,
     /// not one each.
-    failed: RwLock<Option<(Instant, Arc<TokenError>)>>,
-    /// True while a background refresh task runs (at most one).
-    refreshing: AtomicBool,
+    failed: Recent<Arc<TokenError>>,
+    /// The background refresh task while it runs (at most one).
+    background: Flight<()>,
     serial: AtomicU64,
     metrics: Arc<Metrics>,
 }
@@ -289,8 +292,8 @@ pub struct TokenOptions {
     pub token_url: String,
     pub scope: String,
     pub refresh_before: Duration,
-    /// Longest one token request may take (a hung endpoint must not hold the refresh
-    /// lock forever).
+    /// Longest one token request may take (a hung endpoint must not hold up the one
+    /// token request forever).
     pub timeout: Duration,
 }
 
@@ -348,9 +351,9 @@ impl TokenProvider {
             clock,
             metrics,
             current: RwLock::new(None),
-            refresh_lock: tokio::sync::Mutex::new(()),
-            failed: RwLock::new(None),
-            refreshing: AtomicBool::new(false),
+            requests: Flight::attached(),
+            failed: Recent::new(),
+            background: Flight::new(|| ()),
             serial: AtomicU64::new(0),
         })
     }
@@ -381,53 +384,52 @@ impl TokenProvider {
     }
 
     fn refresh_in_background(self: &Arc<Self>) {
-        if self.refreshing.swap(true, Ordering::AcqRel) {
-            return;
-        }
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut pause = RETRY_FIRST;
-            loop {
-                match this.refresh().await {
-                    Ok(_) => break,
-                    Err(e) => {
-                        let now = this.clock.now();
-                        let Some(expires_at) =
-                            this.current().map(|t| t.expires_at).filter(|at| now < *at)
-                        else {
-                            // Expired: requests now ask in the foreground.
-                            break;
-                        };
-                        let wait = e.retry_after().unwrap_or(pause).min(expires_at - now);
-                        tracing::warn!(error = %e, retry_in = %Wait(wait), "background token refresh failed; the current token stays in use");
-                        tokio::time::sleep(wait).await;
-                        pause = (pause * 2).min(RETRY_CAP);
-                    }
+        self.background.start(move || this.retry_until_refreshed());
+    }
+
+    /// Refreshes, retrying with backoff while the current token stays valid.
+    async fn retry_until_refreshed(self: Arc<Self>) {
+        let mut pause = RETRY_FIRST;
+        loop {
+            match self.refresh().await {
+                Ok(_) => break,
+                Err(e) => {
+                    let now = self.clock.now();
+                    let Some(expires_at) =
+                        self.current().map(|t| t.expires_at).filter(|at| now < *at)
+                    else {
+                        // Expired: requests now ask in the foreground.
+                        break;
+                    };
+                    let wait = e.retry_after().unwrap_or(pause).min(expires_at - now);
+                    tracing::warn!(error = %e, retry_in = %Wait(wait), "background token refresh failed; the current token stays in use");
+                    tokio::time::sleep(wait).await;
+                    pause = (pause * 2).min(RETRY_CAP);
                 }
             }
-            this.refreshing.store(false, Ordering::Release);
-        });
+        }
     }
 
     /// One token request at a time; waiters take its result.
-    async fn refresh(&self) -> Result<Arc<CachedToken>, Arc<TokenError>> {
-        let _one_request = self.refresh_lock.lock().await;
-        let now = self.clock.now();
-        // Whoever held the lock before us may have refreshed already...
-        if let Some(token) = self.current().filter(|t| now < t.refresh_at) {
-            return Ok(token);
-        }
-        // ...or failed moments ago.
-        if let Some((until, error)) = self
-            .failed
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            if now < until {
-                return Err(error);
+    async fn refresh(self: &Arc<Self>) -> Result<Arc<CachedToken>, Arc<TokenError>> {
+        let ready = || {
+            let now = self.clock.now();
+            // The request before ours may have refreshed already...
+            if let Some(token) = self.current().filter(|t| now < t.refresh_at) {
+                return Some(Ok(token));
             }
-        }
+            // ...or failed moments ago.
+            self.failed.get(now).map(Err)
+        };
+        let this = Arc::clone(self);
+        self.requests
+            .run(ready, move || async move { this.request().await })
+            .await
+    }
+
+    /// Asks the token endpoint, and keeps the token (or remembers the failure).
+    async fn request(&self) -> Result<Arc<CachedToken>, Arc<TokenError>> {
         let fetched = self.fetch().await;
         let outcome = match &fetched {
             Ok(_) => "ok",
@@ -447,7 +449,7 @@ impl TokenProvider {
         match fetched {
             Ok(token) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
-                *self.failed.write().unwrap_or_else(|e| e.into_inner()) = None;
+                self.failed.forget();
                 Ok(token)
             }
             Err(e) => {
@@ -462,8 +464,7 @@ impl TokenProvider {
                     ),
                     _ => tracing::warn!(error = %e, cause = %Causes(&*e), "token request failed"),
                 }
-                *self.failed.write().unwrap_or_else(|e| e.into_inner()) =
-                    Some((now + pause, e.clone()));
+                self.failed.remember(e.clone(), now + pause);
                 Err(e)
             }
         }
