@@ -86,7 +86,10 @@ fn hit_path(c: &mut Criterion) {
 }
 
 fn request(uri: &str, etag: Option<&str>) -> Request<Empty<Bytes>> {
-    let mut builder = Request::get(uri).header("authorization", format!("Bearer {KEY}"));
+    // HTTP/1.1 requires Host (RFC 9112 3.2): the proxy answers 400 without one.
+    let mut builder = Request::get(uri)
+        .header("host", "graph-session-proxy.internal")
+        .header("authorization", format!("Bearer {KEY}"));
     if let Some(etag) = etag {
         builder = builder.header("if-none-match", etag);
     }
