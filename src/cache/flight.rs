@@ -84,6 +84,14 @@ where
             started: true,
         }
     }
+
+    /// Whether a call for `key` is in progress (a new request would join it).
+    pub(super) fn in_progress(&self, key: &K) -> bool {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
+    }
 }
 
 /// Removes a key's call from the map when dropped.
