@@ -110,9 +110,14 @@ pub mod names {
     pub const SHARED_SKIPPED: &str = "graph_session_proxy_shared_skipped_total";
     pub const SHARED_UP: &str = "graph_session_proxy_shared_up";
     pub const SHARED_LOOKUPS: &str = "graph_session_proxy_shared_lookups_total";
+    pub const RATE_LIMITED: &str = "graph_session_proxy_rate_limited_total";
 }
 
 const HELP: &[(&str, &str)] = &[
+    (
+        names::RATE_LIMITED,
+        "Requests refused with 429 by a caller's limit (requests or graph); callers not configured by name are `other`.",
+    ),
     (
         names::REQUESTS,
         "Caller requests by route, status class, error code, cache status and caller.",

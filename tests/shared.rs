@@ -648,3 +648,64 @@ async fn a_429_is_shared_while_its_replica_still_waits_out_retry_after() {
         "the 429 and A's retry only"
     );
 }
+
+#[tokio::test]
+async fn two_replicas_enforce_one_graph_budget_and_redis_stopping_fails_no_caller() {
+    let mut redis = RedisServer::start();
+    let h = harness_with(&redis, |_| {}, |s| s.limits.graph_per_minute = 60).await;
+    let b = h.another_instance().await;
+    let proxies = [h.proxy, b.proxy];
+    let started = Instant::now();
+    let before = h.stats().graph_requests;
+    let mut statuses = Vec::new();
+    for batch in 0..6 {
+        let requests = (0..50).map(|i| {
+            let url = format!(
+                "http://{}/sessions/webinars/ev/gen-budget-{batch}-{i}",
+                proxies[i % 2]
+            );
+            let h = &h;
+            async move { get(h, &url, None).await }
+        });
+        for response in futures::future::join_all(requests).await {
+            let status = response.status().as_u16();
+            if status == 429 {
+                assert!(response.headers().contains_key("retry-after"));
+                assert_eq!(
+                    response.headers()["ratelimit-policy"],
+                    "\"graph\";q=60;w=60"
+                );
+            }
+            statuses.push(status);
+        }
+    }
+    let calls = h.stats().graph_requests - before;
+    // 60 a minute (one a second) plus the burst of 10, for both replicas together.
+    let allowed = 10 + started.elapsed().as_secs() + 1;
+    assert!(calls <= allowed, "{calls} Graph calls, at most {allowed}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count() as u64, calls);
+
+    // Redis gone: each replica decides on its own; nobody gets anything but the limits.
+    redis.stop();
+    let requests = (0..60).map(|i| {
+        let url = format!(
+            "http://{}/sessions/webinars/ev/gen-no-redis-{i}",
+            proxies[i % 2]
+        );
+        let h = &h;
+        async move { get(h, &url, None).await.status().as_u16() }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&200),
+        "the local buckets still admit: {statuses:?}"
+    );
+}

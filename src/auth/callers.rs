@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 
 use crate::auth::error::AuthError;
 use crate::auth::jwt::{Claims, JwtOptions, JwtVerifier};
-use crate::config::{CallerMode, CallersSettings, JwtAppSettings};
+use crate::config::{CallerMode, CallersSettings, JwtAppSettings, LimitOverrides};
 use crate::core::clock::Clock;
 use crate::core::http::{bearer_token, sha256_from_hex, NotBearer};
 use crate::core::model::{Kind, SessionKey};
@@ -31,6 +31,15 @@ pub struct Caller {
     kinds: Option<Vec<Kind>>,
     /// `None` = every event; entries are exact ids or `*@<tenant>`.
     events: Option<Vec<String>>,
+    /// This caller's overrides of `[limits]`.
+    pub limits: LimitOverrides,
+    /// Whose buckets this caller's requests are counted in: one per API key, one per JWT
+    /// app id (`key:NAME`, `app:ID`), so names of the two kinds never share one.
+    pub bucket: Arc<str>,
+    /// Named in the configuration (an API key, an app listed by client id, the anonymous
+    /// caller), as opposed to an app id only its token names: only these get their own
+    /// metric label.
+    pub configured: bool,
 }
 
 impl Caller {
@@ -56,6 +65,21 @@ impl Caller {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Caller {
+    /// A caller with every kind and event, for tests of the layers that use callers.
+    pub(crate) fn for_tests(bucket: &str, configured: bool, limits: LimitOverrides) -> Caller {
+        Caller {
+            name: bucket.into(),
+            kinds: None,
+            events: None,
+            limits,
+            bucket: bucket.into(),
+            configured,
+        }
     }
 }
 
@@ -106,6 +130,9 @@ impl Callers {
                             name: k.name.as_str().into(),
                             kinds: k.kinds.clone(),
                             events: k.events.clone(),
+                            limits: k.limits(),
+                            bucket: format!("key:{}", k.name).into(),
+                            configured: true,
                         }),
                     })
                 })
@@ -134,6 +161,9 @@ impl Callers {
                 name: "anonymous".into(),
                 kinds: None,
                 events: None,
+                limits: LimitOverrides::default(),
+                bucket: "anonymous".into(),
+                configured: true,
             })
         });
         Callers {
@@ -189,11 +219,15 @@ fn jwt_caller(apps: &[JwtAppSettings], claims: Claims) -> Result<Arc<Caller>, Au
         "token names no application (azp, appid or sub)",
     ))?;
     let name: Arc<str> = id.into();
+    let bucket: Arc<str> = format!("app:{}", id.to_ascii_lowercase()).into();
     if apps.is_empty() {
         return Ok(Arc::new(Caller {
             name,
             kinds: None,
             events: None,
+            limits: LimitOverrides::default(),
+            bucket,
+            configured: false,
         }));
     }
     let by_client = apps.iter().find(|a| {
@@ -208,11 +242,15 @@ fn jwt_caller(apps: &[JwtAppSettings], claims: Claims) -> Result<Arc<Caller>, Au
                 .is_some_and(|r| claims.roles.iter().any(|have| have == r))
         })
     };
+    let configured = by_client.is_some();
     match by_client.or_else(by_role) {
         Some(app) => Ok(Arc::new(Caller {
             name,
             kinds: app.kinds.clone(),
             events: app.events.clone(),
+            limits: app.limits(),
+            bucket,
+            configured,
         })),
         None => Err(AuthError::Forbidden {
             caller: id.to_string(),
@@ -306,12 +344,14 @@ mod tests {
                     sha256: digest.to_uppercase(),
                     kinds: None,
                     events: None,
+                    ..ApiKeySettings::default()
                 },
                 ApiKeySettings {
                     name: "limited".into(),
                     sha256: hex::encode(Sha256::digest(b"key-two")),
                     kinds: Some(vec![Kind::Townhalls]),
                     events: Some(vec!["*@TENANT-A".into(), "exact-event".into()]),
+                    ..ApiKeySettings::default()
                 },
             ],
             jwt: None,

@@ -130,6 +130,47 @@ impl SessionCache {
         self.clock.now()
     }
 
+    /// The clock freshness is judged by (the rate limits run on it too).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Whether [`SessionCache::get`] would start a Graph call for this request: nothing
+    /// servable in memory, no failure remembered, and no call in progress to join. (Two
+    /// requests at the same instant may both see `true` and one then joins the other.)
+    pub fn would_call_graph(&self, key: &SessionKey, directives: Directives) -> bool {
+        if directives.only_if_cached {
+            return false;
+        }
+        let now = self.clock.now();
+        let servable_here = self.memory.get(key).is_some_and(|entry| {
+            servable(&entry, now, directives, self.settings.stale_if_error).is_some()
+        });
+        !servable_here
+            && self.memory.recent_failure(key, now).is_none()
+            && !self.flights.in_progress(key)
+    }
+
+    /// What may answer without any Graph call, for a caller whose Graph budget is spent:
+    /// a fresh entry (a `no-cache` request is answered as if it had not asked to
+    /// revalidate), else a stale one within `stale_if_error`. Nothing is started.
+    pub fn get_without_graph(&self, key: &SessionKey, directives: Directives) -> Option<Lookup> {
+        let now = self.clock.now();
+        let entry = self.memory.get(key)?;
+        let cached_only = Directives {
+            no_cache: false,
+            only_if_cached: true,
+            max_stale: directives.max_stale,
+        };
+        if let Some(outcome) = servable(&entry, now, cached_only, self.settings.stale_if_error) {
+            return Some(Lookup { entry, outcome });
+        }
+        (entry.body.is_some() && now < entry.stale_until).then_some(Lookup {
+            entry,
+            outcome: Outcome::GraphBudget,
+        })
+    }
+
     /// The session for `key`: from memory when fresh (or acceptably stale), else from
     /// Graph through the key's shared call, else a stale entry, else the error.
     pub async fn get(

@@ -30,6 +30,9 @@ pub enum Outcome {
     StaleIfError,
     /// Not in this replica's memory, fresh in the shared tier (Redis): Graph not contacted.
     Tier2,
+    /// The caller's Graph budget is spent: a stale entry within `stale_if_error` was
+    /// served instead of asking Graph.
+    GraphBudget,
 }
 
 impl Outcome {
@@ -44,6 +47,7 @@ impl Outcome {
             Outcome::StaleIfError => "stale_if_error",
             Outcome::MaxStale => "max_stale",
             Outcome::Tier2 => "tier2_hit",
+            Outcome::GraphBudget => "graph_budget",
         }
     }
 }
@@ -121,6 +125,10 @@ impl Lookup {
             ),
             Outcome::Tier2 => format!(
                 "graph-session-proxy; hit; ttl={}; detail=tier2",
+                entry.ttl(now)
+            ),
+            Outcome::GraphBudget => format!(
+                "graph-session-proxy; fwd=stale; ttl={}; detail=graph-budget",
                 entry.ttl(now)
             ),
         };

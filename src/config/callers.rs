@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::http::sha256_from_hex;
 
-use super::{check_http_url, plain_http_warning, positive, ConfigError, Kind};
+use super::{
+    check_http_url, plain_http_warning, positive, ConfigError, Kind, LimitOverrides, LimitSettings,
+};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -30,7 +32,7 @@ pub struct CallersSettings {
     pub jwt: Option<JwtSettings>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeySettings {
     /// Appears in logs as the caller.
@@ -43,6 +45,15 @@ pub struct ApiKeySettings {
     /// Optional limit to these event ids, exact or `*@<tenant id>`; absent = all events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<String>>,
+    /// Overrides of `[limits]` for this caller (absent = the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_per_minute: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_burst: Option<u32>,
 }
 
 /// `[callers.jwt]`: Entra ID (or any OIDC) app tokens.
@@ -93,6 +104,15 @@ pub struct JwtAppSettings {
     pub kinds: Option<Vec<Kind>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<String>>,
+    /// Overrides of `[limits]` for this app (or role) (absent = the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_burst: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_per_minute: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_burst: Option<u32>,
 }
 
 impl CallersSettings {
@@ -195,6 +215,47 @@ impl CallersSettings {
             self.jwt.as_ref().and_then(|j| j.jwks_url.as_deref()),
         ));
         out
+    }
+}
+
+/// The four `[limits]` keys as a caller's overrides.
+macro_rules! overrides {
+    ($s:expr) => {
+        LimitOverrides {
+            requests_per_second: $s.requests_per_second,
+            requests_burst: $s.requests_burst,
+            graph_per_minute: $s.graph_per_minute,
+            graph_burst: $s.graph_burst,
+        }
+    };
+}
+
+impl ApiKeySettings {
+    pub fn limits(&self) -> LimitOverrides {
+        overrides!(self)
+    }
+}
+
+impl JwtAppSettings {
+    pub fn limits(&self) -> LimitOverrides {
+        overrides!(self)
+    }
+}
+
+impl CallersSettings {
+    /// Each caller's limits, with its overrides applied, make sense.
+    pub(super) fn validate_limits(&self, defaults: &LimitSettings) -> Result<(), ConfigError> {
+        for (i, key) in self.api_keys.iter().enumerate() {
+            defaults
+                .with(key.limits())
+                .validate(&format!("callers.api_keys[{i}]."))?;
+        }
+        for (i, app) in self.jwt.iter().flat_map(|j| j.apps.iter()).enumerate() {
+            defaults
+                .with(app.limits())
+                .validate(&format!("callers.jwt.apps[{i}]."))?;
+        }
+        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@ mod cache;
 mod callers;
 mod files;
 mod graph;
+mod limits;
 mod log;
 mod placeholders;
 mod server;
@@ -27,6 +28,7 @@ pub use auth::{AssertionAlgorithm, AuthSettings, ClientCertificate};
 pub use cache::{CacheSettings, SharedSettings};
 pub use callers::{ApiKeySettings, CallerMode, CallersSettings, JwtAppSettings, JwtSettings};
 pub use graph::{Cloud, GraphSettings};
+pub use limits::{LimitOverrides, LimitSettings, Rate};
 pub use log::{LogFormat, LogSettings};
 pub use server::ServerSettings;
 
@@ -64,6 +66,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub cache: CacheSettings,
     pub callers: CallersSettings,
+    pub limits: LimitSettings,
     pub log: LogSettings,
 }
 
@@ -189,6 +192,8 @@ impl Settings {
         self.auth.validate(purpose)?;
         self.cache.validate(self.server.request_timeout)?;
         self.callers.validate()?;
+        self.limits.validate("limits.")?;
+        self.callers.validate_limits(&self.limits)?;
         self.log.validate()?;
         if purpose == Purpose::Serve {
             if let Some(placeholder) = self.placeholders().into_iter().next() {

@@ -69,6 +69,17 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     T: Clone + Send + Sync + 'static,
 {
+    /// Whether a call for `key` is in progress (a new request would join it).
+    pub fn in_progress(&self, key: &K) -> bool {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_key
+            .get(key)
+            .and_then(Held::call)
+            .is_some()
+    }
+
     /// Spawned calls; `lost` answers for a call whose task failed.
     pub(crate) fn new(lost: fn() -> T) -> Flights<K, T> {
         Flights::with(Some(lost))

@@ -17,6 +17,7 @@ use crate::auth::error::AuthError;
 use crate::cache::CacheError;
 use crate::core::http::json_response;
 use crate::core::model::{IdError, Style};
+use crate::http::limits::{Limit, Refusal};
 use crate::upstream::error::UpstreamError;
 
 /// Everything that can stop a request from getting its session: the HTTP layer's own
@@ -55,6 +56,9 @@ pub enum ProxyError {
     /// Graph or the identity platform failed (possibly remembered by the cache).
     #[error(transparent)]
     Upstream(Arc<UpstreamError>),
+    /// The caller's request rate or Graph budget is spent (and nothing servable cached).
+    #[error("{} limit reached", .0.limit.name())]
+    RateLimited(Refusal),
 }
 
 impl From<CacheError> for ProxyError {
@@ -79,6 +83,8 @@ struct Answer {
     message: String,
     /// The one header this status needs, if any.
     header: Option<(http::HeaderName, HeaderValue)>,
+    /// `RateLimit-Policy` and `RateLimit`, for a 429.
+    rate_limit: Option<(HeaderValue, HeaderValue)>,
 }
 
 fn answer(status: StatusCode, code: &'static str, message: impl Into<String>) -> Answer {
@@ -87,8 +93,12 @@ fn answer(status: StatusCode, code: &'static str, message: impl Into<String>) ->
         code,
         message: message.into(),
         header: None,
+        rate_limit: None,
     }
 }
+
+const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 impl ProxyError {
     /// Exhaustive on purpose: a new variant must be classified here before the crate
@@ -168,6 +178,24 @@ impl ProxyError {
                 "the proxy is shutting down; retry on another instance",
             ),
             E::Internal(_) => answer(StatusCode::INTERNAL_SERVER_ERROR, "internalError", "internal error"),
+            E::RateLimited(refusal) => Answer {
+                header: Some((RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()))),
+                rate_limit: Some(refusal.headers()),
+                ..answer(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rateLimited",
+                    match refusal.limit {
+                        Limit::Requests => format!(
+                            "this caller's request rate ({} per second) is spent; retry after the Retry-After delay",
+                            refusal.rate.quota
+                        ),
+                        Limit::Graph => format!(
+                            "this caller's Graph budget ({} Graph calls per minute) is spent and this session is not cached; retry after the Retry-After delay",
+                            refusal.rate.quota
+                        ),
+                    },
+                )
+            },
         }
     }
 
@@ -208,6 +236,10 @@ impl ProxyError {
         };
         if let Some((name, value)) = a.header {
             response.headers_mut().insert(name, value);
+        }
+        if let Some((policy, now)) = a.rate_limit {
+            response.headers_mut().insert(RATELIMIT_POLICY, policy);
+            response.headers_mut().insert(RATELIMIT, now);
         }
         response
     }

@@ -25,6 +25,7 @@ use crate::core::model::{SessionKey, Style};
 use crate::core::request_id;
 use crate::http::access_log::AccessLog;
 use crate::http::error::{error_response, ProxyError, CLIENT_REQUEST_ID, REQUEST_ID};
+use crate::http::limits::Refusal;
 use crate::http::routes;
 use crate::http::AppState;
 use crate::telemetry::Causes;
@@ -151,7 +152,7 @@ pub async fn handle<B: hyper::body::Body>(
 }
 
 /// The phases, in order; each may refuse the request with its [`ProxyError`]. A new
-/// policy (a rate limit, say) is one more phase here.
+/// policy is one more phase here (as the limits are).
 async fn answer<B: hyper::body::Body>(
     state: &AppState,
     req: &Request<B>,
@@ -163,7 +164,11 @@ async fn answer<B: hyper::body::Body>(
     refuse_body(log)?;
     let caller = authenticate(state, req.headers(), log).await?;
     caller.authorize(&key)?;
-    let lookup = lookup(state, &key, req.headers(), log).await?;
+    let directives = directives(req.headers());
+    let lookup = match limit(state, &caller, &key, directives).await? {
+        None => lookup(state, &key, directives, log).await?,
+        Some(spent) => without_graph(state, &caller, &key, directives, spent)?,
+    };
     Ok(respond(state, req.headers(), &key, &lookup, log, ids))
 }
 
@@ -240,15 +245,52 @@ async fn authenticate(
     Ok(caller)
 }
 
+/// The caller's limits. Every request is charged to its request rate (over it: 429 and
+/// nothing else happens). A request that would start a Graph call is charged to its Graph
+/// budget; one that finds a servable entry, or joins a call in progress, is not. Answers
+/// the Graph budget's refusal when it is spent: the request may then use only the cache.
+async fn limit(
+    state: &AppState,
+    caller: &Caller,
+    key: &SessionKey,
+    directives: Directives,
+) -> Result<Option<Refusal>, ProxyError> {
+    if let Err(refusal) = state.limits.request(caller).await {
+        state.limits.count_refusal(caller, refusal.limit);
+        return Err(ProxyError::RateLimited(refusal));
+    }
+    if !state.limits.has_graph_budget(caller) || !state.cache.would_call_graph(key, directives) {
+        return Ok(None);
+    }
+    Ok(state.limits.graph_call(caller).await.err())
+}
+
+/// The answer for a caller whose Graph budget is spent: whatever the cache can serve
+/// without Graph (fresh, or stale within `stale_if_error`), else 429.
+fn without_graph(
+    state: &AppState,
+    caller: &Caller,
+    key: &SessionKey,
+    directives: Directives,
+    spent: Refusal,
+) -> Result<Lookup, ProxyError> {
+    state
+        .cache
+        .get_without_graph(key, directives)
+        .ok_or_else(|| {
+            state.limits.count_refusal(caller, spent.limit);
+            ProxyError::RateLimited(spent)
+        })
+}
+
 /// The cache's answer within the request timeout; when Graph hangs past it, a stale copy
 /// (stale-if-error) still beats a timeout.
 async fn lookup(
     state: &AppState,
     key: &SessionKey,
-    headers: &http::HeaderMap,
+    directives: Directives,
     log: &mut AccessLog,
 ) -> Result<Lookup, ProxyError> {
-    let directives = directives(headers);
     match tokio::time::timeout(state.request_timeout, state.cache.get(key, directives)).await {
         Ok(Ok(lookup)) => Ok(lookup),
         Ok(Err(error)) => {

@@ -5,6 +5,7 @@ mod access_log;
 pub mod admin;
 pub mod error;
 pub mod handler;
+pub mod limits;
 pub mod routes;
 #[cfg(test)]
 mod tests;
@@ -13,6 +14,7 @@ use crate::auth::callers::Callers;
 use crate::cache::SessionCache;
 use crate::config::{ApiVersion, Settings};
 use crate::core::http::sha256_from_hex;
+use crate::http::limits::Limits;
 use crate::telemetry::Metrics;
 use crate::upstream::token::TokenProvider;
 
@@ -28,6 +30,8 @@ pub struct AppState {
     pub cache: Arc<SessionCache>,
     pub metrics: Arc<Metrics>,
     pub tokens: Arc<TokenProvider>,
+    /// Each caller's request rate and Graph budget (`[limits]`).
+    pub limits: Limits,
     /// Permits for requests in progress; none left -> 503 overloaded at once.
     pub(crate) limit: Arc<Semaphore>,
     pub(crate) request_timeout: Duration,
@@ -59,11 +63,18 @@ impl AppState {
         metrics: Arc<Metrics>,
         tokens: Arc<TokenProvider>,
     ) -> AppState {
+        let limits = Limits::new(
+            settings.limits,
+            cache.clock().clone(),
+            metrics.clone(),
+            cache.shared().cloned(),
+        );
         AppState {
             callers,
             cache,
             metrics,
             tokens,
+            limits,
             limit: Arc::new(Semaphore::new(settings.server.max_concurrent_requests)),
             request_timeout: settings.server.request_timeout,
             max_headers: settings.server.max_headers,

@@ -104,6 +104,12 @@ impl Origin for FakeOrigin {
 /// The handler's state with `Graph` as the first answer; callers need the API key
 /// [`KEY`] ("full", every kind) or "town-key" ("towns", town halls only).
 fn state(first: Graph) -> (Arc<AppState>, Arc<FakeOrigin>) {
+    state_with(first, "", "")
+}
+
+/// As [`state`], with more top-level tables (`[limits]`, `[cache]`) and more keys for the
+/// "full" caller (its limits).
+fn state_with(first: Graph, tables: &str, full: &str) -> (Arc<AppState>, Arc<FakeOrigin>) {
     let hex = |key: &str| hex::encode(Sha256::digest(key.as_bytes()));
     let toml = format!(
         r#"
@@ -119,10 +125,12 @@ fn state(first: Graph) -> (Arc<AppState>, Arc<FakeOrigin>) {
         [[callers.api_keys]]
         name = "full"
         sha256 = "{}"
+        {full}
         [[callers.api_keys]]
         name = "towns"
         sha256 = "{}"
         kinds = ["townhalls"]
+        {tables}
         "#,
         hex(KEY),
         hex("town-key"),
@@ -448,3 +456,6 @@ async fn overloaded_and_draining() {
         .await
         .assert_error(503, "draining");
 }
+
+/// The limit phase: request rates and Graph budgets.
+mod limits;

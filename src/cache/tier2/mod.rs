@@ -10,6 +10,7 @@
 //! gsp:unshared:{kind}:{event}:{version}:s:{session}  the holder's answer could not be shared (PX = lock_ttl)
 //! gsp:gen                                       purge generation (INCR on every purge)
 //! gsp:purge                                     pub/sub channel of purges (and heartbeats)
+//! gsp:rl:{limit}:{bucket}                       a caller's rate-limit bucket (GCRA, rate.rs)
 //! ```
 //!
 //! Ids cannot contain `:` (routes allow `A-Z a-z 0-9 - _ . @ = +`), so keys parse one way.
@@ -37,6 +38,7 @@
 //! mod.rs         SharedTier: the steps of the protocol (lookup, put, renew, unlock, gate)
 //! protocol.rs    the Lua scripts, the lookup's reply (holder, gate), the key layout
 //! record.rs      an entry as stored in Redis
+//! rate.rs        a caller's rate limit, one GCRA step shared by every replica
 //! purge.rs       Purge: its broadcast, its removal from Redis, following other replicas'
 //! connection.rs  bounded commands, the failure pause, reconnection
 //! bridge.rs      SessionCache's side: the cross-replica miss, gate bridging
@@ -46,6 +48,7 @@ mod bridge;
 mod connection;
 mod protocol;
 mod purge;
+mod rate;
 mod record;
 
 pub use protocol::{Holder, Look, LookMode, SharedGate, LOOKUP};
