@@ -29,6 +29,17 @@ fn routing(c: &mut Criterion) {
 }
 
 fn hit_path(c: &mut Criterion) {
+    hit_path_with(c, "handler", "");
+    // The same hits with per-caller limits high enough never to refuse: the cost of the
+    // limit phase itself (issue #14: at most a few percent).
+    hit_path_with(
+        c,
+        "handler with limits",
+        "[limits]\nrequests_per_second = 10000000\ngraph_per_minute = 600000\n",
+    );
+}
+
+fn hit_path_with(c: &mut Criterion, name: &str, limits: &str) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -46,7 +57,7 @@ fn hit_path(c: &mut Criterion) {
         };
         let mut settings = Settings::from_toml(
             &format!(
-                "[auth]\ntenant_id = \"5466a424-aadf-425c-9b24-034ca28d4bdd\"\nclient_id = \"00000000-0000-0000-0000-00000000c11e\"\nclient_secret = \"sim-client-secret\"\n[cache]\nttl = \"1h\"\n[callers]\nmode = \"api_key\"\n[[callers.api_keys]]\nname = \"bench\"\nsha256 = \"{sha}\"\n"
+                "{limits}[auth]\ntenant_id = \"5466a424-aadf-425c-9b24-034ca28d4bdd\"\nclient_id = \"00000000-0000-0000-0000-00000000c11e\"\nclient_secret = \"sim-client-secret\"\n[cache]\nttl = \"1h\"\n[callers]\nmode = \"api_key\"\n[[callers.api_keys]]\nname = \"bench\"\nsha256 = \"{sha}\"\n"
             ),
             Purpose::Embedded,
         )
@@ -66,7 +77,7 @@ fn hit_path(c: &mut Criterion) {
         .expect("etag")
         .to_string();
 
-    let mut group = c.benchmark_group("handler");
+    let mut group = c.benchmark_group(name);
     group.measurement_time(Duration::from_secs(5));
     group.bench_function("cache hit 200", |b| {
         b.to_async(&rt).iter(|| async {
