@@ -517,31 +517,7 @@ fn help_names_the_environment_overrides_and_the_exit_codes() {
 /// the proxy answers there.
 #[tokio::test]
 async fn demo_listens_where_it_is_told() {
-    use std::io::BufRead;
-    let mut child = KillOnDrop(
-        std::process::Command::new(BIN)
-            .args([
-                "demo",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = demo_on_free_ports();
     let mut base = None;
     let mut curl = None;
     while curl.is_none() {
@@ -656,31 +632,7 @@ async fn the_shipped_file_serves_with_the_secret_from_the_environment() {
 /// 401 without a key, the simulator's stats.
 #[tokio::test]
 async fn the_demo_answers_what_the_readme_says() {
-    use std::io::BufRead;
-    let mut child = KillOnDrop(
-        std::process::Command::new(BIN)
-            .args([
-                "demo",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = demo_on_free_ports();
     let mut curls = Vec::new();
     while curls.len() < 5 {
         let line = rx
@@ -762,4 +714,34 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `demo` on free loopback ports (killed when the test ends), and its stdout line by line.
+fn demo_on_free_ports() -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = KillOnDrop(
+        std::process::Command::new(BIN)
+            .args([
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
 }
