@@ -171,6 +171,20 @@ impl SessionCache {
         })
     }
 
+    /// What memory can serve for this request without waiting for Graph: a fresh hit (a
+    /// background refresh started in its last `refresh_ahead`), or a stale entry the
+    /// directives accept (refreshed in the background). `None`: [`SessionCache::get`]
+    /// has to ask Graph, join a call, or answer a remembered failure.
+    pub fn cached(self: &Arc<Self>, key: &SessionKey, directives: Directives) -> Option<Lookup> {
+        let now = self.clock.now();
+        let entry = self.memory.get(key)?;
+        let outcome = servable(&entry, now, directives, self.settings.stale_if_error)?;
+        if outcome != Outcome::Hit || now >= entry.refresh_from {
+            self.refresh_in_background(key);
+        }
+        Some(Lookup { entry, outcome })
+    }
+
     /// The session for `key`: from memory when fresh (or acceptably stale), else from
     /// Graph through the key's shared call, else a stale entry, else the error.
     pub async fn get(
@@ -178,19 +192,10 @@ impl SessionCache {
         key: &SessionKey,
         directives: Directives,
     ) -> Result<Lookup, CacheError> {
-        let now = self.clock.now();
-        let cached = self.memory.get(key);
-        if let Some(entry) = &cached {
-            if let Some(outcome) = servable(entry, now, directives, self.settings.stale_if_error) {
-                if outcome != Outcome::Hit || now >= entry.refresh_from {
-                    self.refresh_in_background(key);
-                }
-                return Ok(Lookup {
-                    entry: entry.clone(),
-                    outcome,
-                });
-            }
+        if let Some(lookup) = self.cached(key, directives) {
+            return Ok(lookup);
         }
+        let now = self.clock.now();
         if directives.only_if_cached {
             return Err(CacheError::NotCached);
         }
