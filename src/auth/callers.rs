@@ -40,6 +40,10 @@ pub struct Caller {
     /// caller), as opposed to an app id only its token names: only these get their own
     /// metric label.
     pub configured: bool,
+    /// A number of its own among the callers built once at start-up (API keys, the
+    /// anonymous caller), below [`Callers::slots`]: upper layers index their per-caller
+    /// state by it instead of hashing `bucket`. `None` for callers a token stands for.
+    pub slot: Option<usize>,
 }
 
 impl Caller {
@@ -79,6 +83,7 @@ impl Caller {
             limits,
             bucket: bucket.into(),
             configured,
+            slot: None,
         }
     }
 }
@@ -112,6 +117,8 @@ pub struct Callers {
     jwt: Option<JwtCallers>,
     /// `mode = "none"`: everyone is this caller.
     anonymous: Option<Arc<Caller>>,
+    /// One per API key, one for the anonymous caller.
+    slots: usize,
 }
 
 impl Callers {
@@ -121,7 +128,8 @@ impl Callers {
             settings
                 .api_keys
                 .iter()
-                .filter_map(|k| {
+                .enumerate()
+                .filter_map(|(slot, k)| {
                     // validate() checked the hex; skip rather than panic if it did not.
                     let digest = sha256_from_hex(&k.sha256)?;
                     Some(KeyEntry {
@@ -133,6 +141,7 @@ impl Callers {
                             limits: k.limits(),
                             bucket: format!("key:{}", k.name).into(),
                             configured: true,
+                            slot: Some(slot),
                         }),
                     })
                 })
@@ -164,13 +173,20 @@ impl Callers {
                 limits: LimitOverrides::default(),
                 bucket: "anonymous".into(),
                 configured: true,
+                slot: Some(settings.api_keys.len()),
             })
         });
         Callers {
             keys,
             jwt,
             anonymous,
+            slots: settings.api_keys.len() + 1,
         }
+    }
+
+    /// How many [`Caller::slot`] numbers there are.
+    pub fn slots(&self) -> usize {
+        self.slots
     }
 
     pub fn is_open(&self) -> bool {
@@ -228,6 +244,7 @@ fn jwt_caller(apps: &[JwtAppSettings], claims: Claims) -> Result<Arc<Caller>, Au
             limits: LimitOverrides::default(),
             bucket,
             configured: false,
+            slot: None,
         }));
     }
     let by_client = apps.iter().find(|a| {
@@ -251,6 +268,7 @@ fn jwt_caller(apps: &[JwtAppSettings], claims: Claims) -> Result<Arc<Caller>, Au
             limits: app.limits(),
             bucket,
             configured,
+            slot: None,
         })),
         None => Err(AuthError::Forbidden {
             caller: id.to_string(),

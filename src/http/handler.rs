@@ -165,9 +165,13 @@ async fn answer<B: hyper::body::Body>(
     let caller = authenticate(state, req.headers(), log).await?;
     caller.authorize(&key)?;
     let directives = directives(req.headers());
-    let lookup = match limit(state, &caller, &key, directives).await? {
-        None => lookup(state, &key, directives, log).await?,
-        Some(spent) => without_graph(state, &caller, &key, directives, spent)?,
+    limit_requests(state, &caller).await?;
+    let lookup = match state.cache.cached(&key, directives) {
+        Some(hit) => hit,
+        None => match graph_budget(state, &caller, &key, directives).await {
+            None => lookup(state, &key, directives, log).await?,
+            Some(spent) => without_graph(state, &caller, &key, directives, spent)?,
+        },
     };
     Ok(respond(state, req.headers(), &key, &lookup, log, ids))
 }
@@ -245,24 +249,29 @@ async fn authenticate(
     Ok(caller)
 }
 
-/// The caller's limits. Every request is charged to its request rate (over it: 429 and
-/// nothing else happens). A request that would start a Graph call is charged to its Graph
-/// budget; one that finds a servable entry, or joins a call in progress, is not. Answers
-/// the Graph budget's refusal when it is spent: the request may then use only the cache.
-async fn limit(
+/// The caller's request rate: every request is charged (over it: 429 and nothing else
+/// happens).
+async fn limit_requests(state: &AppState, caller: &Caller) -> Result<(), ProxyError> {
+    state.limits.request(caller).await.map_err(|refusal| {
+        state.limits.count_refusal(caller, refusal.limit);
+        ProxyError::RateLimited(refusal)
+    })
+}
+
+/// The caller's Graph budget, for a request memory cannot serve: one that would start a
+/// Graph call is charged; one that joins a call in progress (or meets a remembered
+/// failure) is not. Answers the refusal when the budget is spent: the request may then
+/// use only the cache.
+async fn graph_budget(
     state: &AppState,
     caller: &Caller,
     key: &SessionKey,
     directives: Directives,
-) -> Result<Option<Refusal>, ProxyError> {
-    if let Err(refusal) = state.limits.request(caller).await {
-        state.limits.count_refusal(caller, refusal.limit);
-        return Err(ProxyError::RateLimited(refusal));
-    }
+) -> Option<Refusal> {
     if !state.limits.has_graph_budget(caller) || !state.cache.would_call_graph(key, directives) {
-        return Ok(None);
+        return None;
     }
-    Ok(state.limits.graph_call(caller).await.err())
+    state.limits.graph_call(caller).await.err()
 }
 
 /// The answer for a caller whose Graph budget is spent: whatever the cache can serve

@@ -13,7 +13,7 @@
 //! N replicas then allow up to N times the limit until Redis is back.
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use governor::clock::Clock as _;
@@ -108,7 +108,10 @@ struct Buckets {
 /// Every caller's buckets.
 pub struct Limits {
     defaults: LimitSettings,
-    /// Configured callers: bounded by the configuration, never evicted.
+    /// Callers built at start-up, by [`Caller::slot`]: no lookup on the hit path.
+    slotted: Box<[OnceLock<Buckets>]>,
+    /// Other configured callers (apps listed by client id): bounded by the
+    /// configuration, never evicted.
     configured: moka::sync::Cache<Arc<str>, Arc<Buckets>>,
     /// App ids only tokens name: an LRU of at most [`UNKNOWN_CALLERS`].
     unknown: moka::sync::Cache<Arc<str>, Arc<Buckets>>,
@@ -119,14 +122,17 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// `slots`: how many [`Caller::slot`] numbers the callers use.
     pub fn new(
         defaults: LimitSettings,
+        slots: usize,
         clock: Clock,
         metrics: Arc<Metrics>,
         shared: Option<Arc<SharedTier>>,
     ) -> Limits {
         Limits {
             defaults,
+            slotted: (0..slots).map(|_| OnceLock::new()).collect(),
             configured: moka::sync::Cache::builder().build(),
             unknown: moka::sync::Cache::builder()
                 .max_capacity(UNKNOWN_CALLERS)
@@ -196,10 +202,17 @@ impl Limits {
     /// This replica's own bucket decides.
     fn charge_here(&self, caller: &Caller, limit: Limit) -> Result<(), Refusal> {
         let build = || Arc::new(self.buckets(caller));
-        let buckets = if caller.configured {
-            self.configured.get_with_by_ref(&caller.bucket, build)
-        } else {
-            self.unknown.get_with_by_ref(&caller.bucket, build)
+        let looked_up;
+        let buckets = match caller.slot.and_then(|slot| self.slotted.get(slot)) {
+            Some(slot) => slot.get_or_init(|| self.buckets(caller)),
+            None => {
+                looked_up = if caller.configured {
+                    self.configured.get_with_by_ref(&caller.bucket, build)
+                } else {
+                    self.unknown.get_with_by_ref(&caller.bucket, build)
+                };
+                &looked_up
+            }
         };
         let bucket = match limit {
             Limit::Requests => &buckets.requests,
@@ -239,7 +252,8 @@ impl Limits {
     pub fn tracked(&self) -> u64 {
         self.configured.run_pending_tasks();
         self.unknown.run_pending_tasks();
-        self.configured.entry_count() + self.unknown.entry_count()
+        let slotted = self.slotted.iter().filter(|s| s.get().is_some()).count() as u64;
+        slotted + self.configured.entry_count() + self.unknown.entry_count()
     }
 }
 
@@ -268,7 +282,7 @@ mod tests {
     }
 
     fn limits(defaults: LimitSettings) -> Limits {
-        Limits::new(defaults, Clock::new(), Arc::new(Metrics::new()), None)
+        Limits::new(defaults, 0, Clock::new(), Arc::new(Metrics::new()), None)
     }
 
     #[tokio::test(start_paused = true)]

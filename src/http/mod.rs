@@ -65,6 +65,7 @@ impl AppState {
     ) -> AppState {
         let limits = Limits::new(
             settings.limits,
+            callers.slots(),
             cache.clock().clone(),
             metrics.clone(),
             cache.shared().cloned(),
