@@ -111,9 +111,14 @@ pub mod names {
     pub const SHARED_UP: &str = "graph_session_proxy_shared_up";
     pub const SHARED_LOOKUPS: &str = "graph_session_proxy_shared_lookups_total";
     pub const RATE_LIMITED: &str = "graph_session_proxy_rate_limited_total";
+    pub const LIMITED_CALLERS: &str = "graph_session_proxy_limited_callers";
 }
 
 const HELP: &[(&str, &str)] = &[
+    (
+        names::LIMITED_CALLERS,
+        "Callers whose limit buckets this replica holds (app ids only tokens name: at most 10,000, least recently seen dropped first).",
+    ),
     (
         names::RATE_LIMITED,
         "Requests refused with 429 by a caller's limit (requests or graph); callers not configured by name are `other`.",

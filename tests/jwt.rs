@@ -344,3 +344,74 @@ async fn per_app_limits() {
         200
     );
 }
+
+/// Apps only their tokens name each get buckets of their own, but a flood of them keeps
+/// at most 10,000 (least recently seen dropped first), and `/metrics` counts them all as
+/// one `other` caller: memory stays bounded however many app ids arrive.
+#[tokio::test]
+async fn a_flood_of_unknown_app_ids_with_valid_tokens_keeps_memory_bounded() {
+    const APPS: usize = 12_000;
+    const BOUND: f64 = 10_000.0;
+    let h = Harness::with(
+        |s| {
+            let sim = s.graph.base_url.clone().unwrap();
+            s.limits.requests_per_second = 1_000;
+            s.callers.modes = vec![CallerMode::Jwt];
+            s.callers.jwt = Some(JwtSettings {
+                issuer: Some(issuer()),
+                audience: Some(AUDIENCE.to_string()),
+                jwks_url: Some(format!("{sim}/{TENANT}/discovery/v2.0/keys")),
+                ..JwtSettings::default()
+            });
+        },
+        SimConfig {
+            jwks: Some(include_str!("fixtures/jwks.json").to_string()),
+            ..SimConfig::default()
+        },
+    )
+    .await;
+    let url = h.seed_url();
+    let key = EncodingKey::from_ec_pem(EC_KEY).unwrap();
+    let tokens: Vec<String> = (0..APPS)
+        .map(|n| {
+            sign(
+                Algorithm::ES256,
+                "test-ec",
+                &key,
+                &claims(&format!("flood-{n}")),
+            )
+        })
+        .collect();
+    let gauge = |text: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("graph_session_proxy_limited_callers "))
+            .expect("limited_callers gauge")
+            .parse()
+            .unwrap()
+    };
+    for (n, chunk) in tokens.chunks(500).enumerate() {
+        let answers = chunk.iter().map(|t| status_with(&h, &url, t));
+        for (status, body) in futures::future::join_all(answers).await {
+            assert_eq!(status, 200, "{body}");
+        }
+        let tracked = gauge(&metrics(&h, h.admin).await);
+        assert!(
+            tracked <= BOUND,
+            "after {} apps: {tracked} tracked",
+            (n + 1) * 500
+        );
+    }
+    let text = metrics(&h, h.admin).await;
+    let tracked = gauge(&text);
+    assert!(
+        tracked >= BOUND * 0.9,
+        "the recent apps keep their buckets: {tracked}"
+    );
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("graph_session_proxy_requests_total{"))
+        .count();
+    assert!(series <= 3, "one series for all unnamed apps: {text}");
+    assert!(!text.contains("flood-"), "no app id in /metrics");
+    assert_eq!(h.stats().graph_requests, 1);
+}

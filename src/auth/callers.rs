@@ -46,7 +46,20 @@ pub struct Caller {
     pub slot: Option<usize>,
 }
 
+/// The metric label of every caller not configured by name.
+static OTHER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("other"));
+
 impl Caller {
+    /// Its `caller` label in metrics: the configured name, or `other` for app ids only
+    /// a token names (so a flood of app ids cannot grow `/metrics`).
+    pub fn metric_label(&self) -> Arc<str> {
+        if self.configured {
+            self.name.clone()
+        } else {
+            OTHER.clone()
+        }
+    }
+
     /// 403 unless this caller may read `key`.
     pub fn authorize(&self, key: &SessionKey) -> Result<(), AuthError> {
         if let Some(kinds) = &self.kinds {

@@ -18,6 +18,8 @@ static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Ar
 #[derive(Default)]
 pub(super) struct AccessLog {
     pub(super) caller: Option<Arc<str>>,
+    /// The caller's metric label ([`crate::auth::Caller::metric_label`]).
+    pub(super) metric_caller: Option<Arc<str>>,
     pub(super) kind: Option<&'static str>,
     /// The request named an event's session list.
     pub(super) list: bool,
@@ -62,7 +64,10 @@ impl AccessLog {
             _ => "5xx",
         };
         let cache = metric_label(self.outcome, self.cache.is_some());
-        let caller = self.caller.clone().unwrap_or_else(|| ANONYMOUS.clone());
+        let caller = self
+            .metric_caller
+            .clone()
+            .unwrap_or_else(|| ANONYMOUS.clone());
         metrics.record_request(
             [
                 (

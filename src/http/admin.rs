@@ -221,6 +221,8 @@ fn metrics(state: &AppState) -> Response<Full<Bytes>> {
     let (entries, bytes) = state.cache.usage();
     m.gauge(names::CACHE_ENTRIES, &[]).set(entries as f64);
     m.gauge(names::CACHE_BYTES, &[]).set(bytes as f64);
+    m.gauge(names::LIMITED_CALLERS, &[])
+        .set(state.limits.tracked() as f64);
     let expiry = state.tokens.remaining().unwrap_or_default();
     m.gauge(names::TOKEN_EXPIRY, &[]).set(expiry.as_secs_f64());
     let gate = state.cache.gate().describe(state.cache.now());

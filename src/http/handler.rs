@@ -246,6 +246,7 @@ async fn authenticate(
 ) -> Result<Arc<Caller>, ProxyError> {
     let caller = state.callers.authenticate(headers).await?;
     log.caller = Some(caller.name.clone());
+    log.metric_caller = Some(caller.metric_label());
     Ok(caller)
 }
 

@@ -164,15 +164,11 @@ impl Limits {
     /// Counts a refusal answered with 429; the caller label is the configured name, or
     /// `other` for app ids only tokens name (so `/metrics` stays bounded).
     pub fn count_refusal(&self, caller: &Caller, limit: Limit) {
-        let label: &str = if caller.configured {
-            &caller.name
-        } else {
-            "other"
-        };
+        let label = caller.metric_label();
         self.metrics
             .counter(
                 names::RATE_LIMITED,
-                &[("caller", label), ("limit", limit.name())],
+                &[("caller", &label), ("limit", limit.name())],
             )
             .increment(1);
     }
