@@ -709,3 +709,35 @@ async fn two_replicas_enforce_one_graph_budget_and_redis_stopping_fails_no_calle
         "the local buckets still admit: {statuses:?}"
     );
 }
+
+#[tokio::test]
+async fn a_spent_graph_budget_still_gets_what_another_replica_stored() {
+    let redis = RedisServer::start();
+    let h = harness_with(
+        &redis,
+        |_| {},
+        |s| {
+            s.limits.graph_per_minute = 6;
+            s.limits.graph_burst = 1;
+        },
+    )
+    .await;
+    let b = h.another_instance().await;
+    let stored = |proxy| format!("http://{proxy}/sessions/webinars/ev/gen-budget-shared");
+    let before = h.stats().graph_requests;
+    // The one call the budget allows, through A: stored in Redis too.
+    assert_eq!(get(&h, &stored(h.proxy), None).await.status(), 200);
+    let other = format!("http://{}/sessions/webinars/ev/gen-budget-other", b.proxy);
+    let refused = get(&h, &other, None).await;
+    assert_eq!(refused.status(), 429, "the budget is one for both replicas");
+    // Not in B's memory, but in Redis: servable without Graph, so not refused.
+    for extra in [None, Some(("cache-control", "no-cache"))] {
+        let r = get(&h, &stored(b.proxy), extra).await;
+        assert_eq!(r.status(), 200, "{extra:?}: {}", cache_status(&r));
+        assert_eq!(
+            r.json::<serde_json::Value>().await.unwrap()["id"],
+            "gen-budget-shared"
+        );
+    }
+    assert_eq!(h.stats().graph_requests - before, 1);
+}

@@ -152,19 +152,42 @@ impl SessionCache {
     }
 
     /// What may answer without any Graph call, for a caller whose Graph budget is spent:
-    /// a fresh entry (a `no-cache` request is answered as if it had not asked to
-    /// revalidate), else a stale one within `stale_if_error`. Nothing is started.
-    pub fn get_without_graph(&self, key: &SessionKey, directives: Directives) -> Option<Lookup> {
-        let now = self.clock.now();
-        let entry = self.memory.get(key)?;
+    /// a fresh entry here or, with `[cache.shared]`, one another replica stored (a
+    /// `no-cache` request is answered as if it had not asked to revalidate), else a stale
+    /// one within `stale_if_error`. No Graph call is started, no shared lock taken.
+    pub async fn get_without_graph(
+        self: &Arc<Self>,
+        key: &SessionKey,
+        directives: Directives,
+    ) -> Option<Lookup> {
         let cached_only = Directives {
             no_cache: false,
             only_if_cached: true,
             max_stale: directives.max_stale,
         };
-        if let Some(outcome) = servable(&entry, now, cached_only, self.settings.stale_if_error) {
-            return Some(Lookup { entry, outcome });
+        let here = |cache: &SessionCache| {
+            let entry = cache.memory.get(key)?;
+            let outcome = servable(
+                &entry,
+                cache.clock.now(),
+                cached_only,
+                cache.settings.stale_if_error,
+            )?;
+            Some(Lookup { entry, outcome })
+        };
+        if let Some(lookup) = here(self) {
+            return Some(lookup);
         }
+        if let Some(shared) = &self.shared {
+            if let Some(entry) = self.peek_shared(shared, key).await {
+                return Some(Lookup {
+                    entry,
+                    outcome: Outcome::Tier2,
+                });
+            }
+        }
+        let now = self.clock.now();
+        let entry = self.memory.get(key)?;
         (entry.body.is_some() && now < entry.stale_until).then_some(Lookup {
             entry,
             outcome: Outcome::GraphBudget,

@@ -170,7 +170,7 @@ async fn answer<B: hyper::body::Body>(
         Some(hit) => hit,
         None => match graph_budget(state, &caller, &key, directives).await {
             None => lookup(state, &key, directives, log).await?,
-            Some(spent) => without_graph(state, &caller, &key, directives, spent)?,
+            Some(spent) => without_graph(state, &caller, &key, directives, spent).await?,
         },
     };
     Ok(respond(state, req.headers(), &key, &lookup, log, ids))
@@ -276,8 +276,9 @@ async fn graph_budget(
 }
 
 /// The answer for a caller whose Graph budget is spent: whatever the cache can serve
-/// without Graph (fresh, or stale within `stale_if_error`), else 429.
-fn without_graph(
+/// without Graph (fresh here or in the shared tier, or stale within `stale_if_error`),
+/// else 429.
+async fn without_graph(
     state: &AppState,
     caller: &Caller,
     key: &SessionKey,
@@ -287,6 +288,7 @@ fn without_graph(
     state
         .cache
         .get_without_graph(key, directives)
+        .await
         .ok_or_else(|| {
             state.limits.count_refusal(caller, spent.limit);
             ProxyError::RateLimited(spent)

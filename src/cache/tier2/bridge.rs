@@ -90,6 +90,29 @@ impl SessionCache {
         }
     }
 
+    /// A fresh entry another replica stored, for a request that may not start a Graph
+    /// call (its caller's Graph budget is spent), adopted into memory like any tier-2
+    /// hit (a stale one is kept for `stale_if_error`). Only looks: takes no lock. `None`
+    /// when Redis has nothing fresh or does not answer.
+    pub(in crate::cache) async fn peek_shared(
+        &self,
+        shared: &Arc<SharedTier>,
+        key: &SessionKey,
+    ) -> Option<Arc<Entry>> {
+        let Ok(look) = shared.lookup(key, LookMode::Peek).await else {
+            self.count_lookup("unavailable");
+            return None;
+        };
+        self.apply_shared_gate(look.gate);
+        let record = look.entry?;
+        let started_ms = self.clock.wall_ms();
+        let entry = self
+            .adopt_record(key, &record, Mode::Miss, started_ms, None)
+            .ok()?;
+        self.count_lookup("hit");
+        Some(entry)
+    }
+
     /// Releases, on the side, a lock the lookup took for us but we do not need.
     fn release_if_ours(&self, shared: &Arc<SharedTier>, key: &SessionKey, holder: &Holder) {
         if let Holder::Us(token) = holder {
