@@ -44,6 +44,8 @@ enum Graph {
     Throttled,
     CircuitOpen,
     Hang,
+    /// Found, after a second (so that other requests can join the call).
+    Slow,
 }
 
 struct FakeOrigin {
@@ -92,6 +94,16 @@ impl Origin for FakeOrigin {
                 retry_after: Duration::from_secs(9),
             }),
             Graph::Hang => return std::future::pending().boxed(),
+            Graph::Slow => {
+                return async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    found(Fetched::Found {
+                        session: Bytes::from_static(BODY.as_bytes()),
+                        raw: Bytes::from_static(BODY.as_bytes()),
+                    })
+                }
+                .boxed()
+            }
         };
         std::future::ready(result).boxed()
     }

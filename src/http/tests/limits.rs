@@ -161,3 +161,40 @@ async fn the_defaults_give_each_caller_its_own_bucket() {
     let towns = send(&state, as_towns("/sessions/townhalls/ev1/t1")).await;
     assert_eq!(towns.status, 200, "{}", towns.body);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_graph_call_is_charged_once_to_the_caller_that_starts_it() {
+    // Both callers: a Graph budget of one call (the burst), none refilled within the test.
+    let (state, origin) = state_with(
+        Graph::Slow,
+        "[limits]\ngraph_per_minute = 1",
+        "graph_burst = 2",
+    );
+    let townhall = |n: usize| format!("/sessions/townhalls/ev1/t{n}");
+    // "full" starts the call; ten more of its requests and five of "towns" join it.
+    let requests = (0..16).map(|n| {
+        let state = &state;
+        let path = townhall(0);
+        async move {
+            if (1..=5).contains(&n) {
+                send(state, as_towns(&path)).await
+            } else {
+                send_get(state, &path).await
+            }
+        }
+    });
+    for answer in futures::future::join_all(requests).await {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    assert_eq!(calls(&origin), 1);
+    // Joining cost "towns" nothing: its one call is still there.
+    assert_eq!(send(&state, as_towns(&townhall(1))).await.status, 200);
+    assert_limited(
+        &send(&state, as_towns(&townhall(2))).await,
+        "\"graph\";q=1;w=60",
+    );
+    // "full" paid once for its eleven requests: its second call is still there.
+    assert_eq!(send_get(&state, &session(1)).await.status, 200);
+    assert_limited(&send_get(&state, &session(2)).await, "\"graph\";q=1;w=60");
+    assert_eq!(calls(&origin), 3);
+}
