@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 use crate::auth::callers::Callers;
 use crate::cache::tier2::SharedTier;
 use crate::cache::{Origin, SessionCache};
-use crate::config::Settings;
+use secrecy::ExposeSecret;
+
+use crate::config::{CredentialKind, Settings};
 use crate::core::clock::Clock;
 use crate::core::model::SessionKey;
 use crate::http::handler::caller_service;
@@ -24,8 +26,8 @@ use crate::telemetry::Metrics;
 use crate::upstream::error::UpstreamError;
 use crate::upstream::gate::Gate;
 use crate::upstream::graph::GraphAnswer;
-use crate::upstream::graph::{http_client, GraphClient, GraphOptions};
-use crate::upstream::token::{Credential, TokenOptions, TokenProvider};
+use crate::upstream::graph::{http_client, Egress, GraphClient, GraphOptions};
+use crate::upstream::token::{Credential, ManagedIdentity, TokenOptions, TokenProvider};
 use futures::future::{BoxFuture, FutureExt};
 use tokio::time::Instant;
 
@@ -71,7 +73,11 @@ pub struct Proxy {
 impl Proxy {
     pub fn build(settings: &Settings, clock: Clock) -> Result<Proxy, BuildError> {
         let metrics = Arc::new(Metrics::new());
-        let http = http_client(settings.graph.timeout).map_err(BuildError::Http)?;
+        let egress = Egress {
+            proxy_url: settings.graph.proxy_url.as_ref().map(|u| u.expose_secret()),
+            ca_pem: settings.graph.ca_pem.as_deref(),
+        };
+        let http = http_client(settings.graph.timeout, &egress).map_err(BuildError::Http)?;
         let callers = Callers::new(&settings.callers, http.clone(), clock.clone());
         let tokens = Arc::new(token_provider(settings, http.clone(), &clock, &metrics)?);
         let graph = Arc::new(GraphClient::new(
@@ -204,26 +210,58 @@ impl Proxy {
     }
 }
 
-/// The token provider for `[auth]`: a certificate assertion when one is configured, else
-/// the client secret.
+/// The token provider for `[auth]`: the credential `auth.credential` names (or the keys
+/// imply).
 fn token_provider(
     settings: &Settings,
     http: reqwest::Client,
     clock: &Clock,
     metrics: &Arc<Metrics>,
 ) -> Result<TokenProvider, BuildError> {
-    let client_id = settings
-        .auth
-        .client_id
-        .as_deref()
-        .ok_or(BuildError::Missing("auth.client_id"))?;
-    let credential = match (&settings.auth.certificate, &settings.auth.client_secret) {
-        (Some(certificate), _) => Credential::Certificate {
-            certificate: certificate.clone(),
-            algorithm: settings.auth.assertion_algorithm,
+    let auth = &settings.auth;
+    let kind = auth.credential_kind();
+    let client_id = match (kind, auth.client_id.as_deref()) {
+        (_, Some(id)) => id,
+        // A managed identity is the machine's; no app registration is named.
+        (CredentialKind::ManagedIdentity, None) => "",
+        (_, None) => return Err(BuildError::Missing("auth.client_id")),
+    };
+    let credential = match kind {
+        CredentialKind::Certificate => Credential::Certificate {
+            certificate: auth
+                .certificate
+                .clone()
+                .ok_or(BuildError::Missing("auth.certificate_file"))?,
+            algorithm: auth.assertion_algorithm,
+            files: auth
+                .certificate_file
+                .clone()
+                .zip(auth.private_key_file.clone()),
         },
-        (None, Some(secret)) => Credential::Secret(secret.clone()),
-        (None, None) => return Err(BuildError::Missing("auth.client_secret")),
+        CredentialKind::ClientSecret => Credential::Secret {
+            secret: auth
+                .client_secret
+                .clone()
+                .ok_or(BuildError::Missing("auth.client_secret"))?,
+            file: auth.client_secret_file.clone(),
+        },
+        CredentialKind::WorkloadIdentity => Credential::Federated {
+            file: auth
+                .federated_token_file
+                .clone()
+                .ok_or(BuildError::Missing("auth.federated_token_file"))?,
+            key: auth.federated_token_key(),
+        },
+        CredentialKind::ManagedIdentity => {
+            let (endpoint, flavour) = auth.managed_identity();
+            Credential::Managed(ManagedIdentity {
+                endpoint,
+                flavour,
+                header: auth.azure_env.identity_header.clone(),
+                client_id: auth.managed_identity_client_id.clone(),
+                resource: format!("{}/", settings.graph.cloud.graph_root()),
+            })
+        }
     };
     TokenProvider::new(
         http,
@@ -232,7 +270,7 @@ fn token_provider(
             credential,
             token_url: settings.token_url(),
             scope: settings.scope(),
-            refresh_before: settings.auth.refresh_before_expiry,
+            refresh_before: auth.refresh_before_expiry,
             timeout: settings.graph.timeout,
         },
         clock.clone(),

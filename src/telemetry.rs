@@ -112,9 +112,14 @@ pub mod names {
     pub const SHARED_LOOKUPS: &str = "graph_session_proxy_shared_lookups_total";
     pub const RATE_LIMITED: &str = "graph_session_proxy_rate_limited_total";
     pub const LIMITED_CALLERS: &str = "graph_session_proxy_limited_callers";
+    pub const CREDENTIAL_RELOADS: &str = "graph_session_proxy_credential_reloads_total";
 }
 
 const HELP: &[(&str, &str)] = &[
+    (
+        names::CREDENTIAL_RELOADS,
+        "Client secret or certificate files re-read after they changed, by outcome (ok, error).",
+    ),
     (
         names::LIMITED_CALLERS,
         "Callers whose limit buckets this replica holds (app ids only tokens name: at most 10,000, least recently seen dropped first).",

@@ -7,6 +7,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use super::azure::AzureEnv;
+pub use super::azure::CredentialKind;
 use super::{at_most_ten_years, check_http_url, files, plain_http_warning, ConfigError, Purpose};
 
 /// Signature of the client assertion: PS256 (Microsoft's recommendation) or RS256.
@@ -96,6 +98,23 @@ pub struct AuthSettings {
     pub scope: Option<String>,
     #[serde(with = "humantime_serde")]
     pub refresh_before_expiry: Duration,
+    /// Which credential; absent: inferred from the keys present ([`AuthSettings::credential_kind`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialKind>,
+    /// `workload_identity`: the projected service-account token, read for every token
+    /// request (default: `AZURE_FEDERATED_TOKEN_FILE`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federated_token_file: Option<PathBuf>,
+    /// `managed_identity`: a user-assigned identity's client id (absent: system-assigned).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub managed_identity_client_id: Option<String>,
+    /// `managed_identity`: the token endpoint (default: IMDS, or App Service's
+    /// `IDENTITY_ENDPOINT`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub managed_identity_endpoint: Option<String>,
+    /// What the Azure environment variables supplied.
+    #[serde(skip)]
+    pub azure_env: AzureEnv,
 }
 
 impl Default for AuthSettings {
@@ -112,6 +131,11 @@ impl Default for AuthSettings {
             token_url: None,
             scope: None,
             refresh_before_expiry: Duration::from_secs(300),
+            credential: None,
+            federated_token_file: None,
+            managed_identity_client_id: None,
+            managed_identity_endpoint: None,
+            azure_env: AzureEnv::default(),
         }
     }
 }
@@ -160,9 +184,12 @@ impl AuthSettings {
                 ));
             }
         }
+        self.validate_credential(purpose)?;
+        // A managed identity is the identity: no app registration to name.
+        let managed = self.credential_kind() == CredentialKind::ManagedIdentity;
         match &self.tenant_id {
             Some(t) => check_tenant(t)?,
-            None if purpose != Purpose::Embedded => {
+            None if purpose != Purpose::Embedded && !managed => {
                 return Err(ConfigError::invalid(
                     "auth.tenant_id",
                     "required: the directory (tenant) id of the proxy's app registration",
@@ -174,7 +201,7 @@ impl AuthSettings {
             Some(c) if c.trim().is_empty() => {
                 return Err(ConfigError::invalid("auth.client_id", "must not be empty"));
             }
-            None if purpose != Purpose::Embedded => {
+            None if purpose != Purpose::Embedded && !managed => {
                 return Err(ConfigError::invalid(
                     "auth.client_id",
                     "required: the application (client) id of the proxy's app registration",
@@ -183,13 +210,14 @@ impl AuthSettings {
             _ => {}
         }
         if purpose == Purpose::Serve
+            && self.credential_kind() == CredentialKind::ClientSecret
             && self.client_secret.is_none()
             && self.client_secret_file.is_none()
             && self.certificate_file.is_none()
         {
             return Err(ConfigError::invalid(
                 "auth.client_secret",
-                "required: set auth.client_secret (or GSP__AUTH__CLIENT_SECRET), auth.client_secret_file, or auth.certificate_file with auth.private_key_file",
+                "required: set auth.client_secret (or GSP__AUTH__CLIENT_SECRET), auth.client_secret_file, auth.certificate_file with auth.private_key_file, or auth.credential = \"workload_identity\" / \"managed_identity\"",
             ));
         }
         if let Some(secret) = &self.client_secret {
@@ -212,7 +240,7 @@ impl AuthSettings {
         if let (Some(cert), Some(key)) = (&self.certificate_file, &self.private_key_file) {
             self.certificate = Some(ClientCertificate::load(cert, key)?);
         }
-        Ok(())
+        self.check_federated_token_file()
     }
 
     /// What `check-config` should warn about in `[auth]`.
@@ -226,8 +254,9 @@ impl AuthSettings {
                 ));
             }
         }
+        out.extend(self.credential_warnings());
         match (&self.client_secret, &self.client_secret_file) {
-            (None, None) if self.certificate_file.is_some() => {}
+            (None, None) if self.credential_kind() != CredentialKind::ClientSecret => {}
             (None, None) => out.push(
                 "auth.client_secret is not set: serve needs it (or GSP__AUTH__CLIENT_SECRET, or auth.client_secret_file)".to_string(),
             ),

@@ -1,11 +1,13 @@
 //! `[graph]`: which Microsoft cloud, which API version, and how Graph is called.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::{
-    at_most_ten_years, check_http_url, plain_http_warning, positive, ApiVersion, ConfigError,
+    at_most_ten_years, check_http_url, files, plain_http_warning, positive, ApiVersion, ConfigError,
 };
 
 /// Microsoft cloud instance: decides the Graph root, the token host and the default scope.
@@ -69,6 +71,19 @@ pub struct GraphSettings {
     pub circuit_cooldown: Duration,
     /// Session lists: `@odata.nextLink` pages followed at most (the first page included).
     pub max_list_pages: u32,
+    /// HTTP CONNECT proxy for Graph, the token endpoint and JWKS (absent: `HTTPS_PROXY` /
+    /// `NO_PROXY`); credentials in its userinfo are never printed.
+    #[serde(
+        serialize_with = "redact_userinfo",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub proxy_url: Option<SecretString>,
+    /// Extra trusted roots (PEM) for those connections, beside the bundled ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// From `ca_file`, at start-up.
+    #[serde(skip)]
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for GraphSettings {
@@ -82,6 +97,9 @@ impl Default for GraphSettings {
             circuit_failures: 5,
             circuit_cooldown: Duration::from_secs(30),
             max_list_pages: 20,
+            proxy_url: None,
+            ca_file: None,
+            ca_pem: None,
         }
     }
 }
@@ -115,6 +133,40 @@ impl GraphSettings {
         if self.circuit_failures > 0 {
             positive("graph.circuit_cooldown", self.circuit_cooldown)?;
         }
+        if let Some(url) = &self.proxy_url {
+            let parsed = reqwest::Url::parse(url.expose_secret()).map_err(|_| {
+                ConfigError::invalid("graph.proxy_url", "not a URL (http://host:port)")
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(ConfigError::invalid(
+                    "graph.proxy_url",
+                    "must be an http:// (or https://) proxy URL with a host",
+                ));
+            }
+            if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
+                return Err(ConfigError::invalid(
+                    "graph.proxy_url",
+                    "must be scheme://[user:password@]host[:port] only",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `ca_file` once, at start-up.
+    pub(super) fn read_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.ca_file {
+            let pem = files::read_value("graph.ca_file", path)?;
+            let parsed = reqwest::Certificate::from_pem_bundle(pem.as_bytes());
+            if !pem.contains("-----BEGIN CERTIFICATE-----") || parsed.map_or(true, |c| c.is_empty())
+            {
+                return Err(ConfigError::invalid(
+                    "graph.ca_file",
+                    "not a PEM certificate (bundle)",
+                ));
+            }
+            self.ca_pem = Some(pem.into_bytes());
+        }
         Ok(())
     }
 
@@ -132,6 +184,23 @@ impl GraphSettings {
             self.base_url.as_deref(),
         ));
         out
+    }
+}
+
+/// `http://user:[redacted]@host:3128`: the proxy's address stays readable, its password
+/// does not.
+fn redact_userinfo<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        None => s.serialize_none(),
+        Some(url) => match reqwest::Url::parse(url.expose_secret()) {
+            Ok(mut parsed) => {
+                if parsed.password().is_some() {
+                    let _ = parsed.set_password(Some("[redacted]"));
+                }
+                s.serialize_str(parsed.as_str())
+            }
+            Err(_) => s.serialize_str("[redacted]"),
+        },
     }
 }
 

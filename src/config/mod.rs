@@ -7,6 +7,7 @@
 //! ever shows them.
 
 mod auth;
+mod azure;
 mod cache;
 mod callers;
 mod files;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 pub use crate::core::model::{ApiVersion, Kind};
 pub use auth::{AssertionAlgorithm, AuthSettings, ClientCertificate};
+pub use azure::{CredentialKind, ManagedFlavour, IMDS_ENDPOINT};
 pub use cache::{CacheSettings, SharedSettings};
 pub use callers::{ApiKeySettings, CallerMode, CallersSettings, JwtAppSettings, JwtSettings};
 pub use graph::{Cloud, GraphSettings};
@@ -90,7 +92,10 @@ const TEXT_KEYS: &[&str] = &[
     "auth.tenant_id",
     "auth.scope",
     "auth.token_url",
+    "auth.managed_identity_client_id",
+    "auth.managed_identity_endpoint",
     "graph.base_url",
+    "graph.proxy_url",
     "cache.shared.redis_url",
     "cache.shared.key_prefix",
     "log.level",
@@ -166,6 +171,9 @@ impl Settings {
         if let Some(secret) = env_secret {
             settings.auth.use_env_secret(secret, env_names_a_source)?;
         }
+        settings
+            .auth
+            .apply_azure_env(|name| std::env::var(name).ok());
         settings.validate(purpose)?;
         if purpose != Purpose::Check {
             settings.read_secret_file()?;
@@ -178,6 +186,7 @@ impl Settings {
     /// its key, `[cache.shared]`'s URL, password and CA) once, at start-up.
     fn read_secret_file(&mut self) -> Result<(), ConfigError> {
         self.auth.read_files()?;
+        self.graph.read_files()?;
         if let Some(shared) = &mut self.cache.shared {
             shared.read_files()?;
         }
@@ -283,6 +292,12 @@ impl AuthSettings {
         self.client_secret = Some(SecretString::from(secret));
         Ok(())
     }
+}
+
+/// A file holding one secret value (a client secret, a federated token), read as at
+/// start-up: for the token layer, which re-reads such files for every token request.
+pub fn read_secret_value(key: &'static str, path: &Path) -> Result<SecretString, ConfigError> {
+    files::read_value(key, path).map(SecretString::from)
 }
 
 /// Instants are computed from durations: absurd values must not overflow them.

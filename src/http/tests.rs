@@ -170,7 +170,10 @@ fn state_with(first: Graph, tables: &str, full: &str) -> (Arc<AppState>, Arc<Fak
             http.clone(),
             TokenOptions {
                 client_id: "app".into(),
-                credential: Credential::Secret("unused".to_string().into()),
+                credential: Credential::Secret {
+                    secret: "unused".to_string().into(),
+                    file: None,
+                },
                 token_url: "http://127.0.0.1:9/token".into(),
                 scope: "https://graph.microsoft.com/.default".into(),
                 refresh_before: Duration::from_secs(300),

@@ -79,15 +79,35 @@ pub struct GraphOptions {
     pub max_list_pages: u32,
 }
 
-/// Outbound HTTP client for Graph and the token endpoint: rustls, pooled, no redirects
-/// (a redirect could carry the bearer token, or the secret, somewhere else).
-pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+/// How outbound connections leave the network: through a CONNECT proxy, trusting more
+/// roots than the bundled ones.
+#[derive(Default)]
+pub struct Egress<'a> {
+    /// `graph.proxy_url` (absent: `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`, as reqwest
+    /// reads them).
+    pub proxy_url: Option<&'a str>,
+    /// `graph.ca_file`'s PEM bundle.
+    pub ca_pem: Option<&'a [u8]>,
+}
+
+/// Outbound HTTP client for Graph, the token endpoint and JWKS: rustls, pooled, no
+/// redirects (a redirect could carry the bearer token, or the secret, somewhere else).
+pub fn http_client(timeout: Duration, egress: &Egress) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(timeout)
         .pool_idle_timeout(Duration::from_secs(90))
-        .user_agent(concat!("graph-session-proxy/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .user_agent(concat!("graph-session-proxy/", env!("CARGO_PKG_VERSION")));
+    if let Some(url) = egress.proxy_url {
+        // Credentials in the URL's userinfo become Proxy-Authorization (Basic).
+        builder = builder.proxy(reqwest::Proxy::all(url)?);
+    }
+    if let Some(pem) = egress.ca_pem {
+        for root in reqwest::Certificate::from_pem_bundle(pem)? {
+            builder = builder.add_root_certificate(root);
+        }
+    }
+    builder.build()
 }
 
 impl GraphClient {

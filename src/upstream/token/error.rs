@@ -21,7 +21,7 @@ pub enum TokenError {
     Throttled(Duration),
     #[error("token endpoint answered HTTP {0}")]
     Status(u16),
-    #[error("token endpoint unreachable")]
+    #[error("token endpoint unreachable{}", crate::upstream::error::tls_hint(.0))]
     Unreachable(#[source] reqwest::Error),
     #[error("token endpoint's answer is larger than {0} bytes")]
     TooLarge(usize),
@@ -29,6 +29,9 @@ pub enum TokenError {
     Malformed(String),
     #[error("no token within the request's deadline")]
     TimedOut,
+    /// The credential could not be read (the federated token file, say).
+    #[error("credential unavailable: {0}")]
+    Credential(String),
 }
 
 impl TokenError {
@@ -43,12 +46,18 @@ impl TokenError {
             },
             TokenError::Throttled(_) => "the identity platform is throttling the proxy".to_string(),
             TokenError::Status(status) => format!("the token endpoint answered HTTP {status}"),
-            TokenError::Unreachable(_) => "the token endpoint could not be reached".to_string(),
+            TokenError::Unreachable(e) => format!(
+                "the token endpoint could not be reached{}",
+                crate::upstream::error::tls_hint(e)
+            ),
             TokenError::TooLarge(_) => "the token endpoint's answer was too large".to_string(),
             TokenError::Malformed(_) => {
                 "the token endpoint's answer was not understood".to_string()
             }
             TokenError::TimedOut => "the token endpoint did not answer in time".to_string(),
+            TokenError::Credential(_) => {
+                "the proxy's credential could not be read (its log says which file)".to_string()
+            }
         }
     }
 
@@ -60,7 +69,8 @@ impl TokenError {
             | TokenError::Unreachable(_)
             | TokenError::TooLarge(_)
             | TokenError::Malformed(_)
-            | TokenError::TimedOut => None,
+            | TokenError::TimedOut
+            | TokenError::Credential(_) => None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The client-credentials exchange with Entra's token endpoint (oauth2): the credential
 //! in the form body, or a signed client assertion; Entra's answer and errors classified.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oauth2::basic::{
@@ -9,8 +10,8 @@ use oauth2::basic::{
     BasicTokenType,
 };
 use oauth2::{
-    AccessToken, AuthType, Client, ClientId, ClientSecret, EndpointNotSet, EndpointSet,
-    RefreshToken, RequestTokenError, Scope, StandardRevocableToken, TokenResponse, TokenUrl,
+    AccessToken, AuthType, Client, ClientId, EndpointNotSet, EndpointSet, RefreshToken,
+    RequestTokenError, Scope, StandardRevocableToken, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -18,6 +19,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::error::{aadsts_code, TokenError};
 use super::TokenOptions;
 use crate::config::{AssertionAlgorithm, ClientCertificate};
+use crate::telemetry::{names, Metrics};
 use crate::upstream::bounded::{self, ReadError};
 
 /// A token answer is well under 10 KiB; anything past this is not one.
@@ -60,7 +62,7 @@ impl TokenResponse for EntraTokenResponse {
 }
 
 /// `3599` or `"3599"`.
-fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+pub(super) fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -140,12 +142,40 @@ impl AssertionSigner {
 /// How the proxy proves its identity to the token endpoint.
 #[derive(Clone)]
 pub enum Credential {
-    /// `client_secret` in the form body, as Microsoft documents it.
-    Secret(SecretString),
-    /// A client assertion (RFC 7523) signed with the certificate's key, fresh per request.
+    /// `client_secret` in the form body, as Microsoft documents it; re-read from `file`
+    /// (when it came from one) for every token request, so a rotated secret needs no restart.
+    Secret {
+        secret: SecretString,
+        file: Option<PathBuf>,
+    },
+    /// A client assertion (RFC 7523) signed with the certificate's key, fresh per request;
+    /// the certificate and key files re-read likewise.
     Certificate {
         certificate: ClientCertificate,
         algorithm: AssertionAlgorithm,
+        files: Option<(PathBuf, PathBuf)>,
+    },
+    /// Workload identity: the file's content (a projected service-account token kubelet
+    /// rotates) is the client assertion, read for every token request. `key` names the
+    /// file in messages (`auth.federated_token_file` or `AZURE_FEDERATED_TOKEN_FILE`).
+    Federated { file: PathBuf, key: &'static str },
+    /// A managed identity: tokens from IMDS or App Service, no credential of our own.
+    Managed(super::managed::ManagedIdentity),
+}
+
+/// The proof sent with each client-credentials request, as last read.
+enum Proof {
+    Secret {
+        secret: SecretString,
+        file: Option<PathBuf>,
+    },
+    Certificate {
+        signer: AssertionSigner,
+        files: Option<(PathBuf, PathBuf)>,
+    },
+    Federated {
+        file: PathBuf,
+        key: &'static str,
     },
 }
 
@@ -155,52 +185,156 @@ const ASSERTION_LIFETIME: Duration = Duration::from_secs(9 * 60);
 /// Client credentials at one token endpoint.
 pub(super) struct ClientCredentials {
     oauth: EntraClient,
-    /// Set for certificate credentials.
-    assertion: Option<AssertionSigner>,
+    proof: Mutex<Proof>,
     /// Shared with the Graph client: one pool, redirects off.
     http: reqwest::Client,
     scope: Scope,
     timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl ClientCredentials {
+    /// `None` for a managed identity (not a client-credentials exchange).
     pub(super) fn new(
         http: reqwest::Client,
         options: &TokenOptions,
-    ) -> Result<ClientCredentials, oauth2::url::ParseError> {
-        let mut oauth = Client::new(ClientId::new(options.client_id.clone()))
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<ClientCredentials>, oauth2::url::ParseError> {
+        let oauth = Client::new(ClientId::new(options.client_id.clone()))
             // Microsoft documents the credential in the form body.
             .set_auth_type(AuthType::RequestBody)
             .set_token_uri(TokenUrl::new(options.token_url.clone())?);
-        let mut assertion = None;
-        match &options.credential {
-            Credential::Secret(secret) => {
-                oauth =
-                    oauth.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
-            }
+        let proof = match &options.credential {
+            Credential::Secret { secret, file } => Proof::Secret {
+                secret: secret.clone(),
+                file: file.clone(),
+            },
             Credential::Certificate {
                 certificate,
                 algorithm,
-            } => {
-                assertion = Some(AssertionSigner {
+                files,
+            } => Proof::Certificate {
+                signer: AssertionSigner {
                     certificate: certificate.clone(),
                     algorithm: *algorithm,
                     client_id: options.client_id.clone(),
                     audience: options.token_url.clone(),
-                });
-            }
-        }
-        Ok(ClientCredentials {
+                },
+                files: files.clone(),
+            },
+            Credential::Federated { file, key } => Proof::Federated {
+                file: file.clone(),
+                key,
+            },
+            Credential::Managed(_) => return Ok(None),
+        };
+        Ok(Some(ClientCredentials {
             oauth,
-            assertion,
+            proof: Mutex::new(proof),
             http,
             scope: Scope::new(options.scope.clone()),
             timeout: options.timeout,
-        })
+            metrics,
+        }))
     }
 
-    /// One token request.
-    pub(super) async fn exchange(&self) -> Result<EntraTokenResponse, TokenError> {
+    /// One token request with the credential files as they are now; when the endpoint
+    /// says `invalid_client` (a revoked secret, an expired certificate), the files are read
+    /// once more and, if they changed meanwhile, the request is made again.
+    pub(super) async fn request(&self) -> Result<EntraTokenResponse, TokenError> {
+        self.reload();
+        let result = self.exchange().await;
+        match &result {
+            Err(TokenError::Refused { error, .. })
+                if error == "invalid_client" && self.reload() =>
+            {
+                tracing::info!("the credential files changed after invalid_client: asking again");
+                self.exchange().await
+            }
+            _ => result,
+        }
+    }
+
+    /// Re-reads the secret, or the certificate and key, from their files; whether they
+    /// changed. A file that cannot be read keeps what was read before (and is counted).
+    fn reload(&self) -> bool {
+        let mut proof = self.proof.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = match &mut *proof {
+            Proof::Secret {
+                secret,
+                file: Some(path),
+            } => match crate::config::read_secret_value("auth.client_secret_file", path) {
+                Ok(now) if now.expose_secret() != secret.expose_secret() => {
+                    *secret = now;
+                    Ok(true)
+                }
+                Ok(_) => Ok(false),
+                Err(e) => Err(e),
+            },
+            Proof::Certificate {
+                signer,
+                files: Some((cert, key)),
+            } => match ClientCertificate::load(cert, key) {
+                Ok(now)
+                    if now.x5t_s256 != signer.certificate.x5t_s256
+                        || now.key_pem.expose_secret()
+                            != signer.certificate.key_pem.expose_secret() =>
+                {
+                    signer.certificate = now;
+                    Ok(true)
+                }
+                Ok(_) => Ok(false),
+                Err(e) => Err(e),
+            },
+            _ => Ok(false),
+        };
+        match changed {
+            Ok(false) => false,
+            Ok(true) => {
+                tracing::info!("credential file changed: the next token requests use it");
+                self.count_reload("ok");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-read the credential file; keeping the credential read before");
+                self.count_reload("error");
+                false
+            }
+        }
+    }
+
+    fn count_reload(&self, outcome: &'static str) {
+        self.metrics
+            .counter(names::CREDENTIAL_RELOADS, &[("outcome", outcome)])
+            .increment(1);
+    }
+
+    /// The form parameters that prove who we are, as of now.
+    fn proof_params(&self) -> Result<Vec<(&'static str, String)>, TokenError> {
+        let proof = self.proof.lock().unwrap_or_else(|e| e.into_inner());
+        let assertion = |value: String| {
+            vec![
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string(),
+                ),
+                ("client_assertion", value),
+            ]
+        };
+        match &*proof {
+            Proof::Secret { secret, .. } => {
+                Ok(vec![("client_secret", secret.expose_secret().to_string())])
+            }
+            Proof::Certificate { signer, .. } => Ok(assertion(signer.sign()?)),
+            Proof::Federated { file, key } => match crate::config::read_secret_value(key, file) {
+                Ok(token) => Ok(assertion(token.expose_secret().to_string())),
+                Err(e) => Err(TokenError::Credential(e.to_string())),
+            },
+        }
+    }
+
+    /// One client-credentials request.
+    async fn exchange(&self) -> Result<EntraTokenResponse, TokenError> {
         let exchange = Arc::new(std::sync::Mutex::new(Exchange::default()));
         let seen = exchange.clone();
         let http = self.http.clone();
@@ -240,13 +374,8 @@ impl ClientCredentials {
             .oauth
             .exchange_client_credentials()
             .add_scope(self.scope.clone());
-        if let Some(signer) = &self.assertion {
-            request = request
-                .add_extra_param(
-                    "client_assertion_type",
-                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                )
-                .add_extra_param("client_assertion", signer.sign()?);
+        for (name, value) in self.proof_params()? {
+            request = request.add_extra_param(name, value);
         }
         let result = request.request_async(&send).await;
         let seen = exchange.lock().map(|e| e.clone()).unwrap_or_default();

@@ -21,10 +21,13 @@ use crate::telemetry::{names, Causes, Metrics, Wait};
 
 mod error;
 mod exchange;
+mod managed;
 
 pub use error::TokenError;
 use exchange::ClientCredentials;
 pub use exchange::Credential;
+pub use managed::ManagedIdentity;
+use managed::ManagedSource;
 
 /// A token and when to stop using it.
 pub struct CachedToken {
@@ -51,8 +54,24 @@ impl std::fmt::Debug for CachedToken {
     }
 }
 
+/// What a token source hands back.
+struct Granted {
+    access_token: SecretString,
+    expires_in: Option<u64>,
+    /// Entra's hint to refresh early.
+    refresh_in: Option<u64>,
+}
+
+/// Where tokens come from.
+enum Source {
+    /// Entra's token endpoint: a secret, a certificate or a federated assertion.
+    Client(Box<ClientCredentials>),
+    /// IMDS or App Service.
+    Managed(ManagedSource),
+}
+
 pub struct TokenProvider {
-    credentials: ClientCredentials,
+    source: Source,
     refresh_before: Duration,
     clock: Clock,
     /// The token in use; a read lock on the hot path, written only by a refresh.
@@ -98,9 +117,17 @@ impl TokenProvider {
         clock: Clock,
         metrics: Arc<Metrics>,
     ) -> Result<TokenProvider, oauth2::url::ParseError> {
-        let credentials = ClientCredentials::new(http, &options)?;
+        let source = match ClientCredentials::new(http, &options, metrics.clone())? {
+            Some(credentials) => Source::Client(Box::new(credentials)),
+            None => match options.credential {
+                Credential::Managed(identity) => {
+                    Source::Managed(ManagedSource::new(identity, options.timeout))
+                }
+                _ => unreachable!("only a managed identity has no client credentials"),
+            },
+        };
         Ok(TokenProvider {
-            credentials,
+            source,
             refresh_before: options.refresh_before,
             clock,
             metrics,
@@ -194,7 +221,8 @@ impl TokenProvider {
                 | TokenError::Unreachable(_)
                 | TokenError::TooLarge(_)
                 | TokenError::Malformed(_)
-                | TokenError::TimedOut,
+                | TokenError::TimedOut
+                | TokenError::Credential(_),
             ) => "error",
         };
         self.metrics
@@ -243,7 +271,17 @@ impl TokenProvider {
 
     async fn fetch(&self) -> Result<Arc<CachedToken>, TokenError> {
         let started = self.clock.now();
-        let response = self.credentials.exchange().await?;
+        let response = match &self.source {
+            Source::Client(credentials) => {
+                let answer = credentials.request().await?;
+                Granted {
+                    access_token: SecretString::from(answer.access_token.secret().to_string()),
+                    expires_in: answer.expires_in,
+                    refresh_in: answer.refresh_in,
+                }
+            }
+            Source::Managed(managed) => managed.request().await?,
+        };
         let lifetime = response
             .expires_in
             .map(Duration::from_secs)
@@ -269,7 +307,7 @@ impl TokenProvider {
             "obtained a Graph access token"
         );
         Ok(Arc::new(CachedToken {
-            secret: SecretString::from(response.access_token.secret().to_string()),
+            secret: response.access_token,
             refresh_at: started + refresh_after,
             expires_at: started + lifetime,
             serial,
