@@ -59,6 +59,8 @@ pub enum BuildError {
     Tls(#[source] crate::config::ConfigError),
     #[error("cannot set up TLS")]
     TlsConfig(#[source] rustls::Error),
+    #[error("cannot read the credential")]
+    Credential(#[source] crate::config::ConfigError),
     #[error("cache.shared.redis_url cannot be used")]
     Redis(#[source] redis::RedisError),
 }
@@ -239,10 +241,14 @@ fn token_provider(
                 .zip(auth.private_key_file.clone()),
         },
         CredentialKind::ClientSecret => Credential::Secret {
-            secret: auth
-                .client_secret
-                .clone()
-                .ok_or(BuildError::Missing("auth.client_secret"))?,
+            secret: match (&auth.client_secret, &auth.client_secret_file) {
+                (Some(secret), _) => secret.clone(),
+                (None, Some(file)) => {
+                    crate::config::read_secret_value("auth.client_secret_file", file)
+                        .map_err(BuildError::Credential)?
+                }
+                (None, None) => return Err(BuildError::Missing("auth.client_secret")),
+            },
             file: auth.client_secret_file.clone(),
         },
         CredentialKind::WorkloadIdentity => Credential::Federated {

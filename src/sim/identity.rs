@@ -93,7 +93,27 @@ impl Simulator {
             ));
         }
         if let Some(assertion) = form.get("client_assertion") {
-            if let Err(why) = self.check_assertion(&form, assertion, token_url) {
+            lock(&self.state.stats).last_assertion = Some(assertion.clone());
+            if Self::is_federated(assertion) {
+                if form.get("client_assertion_type").map(String::as_str)
+                    != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                {
+                    return Ok(self.refused(entra_error(
+                        400,
+                        "invalid_request",
+                        70002,
+                        "AADSTS70002: wrong client_assertion_type.",
+                    )));
+                }
+                if let Err((code, text)) = self.check_federated(assertion) {
+                    return Ok(self.refused(entra_error(
+                        401,
+                        "invalid_client",
+                        code,
+                        &format!("AADSTS{code}: {text}"),
+                    )));
+                }
+            } else if let Err(why) = self.check_assertion(&form, assertion, token_url) {
                 return Ok(entra_error(
                     401,
                     "invalid_client",
@@ -101,13 +121,19 @@ impl Simulator {
                     &format!("AADSTS700027: Client assertion failed signature validation: {why}."),
                 ));
             }
-        } else if secret.as_deref() != Some(config.client_secret.as_str()) {
-            return Ok(entra_error(
+        } else if !faults
+            .client_secrets
+            .clone()
+            .unwrap_or_else(|| vec![config.client_secret.clone()])
+            .iter()
+            .any(|accepted| secret.as_deref() == Some(accepted.as_str()))
+        {
+            return Ok(self.refused(entra_error(
                 401,
                 "invalid_client",
                 7000215,
                 "AADSTS7000215: Invalid client secret provided.",
-            ));
+            )));
         }
         if !form
             .get("scope")
@@ -124,6 +150,21 @@ impl Simulator {
             .token_lifetime_secs
             .map(Duration::from_secs)
             .unwrap_or(config.token_lifetime);
+        let token = self.issue_token(lifetime);
+        let secs = lifetime.as_secs();
+        let expires_in = if faults.expires_in_as_string {
+            json!(secs.to_string())
+        } else {
+            json!(secs)
+        };
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"token_type": "Bearer", "expires_in": expires_in, "ext_expires_in": expires_in, "access_token": token}),
+        ))
+    }
+
+    /// A token Graph accepts until `lifetime` has passed.
+    pub(super) fn issue_token(&self, lifetime: Duration) -> String {
         let token = format!("sim.{}", uuid::Uuid::new_v4().simple());
         lock(&self.state.tokens).insert(
             token.clone(),
@@ -141,16 +182,13 @@ impl Simulator {
             },
         );
         lock(&self.state.stats).tokens_issued += 1;
-        let secs = lifetime.as_secs();
-        let expires_in = if faults.expires_in_as_string {
-            json!(secs.to_string())
-        } else {
-            json!(secs)
-        };
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({"token_type": "Bearer", "expires_in": expires_in, "ext_expires_in": expires_in, "access_token": token}),
-        ))
+        token
+    }
+
+    /// Counts a refused token request.
+    fn refused(&self, response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+        lock(&self.state.stats).token_failures += 1;
+        response
     }
 
     /// Verifies a client assertion as Entra does: signed (PS256 or RS256) by the registered

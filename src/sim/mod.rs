@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::core::clock::Clock;
 
+mod azure;
 mod graph;
 mod identity;
 mod sessions;
@@ -58,6 +59,22 @@ pub struct SimConfig {
     pub jwks: Option<String>,
     /// PEM certificate registered on the app: client assertions must be signed by its key.
     pub client_certificate: Option<String>,
+    /// The app's federated identity credential (workload identity), if any.
+    pub federated: Option<FederatedTrust>,
+    /// The user-assigned managed identity the simulated machine has (besides its
+    /// system-assigned one).
+    pub user_assigned_client_id: String,
+    /// App Service's `IDENTITY_HEADER`.
+    pub identity_header: String,
+}
+
+/// A federated identity credential: assertions from `issuer` about `subject`, signed by
+/// the key `public_key_pem` (RSA), audience `api://AzureADTokenExchange`.
+#[derive(Debug, Clone)]
+pub struct FederatedTrust {
+    pub issuer: String,
+    pub subject: String,
+    pub public_key_pem: String,
 }
 
 impl Default for SimConfig {
@@ -69,6 +86,9 @@ impl Default for SimConfig {
             token_lifetime: Duration::from_secs(3599),
             jwks: None,
             client_certificate: None,
+            federated: None,
+            user_assigned_client_id: "00000000-0000-0000-0000-0000000a551d".to_string(),
+            identity_header: "sim-identity-header".to_string(),
         }
     }
 }
@@ -106,6 +126,13 @@ pub struct Faults {
     pub list_page_size: Option<usize>,
     /// Sent as every list page's `@odata.nextLink` instead of the real next page.
     pub next_link: Option<String>,
+    /// The client secrets the app accepts now (absent: the configured one); a rotation
+    /// revokes the old one by leaving it out.
+    pub client_secrets: Option<Vec<String>>,
+    /// The managed identity endpoints answer this status...
+    pub imds_status: Option<u16>,
+    /// ...this many times (absent: until cleared).
+    pub imds_status_count: Option<u32>,
 }
 
 /// Counts of what the simulator was asked.
@@ -118,6 +145,14 @@ pub struct Stats {
     pub graph_requests: u64,
     /// Graph requests per raw path (and query), as received.
     pub paths: BTreeMap<String, u64>,
+    /// Token requests refused (any error answer).
+    pub token_failures: u64,
+    /// The client assertion of the last token request that carried one.
+    pub last_assertion: Option<String>,
+    /// Requests to the IMDS and App Service identity endpoints.
+    pub managed_requests: u64,
+    /// The `client_id` of the last managed identity token issued (`None`: system-assigned).
+    pub last_managed_client_id: Option<String>,
 }
 
 struct Issued {
@@ -251,6 +286,12 @@ impl Simulator {
                 Ok(self.merge_faults(&body))
             }
             (&Method::GET, ["", _tenant, "discovery", "v2.0", "keys"]) => Ok(self.jwks()),
+            (&Method::GET, ["", "metadata", "identity", "oauth2", "token"]) => {
+                Ok(self.managed_token(&req, azure::Flavour::Imds))
+            }
+            (&Method::GET, ["", "msi", "token"]) => {
+                Ok(self.managed_token(&req, azure::Flavour::AppService))
+            }
             (&Method::POST, ["", _tenant, "oauth2", "v2.0", "token"]) => {
                 let tenant = segments[1].to_string();
                 let basic = req.headers().get(http::header::AUTHORIZATION).cloned();
