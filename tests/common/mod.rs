@@ -7,6 +7,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod egress;
+
 use graph_session_proxy::config::{Purpose, Settings};
 use graph_session_proxy::sim::{Faults, SimConfig, Simulator, Stats};
 use graph_session_proxy::Clock;
