@@ -233,7 +233,12 @@ fn seconds(d: Duration) -> u64 {
 fn every_manifest_parses() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut counts = Vec::new();
-    for dir in ["deploy/kubernetes", "deploy/kubernetes/base", OVERLAY] {
+    for dir in [
+        "deploy/kubernetes",
+        "deploy/kubernetes/base",
+        OVERLAY,
+        WORKLOAD_IDENTITY,
+    ] {
         let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
             .unwrap_or_else(|e| panic!("{dir}: {e}"))
             .map(|entry| entry.expect("a directory entry").path())
@@ -271,6 +276,61 @@ fn every_manifest_parses() {
         Some(1),
         "{counts:?}"
     );
+}
+
+/// The Workload ID overlay: its own service account (annotated with the client id) on a
+/// pod the webhook mutates, no client secret anywhere, and a configuration the loader
+/// takes as `workload_identity`.
+#[test]
+fn the_workload_identity_overlay_has_no_secret_and_federates_its_service_account() {
+    let account = manifest(&format!("{WORKLOAD_IDENTITY}/serviceaccount.yaml"));
+    assert_eq!(str_at(&account, "/kind"), "ServiceAccount");
+    let name = str_at(&account, "/metadata/name");
+    assert!(account["metadata"]["annotations"]["azure.workload.identity/client-id"].is_string());
+    let patch = manifest(&format!("{WORKLOAD_IDENTITY}/proxy-deployment-patch.yaml"));
+    assert_eq!(
+        str_at(&patch, "/spec/template/spec/serviceAccountName"),
+        name
+    );
+    assert_eq!(
+        patch["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"],
+        "true"
+    );
+    let deleted: Vec<&str> = list_at(&patch, "/spec/template/spec/volumes")
+        .iter()
+        .filter(|v| v["$patch"] == "delete")
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(
+        deleted,
+        ["graph-client-secret"],
+        "the base's secret volume goes"
+    );
+    let kustomization = read(&format!("{WORKLOAD_IDENTITY}/kustomization.yaml"));
+    for part in [
+        "../../base",
+        "serviceaccount.yaml",
+        "proxy-deployment-patch.yaml",
+        "configmap-patch.yaml",
+    ] {
+        assert!(kustomization.contains(part), "{part}");
+    }
+    let text = str_at(
+        &manifest(&format!("{WORKLOAD_IDENTITY}/configmap-patch.yaml")),
+        "/data/config.toml",
+    )
+    .to_string();
+    let settings = load_with_env(&text, &[], Purpose::Check)
+        .unwrap_or_else(|e| panic!("refused: {}\n---\n{text}", chain(&e)));
+    assert_eq!(
+        settings.auth.credential_kind(),
+        graph_session_proxy::config::CredentialKind::WorkloadIdentity
+    );
+    assert!(settings.auth.client_secret_file.is_none() && settings.auth.client_secret.is_none());
+    // Otherwise the base's configuration.
+    let base = configmap_settings();
+    assert_eq!(settings.server.listen, base.server.listen);
+    assert_eq!(settings.cache.ttl, base.cache.ttl);
 }
 
 #[test]
@@ -522,6 +582,7 @@ fn systemd_unit_matches_and_is_hardened() {
 }
 
 const OVERLAY: &str = "deploy/kubernetes/overlays/shared-cache";
+const WORKLOAD_IDENTITY: &str = "deploy/kubernetes/overlays/workload-identity";
 
 fn overlay(file: &str) -> Value {
     manifest(&format!("{OVERLAY}/{file}"))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Validates every manifest in deploy/kubernetes/base and in the overlay
-# deploy/kubernetes/overlays/shared-cache
+# Validates every manifest in deploy/kubernetes/base and in the overlays
+# deploy/kubernetes/overlays/shared-cache and deploy/kubernetes/overlays/workload-identity
 # against the Kubernetes OpenAPI schemas (strict: unknown fields are errors), offline, with
 # kubernetes-validate from PyPI. Exits non-zero when any manifest fails.
 #
@@ -32,6 +32,7 @@ overlay_manifests=(
   "$overlay/networkpolicy.yaml"
   "$overlay/secret.example.yaml"
 )
+workload=overlays/workload-identity
 version_args=()
 for v in "${versions[@]}"; do
   if [[ "$v" == latest ]]; then
@@ -125,9 +126,23 @@ else
   status=1
 fi
 
+python3 -m kubernetes_validate --strict "${version_args[@]}" "$workload/serviceaccount.yaml" || status=1
+rc=0
+render "$workload" "$rendered_dir/workload.yaml" || rc=$?
+if [[ $rc -eq 0 ]]; then
+  echo "INFO $workload renders $(grep -c '^kind:' "$rendered_dir/workload.yaml") resources"
+  python3 -m kubernetes_validate --strict --quiet "${version_args[@]}" "$rendered_dir/workload.yaml" || status=1
+  python3 check_workload_identity.py "$rendered_dir/workload.yaml" || status=1
+elif [[ $rc -eq 2 ]]; then
+  echo "SKIP neither kubectl nor kustomize found: $workload not rendered (its patches unchecked)"
+else
+  echo "ERROR $workload does not render"
+  status=1
+fi
+
 if python3 -c 'import yamllint' 2>/dev/null; then
   python3 -m yamllint -s -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable, truthy: {check-keys: false}}}' \
-    kustomization.yaml "${manifests[@]}" "$overlay"/*.yaml && echo "INFO yamllint passed" || status=1
+    kustomization.yaml "${manifests[@]}" "$overlay"/*.yaml "$workload"/*.yaml && echo "INFO yamllint passed" || status=1
 else
   echo "SKIP yamllint not installed (python3 -m pip install yamllint)"
 fi

@@ -203,14 +203,17 @@ impl AuthSettings {
             ));
         }
         match kind {
-            CredentialKind::WorkloadIdentity if self.federated_token_file.is_none() => {
+            // check-config may run where the webhook's variables are not: a warning there.
+            CredentialKind::WorkloadIdentity
+                if purpose != Purpose::Check && self.federated_token_file.is_none() =>
+            {
                 Err(ConfigError::invalid(
                     "auth.federated_token_file",
                     "required for workload_identity (or AZURE_FEDERATED_TOKEN_FILE, which the Workload ID webhook sets)",
                 ))
             }
             CredentialKind::WorkloadIdentity
-                if purpose != Purpose::Embedded && self.client_id.is_none() =>
+                if purpose == Purpose::Serve && self.client_id.is_none() =>
             {
                 Err(ConfigError::invalid(
                     "auth.client_id",
@@ -260,6 +263,12 @@ impl AuthSettings {
     pub(super) fn credential_warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.credential_kind() == CredentialKind::WorkloadIdentity {
+            if self.federated_token_file.is_none() {
+                out.push("auth.federated_token_file is not set and AZURE_FEDERATED_TOKEN_FILE is not in this environment: serve needs one (the Workload ID webhook sets it in the pod)".to_string());
+            }
+            if self.client_id.is_none() {
+                out.push("auth.client_id is not set and AZURE_CLIENT_ID is not in this environment: serve needs one (the Workload ID webhook sets it from the service account's annotation)".to_string());
+            }
             if let Some(path) = &self.federated_token_file {
                 if let Err(e) = files::read_value(self.federated_token_key(), path) {
                     out.push(format!(
@@ -391,7 +400,7 @@ mod tests {
         ];
         for (keys, named) in cases {
             let text = without_secret().replace("[auth]", &format!("[auth]\n{keys}"));
-            let err = Settings::from_toml(&text, Purpose::Check)
+            let err = Settings::from_toml(&text, Purpose::Serve)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(named), "{keys}: {err}");

@@ -193,12 +193,12 @@ fn redact_userinfo<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<
     match value {
         None => s.serialize_none(),
         Some(url) => match reqwest::Url::parse(url.expose_secret()) {
-            Ok(mut parsed) => {
-                if parsed.password().is_some() {
-                    let _ = parsed.set_password(Some("[redacted]"));
-                }
-                s.serialize_str(parsed.as_str())
+            Ok(parsed) if parsed.password().is_some() || !parsed.username().is_empty() => {
+                let host = parsed.host_str().unwrap_or_default();
+                let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+                s.serialize_str(&format!("{}://[redacted]@{host}{port}", parsed.scheme()))
             }
+            Ok(parsed) => s.serialize_str(parsed.as_str().trim_end_matches('/')),
             Err(_) => s.serialize_str("[redacted]"),
         },
     }
@@ -207,6 +207,36 @@ fn redact_userinfo<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<
 #[cfg(test)]
 mod tests {
     use super::super::tests::MINIMAL;
+
+    #[test]
+    fn proxy_credentials_are_redacted_and_bad_proxy_urls_named() {
+        let text = MINIMAL.replace(
+            "[auth]",
+            "[graph]\nproxy_url = \"http://svc-gsp:hunter2@egress.corp.example:3128\"\n[auth]",
+        );
+        let s = crate::config::Settings::from_toml(&text, crate::config::Purpose::Check).unwrap();
+        let shown = s.redacted_toml();
+        assert!(
+            shown.contains("proxy_url = \"http://[redacted]@egress.corp.example:3128\""),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("svc-gsp"),
+            "{shown}"
+        );
+        assert!(!format!("{s:?}").contains("hunter2"));
+        for bad in [
+            "egress:3128",
+            "socks5://egress:1080",
+            "http://egress:3128/path",
+        ] {
+            let text = MINIMAL.replace("[auth]", &format!("[graph]\nproxy_url = {bad:?}\n[auth]"));
+            let err = crate::config::Settings::from_toml(&text, crate::config::Purpose::Check)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("graph.proxy_url"), "{bad}: {err}");
+        }
+    }
     use super::super::{Purpose, Settings};
 
     #[test]
