@@ -340,7 +340,7 @@ fn configmap_is_a_valid_configuration() {
     assert_eq!(settings.server.admin_listen.to_string(), "0.0.0.0:9090");
     assert_eq!(
         settings.auth.client_secret_file.as_deref(),
-        Some(Path::new("/run/secrets/graph-client-secret"))
+        Some(Path::new("/run/secrets/graph/client-secret"))
     );
     assert!(
         settings.auth.client_secret.is_none(),
@@ -433,9 +433,19 @@ fn deployment_matches_the_configuration() {
         .collect();
     assert!(mounts.contains(&CONFIG_PATH), "{mounts:?}");
     let secret_file = settings.auth.client_secret_file.clone().unwrap();
+    // Mounted as a directory, so that a renewed Secret reaches the file.
     assert!(
-        mounts.iter().any(|m| Path::new(m) == secret_file),
-        "the Secret is mounted at auth.client_secret_file: {mounts:?}"
+        mounts
+            .iter()
+            .any(|m| secret_file.parent() == Some(Path::new(m))),
+        "the Secret's directory holds auth.client_secret_file: {mounts:?}"
+    );
+    assert!(
+        !values_of(&deployment, "subPath")
+            .iter()
+            .any(|p| Some(p.as_str().unwrap_or_default())
+                == secret_file.file_name().and_then(|f| f.to_str())),
+        "no subPath mount of the secret (it would never see a renewal)"
     );
     let args = list_at(proxy, "/args");
     assert!(args.contains(&json!(CONFIG_PATH)), "{args:?}");
@@ -446,10 +456,12 @@ fn deployment_matches_the_configuration() {
     assert_eq!(only(&deployment, "secretName"), secret_name);
     let key = str_at(&secret, "/stringData/client-secret");
     assert!(!key.is_empty(), "stringData.client-secret");
-    let sub_paths = values_of(at(proxy, "/volumeMounts"), "subPath");
+    // The Secret's key is the file the configuration names.
+    let item_paths = values_of(&deployment, "path");
     assert!(
-        sub_paths.contains(&&json!("client-secret")),
-        "{sub_paths:?}"
+        item_paths.contains(&&json!("client-secret"))
+            && secret_file.file_name() == Some(std::ffi::OsStr::new("client-secret")),
+        "{item_paths:?}"
     );
 
     // Security context.
