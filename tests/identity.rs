@@ -187,6 +187,13 @@ async fn managed_identities_of_imds_and_app_service_serve_sessions() {
     let h = managed("/msi/token", None, Some("not-the-header")).await;
     let r = h.get(&h.seed_url()).await;
     assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("tokenUnavailable")
+            && body.contains("refused")
+            && body.contains("invalid_request"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -255,9 +262,39 @@ async fn a_rewritten_client_secret_file_is_used_without_a_restart() {
         1,
         "at most one failed token request"
     );
+
+    // Rotated while a token request is on its way, and revoked before Entra answers: the
+    // answer is invalid_client, the proxy reads the file again, finds it changed and asks
+    // once more, so a caller waiting for a token (the old one has expired) is served.
+    h.faults(Faults {
+        client_secrets: Some(vec!["third-secret".into()]),
+        token_latency_ms: 800,
+        ..Faults::default()
+    });
+    h.clock.advance(Duration::from_secs(3600));
+    let url = session(&h, "s4");
+    let waiting = tokio::spawn({
+        let http = h.http.clone();
+        async move { http.get(&url).bearer_auth(API_KEY).send().await.unwrap() }
+    });
+    until(&h, "the token request on its way", |s| {
+        s.token_requests >= 5
+    })
+    .await;
+    rewrite(&file, "fourth-secret\n");
+    h.faults(Faults {
+        client_secrets: Some(vec!["fourth-secret".into()]),
+        token_latency_ms: 800,
+        ..Faults::default()
+    });
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert_eq!(h.stats().tokens_issued, 4);
+    assert_eq!(h.stats().token_failures, 2, "the one refused on its way");
+
     let metrics = metrics(&h, h.admin).await;
     assert!(
-        metrics.contains("graph_session_proxy_credential_reloads_total{outcome=\"ok\"} 2"),
+        metrics.contains("graph_session_proxy_credential_reloads_total{outcome=\"ok\"} 3"),
         "{metrics}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

@@ -318,7 +318,7 @@ fn usable_keys(set: &JwkSet) -> HashMap<String, Arc<VerifyingKey>> {
 
 #[derive(Debug, thiserror::Error)]
 enum JwksError {
-    #[error("key set request failed")]
+    #[error("key set request failed{}", crate::upstream::error::tls_hint(.0))]
     Http(#[source] reqwest::Error),
     #[error("key set endpoint answered HTTP {0}")]
     Status(u16),

@@ -187,6 +187,11 @@ impl AuthSettings {
         self.validate_credential(purpose)?;
         // A managed identity is the identity: no app registration to name.
         let managed = self.credential_kind() == CredentialKind::ManagedIdentity;
+        // Workload ID: the webhook sets AZURE_TENANT_ID / AZURE_CLIENT_ID in the pod, so
+        // check-config elsewhere warns (credential_warnings) instead of refusing.
+        let managed = managed
+            || (purpose == Purpose::Check
+                && self.credential_kind() == CredentialKind::WorkloadIdentity);
         match &self.tenant_id {
             Some(t) => check_tenant(t)?,
             None if purpose != Purpose::Embedded && !managed => {

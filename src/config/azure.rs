@@ -119,11 +119,14 @@ impl AuthSettings {
                 }
             }
             CredentialKind::ManagedIdentity => {
-                if self.managed_identity_endpoint.is_none() {
+                // App Service / Functions (Service Fabric, which also sets
+                // IDENTITY_SERVER_THUMBPRINT, speaks another protocol: not taken for it).
+                // An overriding endpoint keeps the App Service protocol and its header.
+                if env("IDENTITY_SERVER_THUMBPRINT").is_none() {
                     if let (Some(endpoint), Some(header)) =
                         (env("IDENTITY_ENDPOINT"), env("IDENTITY_HEADER"))
                     {
-                        self.managed_identity_endpoint = Some(endpoint);
+                        self.managed_identity_endpoint.get_or_insert(endpoint);
                         self.azure_env.identity_header = Some(SecretString::from(header));
                     }
                 }
@@ -266,6 +269,12 @@ impl AuthSettings {
             if self.federated_token_file.is_none() {
                 out.push("auth.federated_token_file is not set and AZURE_FEDERATED_TOKEN_FILE is not in this environment: serve needs one (the Workload ID webhook sets it in the pod)".to_string());
             }
+            if self.tenant_id.is_none() {
+                out.push("auth.tenant_id is not set and AZURE_TENANT_ID is not in this environment: serve needs one (the Workload ID webhook sets it in the pod)".to_string());
+            }
+            if self.tenant_id.is_none() {
+                out.push("auth.tenant_id is not set and AZURE_TENANT_ID is not in this environment: serve needs one (the Workload ID webhook sets it in the pod)".to_string());
+            }
             if self.client_id.is_none() {
                 out.push("auth.client_id is not set and AZURE_CLIENT_ID is not in this environment: serve needs one (the Workload ID webhook sets it from the service account's annotation)".to_string());
             }
@@ -366,6 +375,39 @@ mod tests {
                 ManagedFlavour::AppService
             )
         );
+        // An overriding endpoint keeps App Service's protocol; Service Fabric is not it.
+        let mut overridden = AuthSettings {
+            credential: Some(CredentialKind::ManagedIdentity),
+            managed_identity_endpoint: Some("http://127.0.0.1:9/msi/token".to_string()),
+            ..AuthSettings::default()
+        };
+        overridden.apply_azure_env(env(&[
+            ("IDENTITY_ENDPOINT", "http://127.0.0.1:41234/msi/token"),
+            ("IDENTITY_HEADER", "h"),
+        ]));
+        assert_eq!(
+            overridden.managed_identity(),
+            (
+                "http://127.0.0.1:9/msi/token".to_string(),
+                ManagedFlavour::AppService
+            )
+        );
+        let mut fabric = AuthSettings {
+            credential: Some(CredentialKind::ManagedIdentity),
+            ..AuthSettings::default()
+        };
+        fabric.apply_azure_env(env(&[
+            (
+                "IDENTITY_ENDPOINT",
+                "https://127.0.0.1:2377/metadata/identity/oauth2/token",
+            ),
+            ("IDENTITY_HEADER", "h"),
+            ("IDENTITY_SERVER_THUMBPRINT", "ab"),
+        ]));
+        assert_eq!(
+            fabric.managed_identity(),
+            (IMDS_ENDPOINT.to_string(), ManagedFlavour::Imds)
+        );
         let imds = AuthSettings {
             credential: Some(CredentialKind::ManagedIdentity),
             ..AuthSettings::default()
@@ -441,5 +483,24 @@ mod tests {
         let s = Settings::from_toml(&text, Purpose::Serve).unwrap();
         assert_eq!(s.auth.credential_kind(), CredentialKind::WorkloadIdentity);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn check_config_of_a_workload_identity_config_left_to_the_webhook_warns() {
+        // Tenant, client id and token file all from the pod's variables.
+        let text = "[auth]\ncredential = \"workload_identity\"\n[callers]\nmode = \"none\"\n";
+        let check = Settings::from_toml(text, Purpose::Check).unwrap();
+        let warnings = check.warnings().join("\n");
+        for key in [
+            "auth.tenant_id",
+            "auth.client_id",
+            "auth.federated_token_file",
+        ] {
+            assert!(warnings.contains(key), "{key}: {warnings}");
+        }
+        let err = Settings::from_toml(text, Purpose::Serve)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth."), "{err}");
     }
 }

@@ -177,6 +177,9 @@ impl Settings {
         settings.validate(purpose)?;
         if purpose != Purpose::Check {
             settings.read_secret_file()?;
+        } else if settings.graph.ca_file.as_ref().is_some_and(|p| p.exists()) {
+            // As the TLS files: checked where it exists (it may exist only in the pod).
+            settings.graph.read_files()?;
         }
         settings.server.check_tls_files(purpose)?;
         Ok(settings)

@@ -153,6 +153,7 @@ impl Simulator {
         validation.set_audience(&[EXCHANGE_AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
         validation.leeway = 0;
+        validation.validate_nbf = true;
         #[derive(Deserialize)]
         struct Claims {
             iss: String,

@@ -37,9 +37,11 @@ impl Simulator {
         body: &[u8],
     ) -> Result<Response<Full<Bytes>>, SimReset> {
         lock(&self.state.stats).token_requests += 1;
-        let faults = lock(&self.state.faults).clone();
+        let mut faults = lock(&self.state.faults).clone();
         if faults.token_latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(faults.token_latency_ms)).await;
+            // Entra judges the credential when it answers: a secret revoked meanwhile fails.
+            faults = lock(&self.state.faults).clone();
         }
         if faults.token_down {
             return Err(SimReset);

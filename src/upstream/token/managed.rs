@@ -27,9 +27,13 @@ pub struct ManagedIdentity {
     pub resource: String,
 }
 
-/// Attempts after the first, and the first pause (doubled each time), as Azure advises.
+/// Attempts after the first, and the first pause (doubled each time, up to
+/// `LONGEST_PAUSE`, with up to a quarter more as jitter), as Azure advises.
 const RETRIES: u32 = 4;
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
+const LONGEST_PAUSE: Duration = Duration::from_secs(10);
+/// IMDS answers 410 while it updates, for up to 70 s: retried for that long.
+const GONE_FOR: Duration = Duration::from_secs(70);
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// The identity endpoint's answer.
@@ -41,6 +45,16 @@ struct Answer {
     /// Epoch seconds.
     #[serde(default, deserialize_with = "seconds")]
     expires_on: Option<u64>,
+}
+
+impl Answer {
+    /// Seconds left at `now` (epoch seconds). The absolute expiry first, as
+    /// azure-identity does: a host's `expires_in` may be that of a token it cached a while.
+    fn lifetime(&self, now: u64) -> Option<u64> {
+        self.expires_on
+            .map(|on| on.saturating_sub(now))
+            .or(self.expires_in)
+    }
 }
 
 #[derive(Deserialize)]
@@ -65,7 +79,10 @@ impl ManagedSource {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(timeout)
             .build()
-            .unwrap_or_default();
+            // Only a TLS backend that cannot start fails here, and the Graph client built
+            // before this one would have failed first; a default client would honour
+            // HTTP(S)_PROXY, which the identity endpoint must never go through.
+            .expect("the managed identity client builds");
         ManagedSource {
             identity,
             http,
@@ -78,8 +95,13 @@ impl ManagedSource {
     pub(super) async fn request(&self) -> Result<Granted, TokenError> {
         let mut pause = FIRST_PAUSE;
         let mut attempt = 0;
+        let started = tokio::time::Instant::now();
         loop {
             let result = self.once().await;
+            let more = match &result {
+                Err(TokenError::Status(410)) => started.elapsed() < GONE_FOR,
+                _ => attempt < RETRIES,
+            };
             let retryable = match &result {
                 Err(TokenError::Status(status)) => {
                     matches!(status, 404 | 410 | 500..=599)
@@ -89,7 +111,7 @@ impl ManagedSource {
                 ) => true,
                 _ => false,
             };
-            if !retryable || attempt >= RETRIES {
+            if !retryable || !more {
                 return result;
             }
             let wait = result
@@ -97,12 +119,13 @@ impl ManagedSource {
                 .err()
                 .and_then(TokenError::retry_after)
                 .unwrap_or(pause)
-                .min(Duration::from_secs(30));
+                .min(Duration::from_secs(30))
+                .mul_f64(1.0 + rand::random::<f64>() / 4.0);
             if let Err(e) = &result {
                 tracing::debug!(error = %e, attempt, retry_in_ms = wait.as_millis() as u64, "managed identity endpoint failed; retrying");
             }
             tokio::time::sleep(wait).await;
-            pause *= 2;
+            pause = (pause * 2).min(LONGEST_PAUSE);
             attempt += 1;
         }
     }
@@ -169,9 +192,7 @@ impl ManagedSource {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let expires_in = answer
-            .expires_in
-            .or_else(|| answer.expires_on.map(|on| on.saturating_sub(now)));
+        let expires_in = answer.lifetime(now);
         Ok(Granted {
             access_token: SecretString::from(answer.access_token),
             expires_in,
@@ -197,5 +218,10 @@ mod tests {
         .unwrap();
         assert_eq!(app_service.expires_in, None);
         assert_eq!(app_service.expires_on, Some(1_700_000_000));
+        assert_eq!(app_service.lifetime(1_699_999_000), Some(1000));
+        // A host's cached token: its expires_in is stale, expires_on is not.
+        assert_eq!(imds.lifetime(1_699_990_000), Some(10_000));
+        let bare: Answer = serde_json::from_str(r#"{"access_token":"x","expires_in":60}"#).unwrap();
+        assert_eq!(bare.lifetime(1_699_990_000), Some(60));
     }
 }
