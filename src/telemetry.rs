@@ -86,7 +86,51 @@ pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGua
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Tells this instance's handles apart in [`REQUEST_HANDLES`].
+    id: u64,
 }
+
+/// One series of the per-request metrics: the label values (static strings, told apart by
+/// address: two copies of one text are two slots for the same handles) and the caller's
+/// name (held, so that its address cannot be reused by another name while cached).
+struct RequestSeries {
+    metrics: u64,
+    /// Address and length of each value.
+    labels: [*const str; 4],
+    caller: Arc<str>,
+}
+
+impl PartialEq for RequestSeries {
+    fn eq(&self, other: &Self) -> bool {
+        self.metrics == other.metrics
+            && self.labels == other.labels
+            && Arc::ptr_eq(&self.caller, &other.caller)
+    }
+}
+
+impl Eq for RequestSeries {}
+
+impl std::hash::Hash for RequestSeries {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.metrics.hash(state);
+        self.labels.hash(state);
+        (Arc::as_ptr(&self.caller) as *const u8 as usize).hash(state);
+    }
+}
+
+/// Most handles one thread keeps before it starts over (the series are bounded by the
+/// configured callers already; this bounds what dropped instances leave behind).
+const MAX_CACHED_SERIES: usize = 4096;
+
+thread_local! {
+    /// The request counter and latency histogram of each series this thread recorded:
+    /// a hit costs one hash of pointers instead of building two registry keys.
+    static REQUEST_HANDLES: std::cell::RefCell<
+        std::collections::HashMap<RequestSeries, (metrics::Counter, metrics::Histogram), rustc_hash::FxBuildHasher>,
+    > = std::cell::RefCell::default();
+}
+
+static NEXT_METRICS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Every family, with its help text; names follow Prometheus conventions.
 pub mod names {
@@ -219,7 +263,12 @@ impl Metrics {
             recorder.describe_histogram((*name).into(), None, (*help).into());
         }
         let handle = recorder.handle();
-        Metrics { recorder, handle }
+        let id = NEXT_METRICS_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Metrics {
+            recorder,
+            handle,
+            id,
+        }
     }
 
     fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
@@ -252,13 +301,42 @@ impl Metrics {
     }
 
     /// One caller request: the request counter and the latency histogram. Label values
-    /// are static strings or the caller's shared name, so nothing is copied.
+    /// are static strings or the caller's shared name, so nothing is copied; the handles
+    /// are looked up in the registry once per series and thread.
     pub fn record_request(
         &self,
         labels: [(&'static str, &'static str); 4],
         caller: &Arc<str>,
         seconds: f64,
     ) {
+        let series = RequestSeries {
+            metrics: self.id,
+            labels: labels.map(|(_, v)| v as *const str),
+            caller: caller.clone(),
+        };
+        REQUEST_HANDLES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some((counter, histogram)) = cache.get(&series) {
+                counter.increment(1);
+                histogram.record(seconds);
+                return;
+            }
+            let (counter, histogram) = self.request_handles(labels, caller);
+            counter.increment(1);
+            histogram.record(seconds);
+            if cache.len() >= MAX_CACHED_SERIES {
+                cache.clear();
+            }
+            cache.insert(series, (counter, histogram));
+        });
+    }
+
+    /// The registry's handles of one request series.
+    fn request_handles(
+        &self,
+        labels: [(&'static str, &'static str); 4],
+        caller: &Arc<str>,
+    ) -> (metrics::Counter, metrics::Histogram) {
         let mut all: Vec<Label> = labels
             .iter()
             .map(|(k, v)| Label::from_static_parts(k, v))
@@ -267,22 +345,21 @@ impl Metrics {
             "caller",
             metrics::SharedString::from_shared(caller.clone()),
         ));
-        self.recorder
-            .register_counter(&Key::from_parts(names::REQUESTS, all), &METADATA)
-            .increment(1);
+        let counter = self
+            .recorder
+            .register_counter(&Key::from_parts(names::REQUESTS, all), &METADATA);
         let cache = labels
             .iter()
             .find(|(k, _)| *k == "cache")
             .map_or("none", |(_, v)| v);
-        self.recorder
-            .register_histogram(
-                &Key::from_parts(
-                    names::REQUEST_DURATION,
-                    vec![Label::from_static_parts("cache", cache)],
-                ),
-                &METADATA,
-            )
-            .record(seconds);
+        let histogram = self.recorder.register_histogram(
+            &Key::from_parts(
+                names::REQUEST_DURATION,
+                vec![Label::from_static_parts("cache", cache)],
+            ),
+            &METADATA,
+        );
+        (counter, histogram)
     }
 
     /// Folds recorded histogram samples into their buckets. Without it samples pile up

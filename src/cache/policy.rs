@@ -96,43 +96,37 @@ pub struct Directives {
 }
 
 impl Lookup {
-    /// RFC 9211 `Cache-Status` for a served lookup.
+    /// RFC 9211 `Cache-Status` for a served lookup: a fixed text around one number (the
+    /// freshness left, or the status Graph answered), built without formatting machinery
+    /// since every answer carries one.
     pub fn cache_status(&self, now: Instant) -> HeaderValue {
         let entry = &self.entry;
         let fwd_status = if entry.body.is_some() { 200 } else { 404 };
-        let text = match self.outcome {
-            Outcome::Hit => format!("graph-session-proxy; hit; ttl={}", entry.ttl(now)),
-            Outcome::StaleWhileRevalidate => format!(
-                "graph-session-proxy; fwd=stale; ttl={}; detail=stale-while-revalidate",
-                entry.ttl(now)
+        const P: &str = "graph-session-proxy; ";
+        let (head, number, tail) = match self.outcome {
+            Outcome::Hit => ("hit; ttl=", entry.ttl(now), ""),
+            Outcome::StaleWhileRevalidate => (
+                "fwd=stale; ttl=",
+                entry.ttl(now),
+                "; detail=stale-while-revalidate",
             ),
-            Outcome::MaxStale => format!(
-                "graph-session-proxy; hit; ttl={}; detail=max-stale",
-                entry.ttl(now)
-            ),
-            Outcome::Miss => {
-                format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored")
-            }
-            Outcome::Collapsed => {
-                format!("graph-session-proxy; fwd=miss; fwd-status={fwd_status}; stored; collapsed")
-            }
-            Outcome::Revalidated => {
-                format!("graph-session-proxy; fwd=request; fwd-status={fwd_status}; stored")
-            }
-            Outcome::StaleIfError => format!(
-                "graph-session-proxy; fwd=stale; ttl={}; detail=stale-if-error",
-                entry.ttl(now)
-            ),
-            Outcome::Tier2 => format!(
-                "graph-session-proxy; hit; ttl={}; detail=tier2",
-                entry.ttl(now)
-            ),
-            Outcome::GraphBudget => format!(
-                "graph-session-proxy; fwd=stale; ttl={}; detail=graph-budget",
-                entry.ttl(now)
-            ),
+            Outcome::MaxStale => ("hit; ttl=", entry.ttl(now), "; detail=max-stale"),
+            Outcome::Miss => ("fwd=miss; fwd-status=", fwd_status, "; stored"),
+            Outcome::Collapsed => ("fwd=miss; fwd-status=", fwd_status, "; stored; collapsed"),
+            Outcome::Revalidated => ("fwd=request; fwd-status=", fwd_status, "; stored"),
+            Outcome::StaleIfError => ("fwd=stale; ttl=", entry.ttl(now), "; detail=stale-if-error"),
+            Outcome::Tier2 => ("hit; ttl=", entry.ttl(now), "; detail=tier2"),
+            Outcome::GraphBudget => ("fwd=stale; ttl=", entry.ttl(now), "; detail=graph-budget"),
         };
-        HeaderValue::from_str(&text)
+        let mut digits = itoa::Buffer::new();
+        let number = digits.format(number);
+        let mut text = [0u8; 128];
+        let mut len = 0;
+        for part in [P, head, number, tail] {
+            text[len..len + part.len()].copy_from_slice(part.as_bytes());
+            len += part.len();
+        }
+        HeaderValue::from_bytes(&text[..len])
             .unwrap_or_else(|_| HeaderValue::from_static("graph-session-proxy"))
     }
 }

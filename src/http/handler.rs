@@ -98,30 +98,37 @@ pub(crate) fn drop_unusable_request_id(headers: &mut http::HeaderMap) {
 }
 
 /// The two ids a request is answered with: ours (`x-request-id`, set by the stack) and,
-/// for Graph's contract, the caller's `client-request-id` echo.
+/// for Graph's contract, the caller's `client-request-id` echo. Kept as the header values
+/// they came in (a reference count, not a copy); both are visible ASCII.
 struct RequestIds {
-    request_id: String,
-    client_request_id: String,
+    request_id: HeaderValue,
+    client_request_id: HeaderValue,
 }
 
 impl RequestIds {
     fn of(headers: &http::HeaderMap) -> RequestIds {
         let request_id = headers
             .get(X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string();
+            .filter(|v| v.to_str().is_ok())
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("-"));
         // Graph echoes the client's `client-request-id`; so do the Graph-compatible routes.
         let client_request_id = match headers.get(CLIENT_REQUEST_ID) {
-            Some(id) if request_id::is_usable(id.as_bytes()) => {
-                id.to_str().unwrap_or("-").to_string()
-            }
+            Some(id) if request_id::is_usable(id.as_bytes()) && id.to_str().is_ok() => id.clone(),
             _ => request_id.clone(),
         };
         RequestIds {
             request_id,
             client_request_id,
         }
+    }
+
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+
+    fn client_request_id(&self) -> &str {
+        self.client_request_id.to_str().unwrap_or("-")
     }
 }
 
@@ -143,7 +150,7 @@ pub async fn handle<B: hyper::body::Body>(
     graph_ids(&mut response, log.style, &ids);
     log.write(
         &state.metrics,
-        &ids.request_id,
+        ids.request_id(),
         req.method(),
         response.status(),
         started,
@@ -345,7 +352,7 @@ fn respond(
             &entry.raw_etag,
         ),
     };
-    let (request_id, client_request_id) = (&ids.request_id, &ids.client_request_id);
+    let (request_id, client_request_id) = (ids.request_id(), ids.client_request_id());
     let mut response = match body {
         None if key.is_list() => {
             ProxyError::EventNotFound.to_response_in(log.style, request_id, client_request_id)
@@ -378,7 +385,7 @@ fn respond(
 
 /// The one rescue: a refusal or failure as its JSON error, logged by who is at fault.
 fn fail(error: &ProxyError, log: &mut AccessLog, ids: &RequestIds) -> Response<Full<Bytes>> {
-    let request_id = &ids.request_id;
+    let request_id = ids.request_id();
     let status = error.status();
     log.code = Some(error.code());
     if status.is_server_error() {
@@ -386,7 +393,7 @@ fn fail(error: &ProxyError, log: &mut AccessLog, ids: &RequestIds) -> Response<F
     } else {
         tracing::debug!(request_id, error = %error, "request refused");
     }
-    let mut response = error.to_response_in(log.style, request_id, &ids.client_request_id);
+    let mut response = error.to_response_in(log.style, request_id, ids.client_request_id());
     if log.close {
         // The unread body would otherwise be taken for the next request.
         response
@@ -402,14 +409,9 @@ fn fail(error: &ProxyError, log: &mut AccessLog, ids: &RequestIds) -> Response<F
 /// Graph-style answers name the call as Graph does: `request-id`, `client-request-id`.
 fn graph_ids(response: &mut Response<Full<Bytes>>, style: Style, ids: &RequestIds) {
     if style == Style::Graph {
-        for (name, value) in [
-            (REQUEST_ID, &ids.request_id),
-            (CLIENT_REQUEST_ID, &ids.client_request_id),
-        ] {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                response.headers_mut().insert(name, value);
-            }
-        }
+        let headers = response.headers_mut();
+        headers.insert(REQUEST_ID, ids.request_id.clone());
+        headers.insert(CLIENT_REQUEST_ID, ids.client_request_id.clone());
     }
 }
 
@@ -457,17 +459,21 @@ fn directives(headers: &http::HeaderMap) -> Directives {
     for value in headers.get_all(CACHE_CONTROL) {
         let Ok(value) = value.to_str() else { continue };
         for directive in value.split(',') {
-            let directive = directive.trim().to_ascii_lowercase();
-            match directive.as_str() {
-                "no-cache" | "max-age=0" => d.no_cache = true,
-                "only-if-cached" => d.only_if_cached = true,
-                "max-stale" => d.max_stale = Some(Duration::MAX),
-                other => {
-                    if let Some(secs) = other.strip_prefix("max-stale=") {
-                        if let Ok(secs) = secs.trim_matches('"').parse::<u64>() {
-                            d.max_stale = Some(Duration::from_secs(secs));
-                        }
-                    }
+            let directive = directive.trim();
+            let is = |name: &str| directive.eq_ignore_ascii_case(name);
+            if is("no-cache") || is("max-age=0") {
+                d.no_cache = true;
+            } else if is("only-if-cached") {
+                d.only_if_cached = true;
+            } else if is("max-stale") {
+                d.max_stale = Some(Duration::MAX);
+            } else if let Some(secs) = directive
+                .get(..10)
+                .filter(|p| p.eq_ignore_ascii_case("max-stale="))
+                .and_then(|_| directive.get(10..))
+            {
+                if let Ok(secs) = secs.trim_matches('"').parse::<u64>() {
+                    d.max_stale = Some(Duration::from_secs(secs));
                 }
             }
         }

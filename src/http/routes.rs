@@ -9,6 +9,8 @@
 //! encoded one (`%2F`): nothing a caller sends can add a segment to the Graph URL, which
 //! [`SessionKey::graph_path`] builds by percent-encoding each id as one segment again.
 
+use std::borrow::Cow;
+
 use percent_encoding::percent_decode_str;
 
 use crate::core::model::{ApiVersion, Kind, SessionKey, Style};
@@ -33,10 +35,18 @@ pub fn route(
     let Some(rest) = path.strip_prefix("/sessions/") else {
         return Err(ProxyError::RouteNotFound);
     };
-    let segments: Vec<&str> = rest.split('/').collect();
-    match segments.as_slice() {
-        [kind, event] => session_key(method, kind, event, None),
-        [kind, event, session] => session_key(method, kind, event, Some(session)),
+    // Split without collecting: this runs for every request.
+    let mut segments = rest.split('/');
+    match (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) {
+        (Some(kind), Some(event), None, _) => session_key(method, kind, event, None),
+        (Some(kind), Some(event), Some(session), None) => {
+            session_key(method, kind, event, Some(session))
+        }
         _ => Err(ProxyError::RouteNotFound),
     }
 }
@@ -117,11 +127,11 @@ fn decoded_key(kind: Kind, event: &str, session: Option<&str>) -> Result<Session
     }
 }
 
-/// One percent-decoding; anything that is not UTF-8 afterwards is refused.
-fn decode_id(raw: &str, what: &'static str) -> Result<String, ProxyError> {
+/// One percent-decoding (borrowed when there is nothing to decode); anything that is not
+/// UTF-8 afterwards is refused.
+fn decode_id<'a>(raw: &'a str, what: &'static str) -> Result<Cow<'a, str>, ProxyError> {
     percent_decode_str(raw)
         .decode_utf8()
-        .map(|s| s.into_owned())
         .map_err(|_| ProxyError::InvalidId(what))
 }
 
