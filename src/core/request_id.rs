@@ -22,9 +22,39 @@ pub fn fresh() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// A fresh id as a header value, encoded on the stack (every request gets one).
+pub fn fresh_header() -> http::HeaderValue {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    http::HeaderValue::from_str(id).expect("a UUID is a valid header value")
+}
+
+/// The request-id maker of the listeners' stacks: [`fresh_header`] (tower-http's own goes
+/// through a `String` and a parse).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MakeUuid;
+
+impl tower_http::request_id::MakeRequestId for MakeUuid {
+    fn make_request_id<B>(
+        &mut self,
+        _request: &http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        Some(tower_http::request_id::RequestId::new(fresh_header()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fresh_ids_are_uuids_and_usable() {
+        let id = fresh_header();
+        let text = id.to_str().unwrap();
+        assert!(uuid::Uuid::parse_str(text).is_ok(), "{text}");
+        assert!(is_usable(id.as_bytes()));
+        assert_ne!(fresh_header(), id);
+    }
 
     #[test]
     fn short_safe_ids_are_kept() {

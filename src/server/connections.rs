@@ -59,6 +59,10 @@ pub struct Activity {
     heard: AtomicBool,
     /// The connection is to close as soon as it can.
     evicted: AtomicBool,
+    /// The watchdog last saw a request in flight and waits, without a deadline, to be told
+    /// when the connection has none: only then does the end of a request wake it (under
+    /// keep-alive load it sleeps on its idle deadline instead of waking per request).
+    parked: AtomicBool,
     /// Wakes the watchdog: a request ended, or the connection was evicted.
     wake: Notify,
 }
@@ -71,6 +75,7 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             heard: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -131,7 +136,11 @@ impl Activity {
                     _ => return Close::Silent,
                 }
             }
-            if self.in_flight.load(Ordering::Acquire) == 0 {
+            // Parked before looking, and the last request's end looks after counting
+            // down (both SeqCst): one of the two sees the other, no wake-up is lost.
+            self.parked.store(true, Ordering::SeqCst);
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                self.parked.store(false, Ordering::SeqCst);
                 match self.idle_since().checked_add(limits.idle) {
                     Some(at) if at <= now => return Close::Idle,
                     Some(at) => deadline = Some(deadline.map_or(at, |d: Instant| d.min(at))),
@@ -166,7 +175,9 @@ impl Drop for InFlight {
         activity
             .idle_since
             .store(activity.micros_since_accept(), Ordering::Release);
-        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && activity.parked.swap(false, Ordering::SeqCst)
+        {
             activity.wake.notify_one();
         }
     }

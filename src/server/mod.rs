@@ -24,7 +24,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tower::{Service, ServiceBuilder};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::core::request_id;
 
 use crate::core::model::Style;
 use crate::http::error::ProxyError;
@@ -332,7 +334,7 @@ fn overloaded_service(
             drop_unusable_request_id(req.headers_mut());
             req
         })
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(request_id::MakeUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
         .service_fn(move |req: Request<Incoming>| {
             // One answer, then close (HTTP/2 has no `Connection: close`: GOAWAY instead).

@@ -97,6 +97,17 @@ impl<T> GuardedIo<T> {
                         i += end + 1;
                     }
                 },
+                // The target: skip to its end or to the next byte to rewrite.
+                State::Target => {
+                    let rest = &mut bytes[i..];
+                    match rest.iter().position(|&b| b == b' ' || must_rewrite(b)) {
+                        None => return,
+                        Some(at) => {
+                            self.state = self.step(State::Target, &mut rest[at]);
+                            i += at + 1;
+                        }
+                    }
+                }
                 state => {
                     self.state = self.step(state, &mut bytes[i]);
                     i += 1;
@@ -145,7 +156,7 @@ impl<T> GuardedIo<T> {
                 b' ' => State::Version,
                 // `#`, DEL, non-ASCII and control bytes, bare CR and LF among them (a
                 // well-formed line has its version, after a space, before the CRLF).
-                c if c == b'#' || c == 0x7f || !(0x20..0x80).contains(&c) => {
+                c if must_rewrite(c) => {
                     *b = b'%';
                     State::Target
                 }
@@ -166,6 +177,13 @@ impl<T> GuardedIo<T> {
             },
         }
     }
+}
+
+/// Whether a request-target byte must not reach hyper: `#`, DEL, non-ASCII and control
+/// bytes, bare CR and LF among them (a well-formed line has its version, after a space,
+/// before the CRLF).
+fn must_rewrite(c: u8) -> bool {
+    c == b'#' || c == 0x7f || !(0x20..0x80).contains(&c)
 }
 
 /// What follows `PRI ` in the HTTP/2 connection preface's first line.
