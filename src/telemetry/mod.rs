@@ -11,6 +11,10 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
+mod batch;
+
+pub use batch::{BatchGuard, BatchWriter};
+
 /// A log field for an error's `#[source]` chain, read by people: the causes' own texts
 /// joined by `: ` (`invalid_client (AADSTS7000215)`), `-` when there is none. Never Rust's
 /// `Debug` form, which spells out structs and `Some(..)`.
@@ -51,16 +55,16 @@ impl std::fmt::Display for Wait {
     }
 }
 
-/// Installs the global subscriber. Lines are written by a background thread, so a request
-/// never waits on stdout (one line per request would otherwise mean a write system call,
-/// under a lock, on the hit path). Keep the guard until exit: dropping it flushes. A
+/// Installs the global subscriber. Lines are written in batches by a background thread
+/// ([`BatchWriter`]), so a request never waits on stdout nor wakes a thread per line. Keep
+/// the guard until exit: dropping it writes what is pending. A
 /// second call (tests) leaves the first subscriber in place.
 #[must_use = "dropping the guard stops the log writer"]
-pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGuard {
+pub fn init(settings: &LogSettings) -> BatchGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let (writer, guard) = BatchWriter::new(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
