@@ -415,3 +415,17 @@ async fn a_flood_of_unknown_app_ids_with_valid_tokens_keeps_memory_bounded() {
     assert!(!text.contains("flood-"), "no app id in /metrics");
     assert_eq!(h.stats().graph_requests, 1);
 }
+
+#[tokio::test]
+async fn a_remembered_token_stops_counting_at_its_expiry() {
+    let h = harness(Vec::new()).await;
+    // Expired 29 s ago: still within the 30 s leeway, for about one more second.
+    let mut almost = claims("app-a");
+    almost["exp"] = json!(now() - 29);
+    let token = sign(Algorithm::RS256, "test-rsa", &rsa(), &almost);
+    assert_eq!(status_with(&h, &h.seed_url(), &token).await.0, 200);
+    assert_eq!(status_with(&h, &h.seed_url(), &token).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, body) = status_with(&h, &h.seed_url(), &token).await;
+    assert_eq!(status, 401, "{body}");
+}

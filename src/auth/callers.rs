@@ -122,6 +122,55 @@ struct KeyEntry {
 struct JwtCallers {
     verifier: JwtVerifier,
     apps: Vec<JwtAppSettings>,
+    /// Tokens verified already, by SHA-256 of the token: a caller repeating its token
+    /// (as clients do for its lifetime) pays one signature check, not one per request.
+    /// Bounded in number, and each kept no longer than `jwks_cache` (a key removed from
+    /// the set stops counting by then) nor past its own `exp` (+ leeway).
+    verified: moka::sync::Cache<[u8; 32], Verified>,
+    leeway: u64,
+    /// `jwks_cache`, judged by the proxy's clock: a remembered verification is as old as
+    /// the key set may be before it is fetched again.
+    max_age: std::time::Duration,
+    clock: Clock,
+}
+
+/// A verified token's caller and expiry.
+#[derive(Clone)]
+struct Verified {
+    caller: Arc<Caller>,
+    exp: u64,
+    at: tokio::time::Instant,
+}
+
+/// Most verified tokens remembered.
+const MAX_VERIFIED_TOKENS: u64 = 10_000;
+
+impl JwtCallers {
+    async fn caller(&self, token: &str) -> Result<Arc<Caller>, AuthError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(known) = self.verified.get(&digest) {
+            let fresh = self.clock.now().saturating_duration_since(known.at) < self.max_age;
+            if fresh && now <= known.exp.saturating_add(self.leeway) {
+                return Ok(known.caller);
+            }
+            self.verified.invalidate(&digest);
+        }
+        let claims = self.verifier.verify(token).await?;
+        let exp = claims.exp;
+        let caller = jwt_caller(&self.apps, claims)?;
+        self.verified.insert(
+            digest,
+            Verified {
+                caller: caller.clone(),
+                exp,
+                at: self.clock.now(),
+            },
+        );
+        Ok(caller)
+    }
 }
 
 pub struct Callers {
@@ -172,9 +221,16 @@ impl Callers {
                         leeway: jwt.leeway,
                         max_age: jwt.jwks_cache,
                     },
-                    clock,
+                    clock.clone(),
                 ),
                 apps: jwt.apps.clone(),
+                verified: moka::sync::Cache::builder()
+                    .max_capacity(MAX_VERIFIED_TOKENS)
+                    .time_to_live(jwt.jwks_cache.max(std::time::Duration::from_secs(1)))
+                    .build(),
+                leeway: jwt.leeway.as_secs(),
+                max_age: jwt.jwks_cache,
+                clock,
             }),
             _ => None,
         };
@@ -214,8 +270,7 @@ impl Callers {
         let credential = presented_credential(headers)?;
         match (&self.jwt, &self.keys) {
             (Some(jwt), _) if credential.bearer && looks_like_jwt(credential.value) => {
-                let claims = jwt.verifier.verify(credential.value).await?;
-                jwt_caller(&jwt.apps, claims)
+                jwt.caller(credential.value).await
             }
             (_, Some(keys)) => api_key_caller(keys, credential.value),
             (Some(_), None) => Err(AuthError::Unauthenticated(

@@ -44,6 +44,9 @@ pub struct Claims {
     pub sub: Option<String>,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Expiry (epoch seconds); verification requires it.
+    #[serde(default)]
+    pub exp: u64,
 }
 
 impl Claims {
