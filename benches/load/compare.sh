@@ -5,8 +5,12 @@
 # stampede round and a memory round for the proxy alone; last, the tier-2 round
 # (benches/load/tier2.sh: two proxies sharing one Redis, tier-2 hits against tier-1 hits).
 #
-#   DURATION=20 ROUNDS=3 bash benches/load/compare.sh
+#   DURATION=20 ROUNDS=3 bash benches/load/compare.sh [--record]
 #   bash benches/load/tier2.sh             (the tier-2 round alone)
+#
+# The proxy runs in three configurations side by side: `proxy` (callers.mode = "none",
+# log level warn), `proxy_keys` (API-key callers, info: an access line per request, to a
+# file; as deployed) and `proxy_jwt` (JWT callers, one RS256 token repeated, warn).
 #
 # Environment: DURATION (s per wrk run, 20), ROUNDS (3), CONNS (wrk connections, 64),
 # THREADS (wrk threads, 2), WARMUP (s, 3), COLD (stampede size, 1000), STAMPEDE_GRAPH_MS
@@ -16,13 +20,20 @@
 # proxy under load, in proxy-profile.txt beside the results, when it misses a throughput
 # target; 1: always; 0: never), KEEP_WORK (1: keep the temp dir), TIER2 (0: skip the
 # tier-2 round; its own settings are in tier2.sh's header).
-# Markdown on stdout, progress on stderr, JSON in target/bench-results/latest.json (and
-# tier2.json); with RECORD=1 in benches/results/ instead (the tracked results the README
-# quotes).
+# Markdown on stdout, progress on stderr, JSON and the SVG plots (latency.svg: percentile
+# curves; throughput.svg: req/s and CPU µs per request) in target/bench-results/ (and
+# tier2.json); with --record (or RECORD=1) in benches/results/ instead (the tracked
+# results the README shows).
 # Needs root for apt-get when nginx, varnish or wrk are missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
+for arg in "$@"; do
+    case "$arg" in
+        --record) export RECORD=1 ;;
+        *) echo "usage: compare.sh [--record]" >&2; exit 2 ;;
+    esac
+done
 
 DURATION=${DURATION:-20}
 ROUNDS=${ROUNDS:-3}
@@ -62,9 +73,14 @@ if ((${#need[@]})); then
     service varnish stop >/dev/null 2>&1 || true
     service varnishncsa stop >/dev/null 2>&1 || true
 fi
-for tool in curl python3 cargo nginx varnishd wrk sha256sum; do
+for tool in curl python3 cargo nginx varnishd wrk sha256sum openssl; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
+# The plots (benches/load/plot.py) are drawn with matplotlib.
+python3 -c 'import matplotlib' 2>/dev/null || {
+    log "installing matplotlib (pip)"
+    python3 -m pip install --quiet matplotlib >&2 || die "matplotlib is needed for the plots"
+}
 # 1000 concurrent connections on each side of the stampede need descriptors.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -97,18 +113,21 @@ sim_graph_requests() {
 # ---------------------------------------------------------------- 2. build
 log "building (release, ceiling bench)"
 cargo build --release --quiet >&2
-cargo bench --bench ceiling --no-run --quiet >&2
-CEILING_BIN=$(cargo bench --bench ceiling --no-run --message-format=json 2>/dev/null | python3 -c '
+bench_bin() { # NAME: the executable of bench target NAME
+    cargo bench --bench "$1" --no-run --quiet >&2
+    cargo bench --bench "$1" --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "ceiling" and m.get("executable"):
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
+        print(m["executable"])' "$1"
+}
+CEILING_BIN=$(bench_bin ceiling)
 [[ -x "$CEILING_BIN" ]] || die "ceiling binary not found"
 PROXY_BIN=$ROOT/target/release/graph-session-proxy
 
-read -r SIM PROXY ADMIN NGINX VARNISH CEIL PROXY2 ADMIN2 <<<"$(free_ports 8)"
-log "ports: sim $SIM proxy $PROXY/$ADMIN nginx $NGINX varnish $VARNISH ceiling $CEIL"
+read -r SIM PROXY ADMIN NGINX VARNISH CEIL PROXY2 ADMIN2 KEYS KEYS_ADMIN JWT JWT_ADMIN JWKS MEM MEM_ADMIN <<<"$(free_ports 15)"
+log "ports: sim $SIM proxy $PROXY/$ADMIN (none $PROXY2, keys $KEYS, jwt $JWT) nginx $NGINX varnish $VARNISH ceiling $CEIL"
 
 # ---------------------------------------------------------------- 3. simulator
 "$PROXY_BIN" sim --listen "127.0.0.1:$SIM" >"$WORK/sim.log" 2>&1 &
@@ -129,7 +148,12 @@ log "session body: $BODY_BYTES bytes"
 
 # ---------------------------------------------------------------- 4. the servers
 KEY_SHA=$(printf %s "$API_KEY" | sha256sum | cut -d' ' -f1)
-write_proxy_config() { # FILE LISTEN_PORT ADMIN_PORT
+write_proxy_config() { # FILE LISTEN_PORT ADMIN_PORT [CALLERS_TOML [LEVEL]]
+    local callers=${4:-"mode = \"api_key\"
+
+[[callers.api_keys]]
+name = \"bench\"
+sha256 = \"$KEY_SHA\""}
     cat >"$1" <<EOF
 [server]
 listen = "127.0.0.1:$2"
@@ -148,14 +172,10 @@ token_url = "http://127.0.0.1:$SIM/{tenant}/oauth2/v2.0/token"
 ttl = "1h"
 
 [callers]
-mode = "api_key"
-
-[[callers.api_keys]]
-name = "bench"
-sha256 = "$KEY_SHA"
+$callers
 
 [log]
-level = "warn"
+level = "${5:-warn}"
 EOF
 }
 start_proxy() { # CONFIG LOG -> PROXY_PID
@@ -163,9 +183,45 @@ start_proxy() { # CONFIG LOG -> PROXY_PID
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
 }
+# The stampede's proxy (API keys, warn); the three measured configurations beside it.
 write_proxy_config "$WORK/proxy.toml" "$PROXY" "$ADMIN"
 start_proxy "$WORK/proxy.toml" "$WORK/proxy.log"
+MAIN_PROXY_PID=$PROXY_PID
 wait_http "http://127.0.0.1:$ADMIN/healthz"
+# proxy: no caller authentication, warn.
+write_proxy_config "$WORK/proxy-none.toml" "$PROXY2" "$ADMIN2" 'mode = "none"'
+start_proxy "$WORK/proxy-none.toml" "$WORK/proxy-none.log"
+NONE_PID=$PROXY_PID
+# proxy_keys: API keys and an access line per request, to a file.
+write_proxy_config "$WORK/proxy-keys.toml" "$KEYS" "$KEYS_ADMIN" "" info
+start_proxy "$WORK/proxy-keys.toml" "$WORK/proxy-keys.log"
+KEYS_PID=$PROXY_PID
+# proxy_jwt: Entra-style app tokens (RS256) verified against a key set served here.
+mkdir -p "$WORK/jwks"
+cp "$ROOT/tests/fixtures/jwks.json" "$WORK/jwks/keys.json"
+(cd "$WORK/jwks" && exec python3 -m http.server --bind 127.0.0.1 "$JWKS" >"$WORK/jwks.log" 2>&1) &
+PIDS+=("$!")
+JWT_ISSUER="https://login.microsoftonline.com/$TENANT/v2.0"
+JWT_AUDIENCE="api://graph-session-proxy"
+write_proxy_config "$WORK/proxy-jwt.toml" "$JWT" "$JWT_ADMIN" "mode = \"jwt\"
+
+[callers.jwt]
+issuer = \"$JWT_ISSUER\"
+audience = \"$JWT_AUDIENCE\"
+jwks_url = \"http://127.0.0.1:$JWKS/keys.json\"
+required_roles = [\"Sessions.Read\"]"
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+JWT_HEAD=$(printf '{"alg":"RS256","typ":"JWT","kid":"test-rsa"}' | b64url)
+NOW_S=$(date +%s)
+JWT_BODY=$(printf '{"iss":"%s","aud":"%s","azp":"bench-app","sub":"bench-app","roles":["Sessions.Read"],"iat":%d,"nbf":%d,"exp":%d}' \
+    "$JWT_ISSUER" "$JWT_AUDIENCE" "$NOW_S" "$((NOW_S - 60))" "$((NOW_S + 7200))" | b64url)
+JWT_SIG=$(printf '%s.%s' "$JWT_HEAD" "$JWT_BODY" | openssl dgst -sha256 -sign "$ROOT/tests/fixtures/jwt-rsa.pem" -binary | b64url)
+BENCH_JWT="$JWT_HEAD.$JWT_BODY.$JWT_SIG"
+wait_http "http://127.0.0.1:$JWKS/keys.json"
+start_proxy "$WORK/proxy-jwt.toml" "$WORK/proxy-jwt.log"
+JWT_PID=$PROXY_PID
+PROXY_PID=$MAIN_PROXY_PID
+for port in "$ADMIN2" "$KEYS_ADMIN" "$JWT_ADMIN"; do wait_http "http://127.0.0.1:$port/healthz"; done
 
 mkdir -p "$WORK/nginx/cache" "$WORK/nginx/tmp"
 cat >"$WORK/nginx/nginx.conf" <<EOF
@@ -249,14 +305,18 @@ PIDS+=("$VARNISH_PID")
 CEIL_PID=$!
 PIDS+=("$CEIL_PID")
 
-SERVERS=(proxy nginx varnish ceiling)
+SERVERS=(proxy proxy_keys proxy_jwt nginx varnish ceiling)
 declare -A URL PID AUTH
-URL[proxy]="http://127.0.0.1:$PROXY$CLIENT_PATH"
+URL[proxy]="http://127.0.0.1:$PROXY2$CLIENT_PATH"
+URL[proxy_keys]="http://127.0.0.1:$KEYS$CLIENT_PATH"
+URL[proxy_jwt]="http://127.0.0.1:$JWT$CLIENT_PATH"
 URL[nginx]="http://127.0.0.1:$NGINX$CLIENT_PATH"
 URL[varnish]="http://127.0.0.1:$VARNISH$CLIENT_PATH"
 URL[ceiling]="http://127.0.0.1:$CEIL$CLIENT_PATH"
-PID[proxy]=$PROXY_PID PID[nginx]=$NGINX_PID PID[varnish]=$VARNISH_PID PID[ceiling]=$CEIL_PID
-AUTH[proxy]="Bearer $API_KEY" AUTH[nginx]="" AUTH[varnish]="" AUTH[ceiling]=""
+PID[proxy]=$NONE_PID PID[proxy_keys]=$KEYS_PID PID[proxy_jwt]=$JWT_PID
+PID[nginx]=$NGINX_PID PID[varnish]=$VARNISH_PID PID[ceiling]=$CEIL_PID
+AUTH[proxy]="" AUTH[proxy_keys]="Bearer $API_KEY" AUTH[proxy_jwt]="Bearer $BENCH_JWT"
+AUTH[nginx]="" AUTH[varnish]="" AUTH[ceiling]=""
 
 for s in "${SERVERS[@]}"; do
     wait_http "${URL[$s]}"
@@ -286,6 +346,12 @@ function done(summary, latency, requests)
         summary.requests / (summary.duration / 1e6),
         latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
         summary.requests, e.connect + e.read + e.write + e.status + e.timeout))
+    -- The percentile curve (for latency.svg): percentile=microseconds pairs.
+    local points = {}
+    for _, p in ipairs({1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 98, 99, 99.5, 99.9, 99.95, 99.99}) do
+        table.insert(points, string.format("%s=%d", p, latency:percentile(p)))
+    end
+    io.write("CURVE " .. table.concat(points, ",") .. "\n")
 end
 EOF
 run_wrk() { # SERVER SECONDS -> the RESULT line; wrk's own CPU seconds in $WORK/wrk.cpu
@@ -294,6 +360,7 @@ run_wrk() { # SERVER SECONDS -> the RESULT line; wrk's own CPU seconds in $WORK/
         "${URL[$1]}" >"$WORK/wrk-$1.out" 2>&1; } 2>"$WORK/wrk.time" \
         || die "wrk against $1 failed: $(cat "$WORK/wrk-$1.out")"
     awk '{printf "%.2f", $1 + $2}' "$WORK/wrk.time" >"$WORK/wrk.cpu"
+    grep '^CURVE ' "$WORK/wrk-$1.out" | cut -d' ' -f2 >"$WORK/curve-$1.last" || true
     grep '^RESULT ' "$WORK/wrk-$1.out" || die "no result from wrk against $1"
 }
 busy_ticks() { # all CPUs' non-idle time since boot (USER_HZ ticks)
@@ -337,7 +404,8 @@ GRAPH_BEFORE=$(sim_graph_requests)
 RETRIES=${RETRIES:-3}
 for ((r = 1; r <= ROUNDS; r++)); do
     # Rotate the order every round, so no server is always first or last.
-    order=("${SERVERS[@]:$(((r - 1) % 4))}" "${SERVERS[@]:0:$(((r - 1) % 4))}")
+    n=${#SERVERS[@]}
+    order=("${SERVERS[@]:$(((r - 1) % n))}" "${SERVERS[@]:0:$(((r - 1) % n))}")
     for s in "${order[@]}"; do
         for ((try = 1; ; try++)); do
             b0=$(busy_ticks)
@@ -359,6 +427,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         done
         log "round $r $s: ${line#RESULT } cpu_s=$cpu other_cpu_s=$other"
         echo "$s $r ${line#RESULT } cpu_s=$cpu other_cpu_s=$other" >>"$WORK/wrk.tsv"
+        echo "$s $r $(cat "$WORK/curve-$s.last")" >>"$WORK/curves.tsv"
         sleep 1
     done
 done
@@ -393,7 +462,7 @@ if [[ "$PROFILE" == 1 ]]; then
         WRK_PID=$!
         PIDS+=("$WRK_PID")
         sleep 2
-        perf record -q --call-graph dwarf,16384 -F 999 -o "$WORK/perf.data" -p "$PROXY_PID" -- sleep 8 >/dev/null 2>&1 || true
+        perf record -q --call-graph dwarf,16384 -F 999 -o "$WORK/perf.data" -p "${PID[proxy]}" -- sleep 8 >/dev/null 2>&1 || true
         wait "$WRK_PID" || true
         P="$RESULTS/proxy-profile.txt"
         {
@@ -448,14 +517,14 @@ fi
 log "memory: a fresh proxy caching $MEM_SESSIONS sessions"
 kill -TERM "$PROXY_PID"
 wait "$PROXY_PID" 2>/dev/null || true
-write_proxy_config "$WORK/proxy2.toml" "$PROXY2" "$ADMIN2"
-start_proxy "$WORK/proxy2.toml" "$WORK/proxy2.log"
-wait_http "http://127.0.0.1:$ADMIN2/healthz"
+write_proxy_config "$WORK/proxy-mem.toml" "$MEM" "$MEM_ADMIN"
+start_proxy "$WORK/proxy-mem.toml" "$WORK/proxy-mem.log"
+wait_http "http://127.0.0.1:$MEM_ADMIN/healthz"
 RSS_IDLE=$(status_kb VmRSS "$PROXY_PID")
-python3 "$ROOT/benches/load/loadgen.py" fill --port "$PROXY2" --auth "$API_KEY" \
+python3 "$ROOT/benches/load/loadgen.py" fill --port "$MEM" --auth "$API_KEY" \
     --prefix "/sessions/webinars/$EVENT/gen-mem-" --keys "$MEM_SESSIONS" --conns "$MEM_CONNS" >"$WORK/memory.json"
 sleep 2  # let the cache's pending maintenance run
-curl -sf "http://127.0.0.1:$ADMIN2/metrics" >"$WORK/metrics.txt"
+curl -sf "http://127.0.0.1:$MEM_ADMIN/metrics" >"$WORK/metrics.txt"
 RSS_FULL=$(status_kb VmRSS "$PROXY_PID")
 HWM_FULL=$(status_kb VmHWM "$PROXY_PID")
 python3 - "$WORK/memory.json" "$WORK/metrics.txt" "$RSS_IDLE" "$RSS_FULL" "$HWM_FULL" <<'EOF'
@@ -500,6 +569,8 @@ json.dump({
 }, open("/dev/stdout", "w"))
 EOF
 python3 "$ROOT/benches/load/report.py" "$WORK" "$RESULTS/latest.json"
+python3 "$ROOT/benches/load/plot.py" "$RESULTS/latest.json" "$RESULTS"
+log "plots: $RESULTS/latency.svg, $RESULTS/throughput.svg"
 
 # ---------------------------------------------------------------- 11. tier 2
 # Its own servers (Redis, simulator, two proxies); ours above are idle by now.
