@@ -28,6 +28,14 @@ LABELS = {
     "varnish": "Varnish",
     "ceiling": "ceiling (bare hyper)",
 }
+SHORT = {
+    "proxy": "proxy\nnone, warn",
+    "proxy_keys": "proxy\nAPI keys, info",
+    "proxy_jwt": "proxy\nJWT RS256",
+    "nginx": "nginx",
+    "varnish": "Varnish",
+    "ceiling": "ceiling",
+}
 COLORS = {
     "proxy": "#1f77b4",
     "proxy_keys": "#17becf",
@@ -73,7 +81,7 @@ def throughput(result, out):
     rps = [result["servers"][s]["requests_per_s"] for s in present]
     cpu = [result["servers"][s]["cpu_us_per_request"] for s in present]
     colors = [COLORS[s] for s in present]
-    names = [LABELS[s].replace(" (", "\n(") for s in present]
+    names = [SHORT[s] for s in present]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     left.bar(names, [r / 1000 for r in rps], color=colors)
     left.set_ylabel("thousand requests / s (higher is better)")
@@ -82,7 +90,7 @@ def throughput(result, out):
     right.set_ylabel("server CPU µs per request (lower is better)")
     right.set_title("CPU per request")
     for ax in (left, right):
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(f"{out}/throughput.svg", metadata={"Date": None})

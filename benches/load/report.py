@@ -18,7 +18,7 @@ TARGET_CEILING = {"proxy": 0.8, "proxy_keys": 0.75, "proxy_jwt": 0.7}
 TARGET_MEMORY = 1.25  # RSS <= 1.25x the body bytes + 30 MiB
 # What the cache's weigher adds to each entry's body (src/cache/entry.rs ENTRY_OVERHEAD),
 # besides the key's ids and Graph's request id, which it counts as they are.
-ENTRY_OVERHEAD = 256
+ENTRY_OVERHEAD = 1100
 MIB = 1024 * 1024
 
 

@@ -12,8 +12,12 @@ use crate::config::CacheSettings;
 use crate::core::model::SessionKey;
 use crate::upstream::graph::{Fetched, GraphAnswer};
 
-/// Rough per-entry bookkeeping (moka node, Arc, headers) added to the weigher's count.
-const ENTRY_OVERHEAD: usize = 256;
+/// What an entry holds beyond its body, key ids and Graph's request id, as measured
+/// (`benches/load/compare.sh`'s memory round: 100,000 cached sessions grow the RSS by
+/// ~1,140 B each beyond those): moka's node, deques and timer wheel slot, the `Arc<Entry>`
+/// with its validators and windows, the allocator's headers. Counted, so that
+/// `cache.max_bytes` bounds the memory the cache really takes.
+pub const ENTRY_OVERHEAD: usize = 1_100;
 
 /// One cached Graph answer.
 #[derive(Debug)]
