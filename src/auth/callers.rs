@@ -124,12 +124,13 @@ struct JwtCallers {
     apps: Vec<JwtAppSettings>,
     /// Tokens verified already, by SHA-256 of the token: a caller repeating its token
     /// (as clients do for its lifetime) pays one signature check, not one per request.
-    /// Bounded in number, and each kept no longer than `jwks_cache` (a key removed from
-    /// the set stops counting by then) nor past its own `exp` (+ leeway).
+    /// Bounded in number, and each kept no longer than the verifying key set's
+    /// `jwks_cache` (a key removed from the set stops counting when the set is due for a
+    /// refetch, as without this memory) nor past its own `exp` (+ leeway).
     verified: moka::sync::Cache<[u8; 32], Verified>,
     leeway: u64,
-    /// `jwks_cache`, judged by the proxy's clock: a remembered verification is as old as
-    /// the key set may be before it is fetched again.
+    /// `jwks_cache`, judged by the proxy's clock: a remembered verification ends when
+    /// the key set that verified it is due to be fetched again.
     max_age: std::time::Duration,
     clock: Clock,
 }
@@ -158,17 +159,22 @@ impl JwtCallers {
             }
             self.verified.invalidate(&digest);
         }
+        // Read before verifying: a refetch meanwhile only makes the memory end sooner.
+        let key_set_at = self.verifier.key_set_fetched_at();
         let claims = self.verifier.verify(token).await?;
         let exp = claims.exp;
         let caller = jwt_caller(&self.apps, claims)?;
-        self.verified.insert(
-            digest,
-            Verified {
-                caller: caller.clone(),
-                exp,
-                at: self.clock.now(),
-            },
-        );
+        if let Some(at) = key_set_at {
+            // Remembered no longer than the verifying key set may be used unrefreshed.
+            self.verified.insert(
+                digest,
+                Verified {
+                    caller: caller.clone(),
+                    exp,
+                    at,
+                },
+            );
+        }
         Ok(caller)
     }
 }

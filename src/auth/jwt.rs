@@ -193,6 +193,14 @@ impl JwtVerifier {
         Ok(claims)
     }
 
+    /// When the key set in use was fetched (by the proxy's clock), if one was.
+    pub fn key_set_fetched_at(&self) -> Option<Instant> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .fetched_at
+    }
+
     fn key(&self, kid: &str) -> Option<Arc<VerifyingKey>> {
         let set = self.keys.read().unwrap_or_else(|e| e.into_inner());
         let fresh = set

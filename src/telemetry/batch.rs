@@ -12,8 +12,8 @@
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -56,11 +56,15 @@ pub struct BatchWriter {
     shared: Arc<Shared>,
 }
 
-/// Stops the writer thread when dropped, after it wrote every pending line.
+/// Stops the writer thread when dropped, after it wrote every pending line (waiting at
+/// most [`SHUTDOWN_WAIT`]: an output that blocks, a stalled pipe, must not hold up exit).
 pub struct BatchGuard {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    done: Option<mpsc::Receiver<()>>,
 }
+
+/// Longest wait for the last lines at shutdown.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 
 impl BatchWriter {
     /// A writer whose batches go to `out`, written by a thread started here.
@@ -71,16 +75,20 @@ impl BatchWriter {
             closed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         });
-        let thread = std::thread::Builder::new()
+        let (finished, done) = mpsc::channel();
+        let started = std::thread::Builder::new()
             .name("log-writer".to_string())
             .spawn({
                 let shared = shared.clone();
-                move || write_batches(&shared, out)
+                move || {
+                    write_batches(&shared, out);
+                    let _ = finished.send(());
+                }
             })
-            .ok();
+            .is_ok();
         let guard = BatchGuard {
             shared: shared.clone(),
-            thread,
+            done: started.then_some(done),
         };
         (BatchWriter { shared }, guard)
     }
@@ -126,8 +134,8 @@ impl Drop for BatchGuard {
         // Under the lock, so that the writer cannot miss it between its check and its wait.
         drop(self.shared.lock());
         self.shared.ready.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(done) = self.done.take() {
+            let _ = done.recv_timeout(SHUTDOWN_WAIT);
         }
     }
 }
@@ -207,6 +215,30 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(&*out.0.lock().unwrap(), b"alone\n");
+    }
+
+    #[test]
+    fn a_stuck_output_holds_up_shutdown_for_a_second_at_most() {
+        struct Never;
+        impl Write for Never {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                std::thread::sleep(Duration::from_secs(3600));
+                Ok(0)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (writer, guard) = BatchWriter::new(Never);
+        writer.make_writer().write_all(b"stuck\n").unwrap();
+        std::thread::sleep(BATCH_WINDOW * 4);
+        let started = std::time::Instant::now();
+        drop(guard);
+        let waited = started.elapsed();
+        assert!(
+            waited >= SHUTDOWN_WAIT && waited < SHUTDOWN_WAIT * 3,
+            "{waited:?}"
+        );
     }
 
     #[test]
