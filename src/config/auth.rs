@@ -185,16 +185,18 @@ impl AuthSettings {
             }
         }
         self.validate_credential(purpose)?;
-        // A managed identity is the identity: no app registration to name.
-        let managed = self.credential_kind() == CredentialKind::ManagedIdentity;
-        // Workload ID: the webhook sets AZURE_TENANT_ID / AZURE_CLIENT_ID in the pod, so
-        // check-config elsewhere warns (credential_warnings) instead of refusing.
-        let managed = managed
-            || (purpose == Purpose::Check
-                && self.credential_kind() == CredentialKind::WorkloadIdentity);
+        // Whether tenant and client id may be missing here: a managed identity is the
+        // identity (no app registration to name); for Workload ID the webhook sets
+        // AZURE_TENANT_ID / AZURE_CLIENT_ID in the pod, so check-config elsewhere warns
+        // (credential_warnings) instead of refusing.
+        let ids_optional = match self.credential_kind() {
+            CredentialKind::ManagedIdentity => true,
+            CredentialKind::WorkloadIdentity => purpose == Purpose::Check,
+            CredentialKind::ClientSecret | CredentialKind::Certificate => false,
+        };
         match &self.tenant_id {
             Some(t) => check_tenant(t)?,
-            None if purpose != Purpose::Embedded && !managed => {
+            None if purpose != Purpose::Embedded && !ids_optional => {
                 return Err(ConfigError::invalid(
                     "auth.tenant_id",
                     "required: the directory (tenant) id of the proxy's app registration",
@@ -206,7 +208,7 @@ impl AuthSettings {
             Some(c) if c.trim().is_empty() => {
                 return Err(ConfigError::invalid("auth.client_id", "must not be empty"));
             }
-            None if purpose != Purpose::Embedded && !managed => {
+            None if purpose != Purpose::Embedded && !ids_optional => {
                 return Err(ConfigError::invalid(
                     "auth.client_id",
                     "required: the application (client) id of the proxy's app registration",
