@@ -29,14 +29,20 @@ impl Simulator {
             *stats.paths.entry(raw.clone()).or_default() += 1;
         }
         let client_request_id = req.headers().get("client-request-id").cloned();
-        let faults = lock(&self.state.faults).clone();
-        if faults.graph_latency_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(faults.graph_latency_ms)).await;
-        }
-        if faults.graph_reset {
-            return Err(SimReset);
-        }
-        let mut response = self.graph_answer(&req, &faults);
+        let mut response = if subscriptions::is_subscription_path(req.uri().path()) {
+            // Subscriptions have their own fault (`subscription_status`): a test of how the
+            // proxy reads sessions must not also break its subscriptions, or the reverse.
+            self.subscription_call(req).await
+        } else {
+            let faults = lock(&self.state.faults).clone();
+            if faults.graph_latency_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(faults.graph_latency_ms)).await;
+            }
+            if faults.graph_reset {
+                return Err(SimReset);
+            }
+            self.graph_answer(&req, &faults)
+        };
         let headers = response.headers_mut();
         if let Ok(id) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
             headers.insert("request-id", id);
@@ -53,27 +59,9 @@ impl Simulator {
         faults: &Faults,
     ) -> Response<Full<Bytes>> {
         // Authentication first, as Graph does.
-        let token = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_string);
-        let now = self.state.clock.now();
-        let valid = {
-            let tokens = lock(&self.state.tokens);
-            token
-                .as_ref()
-                .and_then(|t| tokens.get(t))
-                .is_some_and(|issued| !issued.revoked && now < issued.expires_at)
+        let Some(token) = self.valid_bearer(req.headers()) else {
+            return unauthenticated();
         };
-        if !valid {
-            return graph_error(
-                401,
-                "InvalidAuthenticationToken",
-                "Access token has expired or is not yet valid.",
-            );
-        }
         // Counted faults are consumed under the lock, so concurrent requests share them.
         let (reject, injected) = {
             let mut f = lock(&self.state.faults);
@@ -93,16 +81,10 @@ impl Simulator {
             }
         };
         if reject {
-            if let Some(t) = &token {
-                if let Some(issued) = lock(&self.state.tokens).get_mut(t) {
-                    issued.revoked = true;
-                }
+            if let Some(issued) = lock(&self.state.tokens).get_mut(&token) {
+                issued.revoked = true;
             }
-            return graph_error(
-                401,
-                "InvalidAuthenticationToken",
-                "Access token has expired or is not yet valid.",
-            );
+            return unauthenticated();
         }
         if let Some(status) = injected {
             return injected_status(status, faults.retry_after.as_deref());
@@ -160,6 +142,19 @@ impl Simulator {
 }
 
 impl Simulator {
+    /// The request's bearer token, if the simulator issued it and it is neither revoked nor
+    /// expired (by the shared clock).
+    pub(super) fn valid_bearer(&self, headers: &http::HeaderMap) -> Option<String> {
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))?;
+        let now = self.state.clock.now();
+        let tokens = lock(&self.state.tokens);
+        let issued = tokens.get(token)?;
+        (!issued.revoked && now < issued.expires_at).then(|| token.to_string())
+    }
+
     /// One page of an event's session list (summaries), with a next link while more remain.
     pub(super) fn list_answer(
         &self,
@@ -269,7 +264,15 @@ pub(super) fn summary(body: &[u8]) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-/// Dropping the connection without an answer.
+/// Graph's answer to a missing, unknown, revoked or expired token.
+pub(super) fn unauthenticated() -> Response<Full<Bytes>> {
+    graph_error(
+        401,
+        "InvalidAuthenticationToken",
+        "Access token has expired or is not yet valid.",
+    )
+}
+
 /// Graph's error shape.
 pub(super) fn graph_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
     let now = httpdate::fmt_http_date(std::time::SystemTime::now());

@@ -13,7 +13,16 @@
 //!   event's sessions as summaries, `list_page_size` per page with an `@odata.nextLink`
 //!   (`?$skiptoken=N`) to the next page; an event `gen-list-N` has N generated sessions.
 //! - `GET /{tenant}/discovery/v2.0/keys`: the caller-token key set, when configured.
-//! - `GET /_sim/stats`, `POST /_sim/faults` (JSON, merged; `{"clear": true}` resets).
+//! - `POST|GET /{v1.0|beta}/subscriptions`, `GET|PATCH|DELETE /{v}/subscriptions/{id}`,
+//!   `POST /{v}/subscriptions/{id}/reauthorize`: change-notification subscriptions to a
+//!   webinar's sessions, validated against their endpoints as Graph does, at most a day
+//!   long, one per webinar (subscriptions.rs).
+//! - `GET /_sim/stats`, `POST /_sim/faults` (JSON, merged; `{"clear": true}` resets the
+//!   faults, not the subscriptions).
+//! - `POST /_sim/sessions/{kind}/{event}/{session}` (a session object: stored, then the
+//!   change notified), `POST /_sim/subscriptions/{id}/lifecycle`
+//!   (`{"lifecycleEvent": ...}`: a lifecycle notification sent), `GET /_sim/subscriptions`
+//!   (notifications.rs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -35,7 +44,9 @@ use crate::core::clock::Clock;
 mod azure;
 mod graph;
 mod identity;
+mod notifications;
 mod sessions;
+mod subscriptions;
 
 use graph::graph_error;
 use sessions::{generated_body_at, reference_time, seed_session, set_dates};
@@ -133,6 +144,11 @@ pub struct Faults {
     pub imds_status: Option<u16>,
     /// ...this many times (absent: until cleared).
     pub imds_status_count: Option<u32>,
+    /// Creating a subscription answers this status (403: Graph's `ExtensionError` for a
+    /// missing permission) instead; renewals and the rest are not affected...
+    pub subscription_status: Option<u16>,
+    /// ...this many times (absent: until cleared).
+    pub subscription_status_count: Option<u32>,
 }
 
 /// Counts of what the simulator was asked.
@@ -153,6 +169,27 @@ pub struct Stats {
     pub managed_requests: u64,
     /// The `client_id` of the last managed identity token issued (`None`: system-assigned).
     pub last_managed_client_id: Option<String>,
+    /// Subscriptions created (201).
+    #[serde(default)]
+    pub subscriptions_created: u64,
+    /// Subscriptions renewed (PATCH answered 200).
+    #[serde(default)]
+    pub subscriptions_renewed: u64,
+    /// Subscriptions deleted by a caller (DELETE answered 204).
+    #[serde(default)]
+    pub subscriptions_deleted: u64,
+    /// Reauthorizations answered 204.
+    #[serde(default)]
+    pub subscriptions_reauthorized: u64,
+    /// Subscription calls answered 4xx (the injected `subscription_status` included).
+    #[serde(default)]
+    pub subscription_refusals: u64,
+    /// Validation requests sent to notification and lifecycle endpoints.
+    #[serde(default)]
+    pub validations_sent: u64,
+    /// Change and lifecycle notifications posted, whatever their answer.
+    #[serde(default)]
+    pub notifications_delivered: u64,
 }
 
 struct Issued {
@@ -171,6 +208,9 @@ struct SimState {
     tokens: Mutex<HashMap<String, Issued>>,
     /// (kind, event, session) -> body, for the catalogue and test-provided sessions.
     sessions: Mutex<HashMap<(String, String, String), Bytes>>,
+    /// Subscription id -> subscription. Expired ones linger until the next look (every
+    /// reader prunes first), so they are gone to every caller all the same.
+    subscriptions: Mutex<HashMap<String, subscriptions::Subscription>>,
 }
 
 /// The simulator; cheap to clone, all clones share state.
@@ -215,6 +255,7 @@ impl Simulator {
                 stats: Mutex::new(Stats::default()),
                 tokens: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(sessions),
+                subscriptions: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -285,6 +326,8 @@ impl Simulator {
                     .unwrap_or_default();
                 Ok(self.merge_faults(&body))
             }
+            (&Method::POST, ["", "_sim", "sessions", ..])
+            | (_, ["", "_sim", "subscriptions", ..]) => Ok(self.subscription_control(req).await),
             (&Method::GET, ["", _tenant, "discovery", "v2.0", "keys"]) => Ok(self.jwks()),
             (&Method::GET, ["", "metadata", "identity", "oauth2", "token"]) => {
                 Ok(self.managed_token(&req, azure::Flavour::Imds))
