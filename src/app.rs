@@ -20,6 +20,7 @@ use crate::core::clock::Clock;
 use crate::core::model::SessionKey;
 use crate::http::handler::caller_service;
 use crate::http::{admin, AppState};
+use crate::notify::Notifications;
 use crate::server::tls::{self, CertificateFiles};
 use crate::server::{accept_loop, ConnectionOptions};
 use crate::telemetry::Metrics;
@@ -27,6 +28,7 @@ use crate::upstream::error::UpstreamError;
 use crate::upstream::gate::Gate;
 use crate::upstream::graph::GraphAnswer;
 use crate::upstream::graph::{http_client, Egress, GraphClient, GraphOptions};
+use crate::upstream::subscriptions::SubscriptionsApi;
 use crate::upstream::token::{Credential, ManagedIdentity, TokenOptions, TokenProvider};
 use futures::future::{BoxFuture, FutureExt};
 use tokio::time::Instant;
@@ -83,7 +85,7 @@ impl Proxy {
         let callers = Callers::new(&settings.callers, http.clone(), clock.clone());
         let tokens = Arc::new(token_provider(settings, http.clone(), &clock, &metrics)?);
         let graph = Arc::new(GraphClient::new(
-            http,
+            http.clone(),
             GraphOptions {
                 root: settings.graph.root(),
                 timeout: settings.graph.timeout,
@@ -102,6 +104,18 @@ impl Proxy {
             )),
             None => None,
         };
+        let notifications = settings.notifications.as_ref().and_then(|n| {
+            let api = SubscriptionsApi::new(
+                http.clone(),
+                &settings.graph.root(),
+                tokens.clone(),
+                settings.graph.timeout,
+            );
+            Notifications::new(n, api, clock.clone(), metrics.clone(), shared.clone())
+        });
+        if settings.notifications.is_some() && notifications.is_none() {
+            return Err(BuildError::Missing("notifications.client_state"));
+        }
         let cache = SessionCache::new(
             &settings.cache,
             graph,
@@ -110,14 +124,19 @@ impl Proxy {
             metrics.clone(),
             shared,
         );
+        if let Some(n) = &notifications {
+            cache.set_push(n.clone());
+        }
         let (tls_files, tls_config) = caller_tls(settings)?;
         if callers.is_open() {
             tracing::warn!(
                 "callers.mode = \"none\": every caller can read every session this proxy can reach"
             );
         }
+        let mut state = AppState::new(settings, callers, cache, metrics, tokens);
+        state.notifications = notifications;
         Ok(Proxy {
-            state: Arc::new(AppState::new(settings, callers, cache, metrics, tokens)),
+            state: Arc::new(state),
             tls_files: tls_files.map(|files| (files, settings.server.tls_reload_interval)),
             connections: caller_connections(settings, tls_config),
         })
@@ -199,11 +218,22 @@ impl Proxy {
             state.ready.store(false, Ordering::SeqCst);
             state.draining.store(true, Ordering::SeqCst);
             let _ = stop_callers.send(());
+            if let Some(n) = &state.notifications {
+                n.shutdown().await;
+            }
         };
         // With a shared tier: purges broadcast by other replicas, gate closures published
         // to them (otherwise idle).
         let shared = state.cache.clone().run_shared_tasks();
+        // Change notifications: subscriptions kept up, notifications acted on.
+        let notifications = async {
+            match state.notifications.clone() {
+                Some(n) => n.run(state.cache.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = notifications => {}
             () = async { tokio::join!(callers, admin, readiness, signal); } => {}
             () = async { upkeep.await; std::future::pending::<()>().await } => {}
             () = reload => {}

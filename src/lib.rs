@@ -43,6 +43,7 @@ mod cache;
 pub mod config;
 mod core;
 mod http;
+mod notify;
 mod server;
 #[cfg(feature = "sim")]
 pub mod sim;

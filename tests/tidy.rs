@@ -15,6 +15,7 @@ const LAYERS: &[&str] = &[
     "upstream",
     "auth",
     "cache",
+    "notify",
     "http",
     "server",
     "app",

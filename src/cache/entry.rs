@@ -42,28 +42,43 @@ pub struct Entry {
     pub graph_request_id: Option<HeaderValue>,
     /// Loaded from the shared tier (Redis) rather than from Graph by this replica.
     pub tier2: bool,
+    /// Fresh for `notifications.ttl`: a live change-notification subscription covers it.
+    pub push: bool,
 }
 
 /// An `endDateTime` further back than this marks a session as over (for `smart_ttl`).
 const ENDED_AFTER: Duration = Duration::from_secs(3600);
 
 impl Entry {
+    #[cfg(test)]
     pub(super) fn new(
         answer: GraphAnswer,
         now: Instant,
         settings: &CacheSettings,
         list: bool,
     ) -> Entry {
+        Entry::with_push(answer, now, settings, list, None)
+    }
+
+    /// As [`Entry::new`]; `push`: the freshness of an answer whose webinar a live
+    /// subscription covers (a longer `ttl` of its own, such as an ended session's, wins).
+    pub(super) fn with_push(
+        answer: GraphAnswer,
+        now: Instant,
+        settings: &CacheSettings,
+        list: bool,
+        push: Option<Duration>,
+    ) -> Entry {
+        let mut pushed = false;
         let (body, raw, fresh_for, stale_for) = match answer.fetched {
             Fetched::Found { session, raw } => {
-                let fresh_for = if list {
-                    settings.list_ttl
-                } else if settings.smart_ttl
-                    && ended_long_ago(&session, std::time::SystemTime::now())
-                {
-                    settings.ttl_ended.max(settings.ttl)
-                } else {
-                    settings.ttl
+                let polled = Entry::polled_for(&session, settings, list);
+                let fresh_for = match push {
+                    Some(push) if push > polled => {
+                        pushed = true;
+                        push
+                    }
+                    _ => polled,
                 };
                 (Some(session), raw, fresh_for, settings.stale_if_error)
             }
@@ -76,22 +91,88 @@ impl Entry {
         } else {
             etag_of(&raw)
         };
-        let fresh_until = now + fresh_for;
-        Entry {
+        let mut entry = Entry {
             body,
             raw,
             raw_etag,
             etag,
             stored_at: now,
-            fresh_until,
-            revalidate_until: fresh_until + settings.stale_while_revalidate,
-            stale_until: fresh_until + stale_for,
-            refresh_from: fresh_until - fresh_for.mul_f64(settings.refresh_ahead),
+            fresh_until: now,
+            revalidate_until: now,
+            stale_until: now,
+            refresh_from: now,
             graph_request_id: answer
                 .graph_request_id
                 .and_then(|id| HeaderValue::from_str(&id).ok()),
             tier2: false,
+            push: pushed,
+        };
+        entry.set_windows(fresh_for, stale_for, settings);
+        if pushed {
+            // Notifications keep it fresh: no refresh ahead of its end.
+            entry.refresh_from = entry.fresh_until;
         }
+        entry
+    }
+
+    /// The entry as polling would have stored it: for a webinar whose subscription lapsed.
+    pub(super) fn unpushed(&self, settings: &CacheSettings, list: bool) -> Entry {
+        let fresh_for = self.body.as_ref().map_or(settings.negative_ttl, |b| {
+            Entry::polled_for(b, settings, list)
+        });
+        let mut entry = Entry {
+            body: self.body.clone(),
+            raw: self.raw.clone(),
+            raw_etag: self.raw_etag.clone(),
+            etag: self.etag.clone(),
+            graph_request_id: self.graph_request_id.clone(),
+            push: false,
+            ..*self
+        };
+        let stale_for = self.stale_until - self.fresh_until;
+        entry.set_windows(fresh_for, stale_for, settings);
+        entry
+    }
+
+    /// The entry stale from `now` on (its stale windows kept as they were).
+    pub(super) fn expired_at(&self, now: Instant) -> Entry {
+        let fresh_until = now.max(self.stored_at);
+        Entry {
+            body: self.body.clone(),
+            raw: self.raw.clone(),
+            raw_etag: self.raw_etag.clone(),
+            etag: self.etag.clone(),
+            graph_request_id: self.graph_request_id.clone(),
+            fresh_until,
+            refresh_from: fresh_until,
+            revalidate_until: self
+                .revalidate_until
+                .min(fresh_until + (self.revalidate_until - self.fresh_until)),
+            stale_until: self
+                .stale_until
+                .min(fresh_until + (self.stale_until - self.fresh_until)),
+            push: false,
+            ..*self
+        }
+    }
+
+    /// Freshness by `ttl`, `list_ttl` or (`smart_ttl`) `ttl_ended`.
+    fn polled_for(session: &[u8], settings: &CacheSettings, list: bool) -> Duration {
+        if list {
+            settings.list_ttl
+        } else if settings.smart_ttl && ended_long_ago(session, std::time::SystemTime::now()) {
+            settings.ttl_ended.max(settings.ttl)
+        } else {
+            settings.ttl
+        }
+    }
+
+    fn set_windows(&mut self, fresh_for: Duration, stale_for: Duration, settings: &CacheSettings) {
+        let fresh_until = self.stored_at + fresh_for;
+        self.fresh_until = fresh_until;
+        self.revalidate_until = fresh_until + settings.stale_while_revalidate;
+        self.stale_until = fresh_until + stale_for;
+        self.refresh_from = fresh_until - fresh_for.mul_f64(settings.refresh_ahead);
     }
 
     /// How long moka keeps the entry: until neither stale window can use it.

@@ -175,6 +175,27 @@ impl Memory {
         keys.iter().filter(|key| !key.is_list()).count()
     }
 
+    /// Replaces the entries of one event for which `rewrite` returns a new one (in place:
+    /// not a purge, stores in progress are not refused). Returns how many it replaced.
+    pub(super) fn rewrite_event(
+        &self,
+        kind: Kind,
+        event: &str,
+        rewrite: impl Fn(&SessionKey, &Entry) -> Option<Entry>,
+    ) -> usize {
+        let replaced: Vec<(SessionKey, Entry)> = self
+            .store
+            .iter()
+            .filter(|(key, _)| key.kind == kind && &*key.event == event)
+            .filter_map(|(key, entry)| Some(((*key).clone(), rewrite(&key, &entry)?)))
+            .collect();
+        let n = replaced.len();
+        for (key, entry) in replaced {
+            self.store.insert(key, Arc::new(entry));
+        }
+        n
+    }
+
     /// Drops everything.
     pub(super) fn purge_all(&self) {
         self.count_purge();

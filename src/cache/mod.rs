@@ -31,6 +31,7 @@
 //! policy.rs    Directives, Outcome, Lookup: what may be served; Cache-Status, metric label
 //! memory.rs    the moka store, the failure memory (`core::remembered`), the purge count
 //! origin.rs    Origin: the trait the cache fetches through (app implements it for Graph)
+//! push.rs      Push: what change notifications learn from the cache (notify implements it)
 //! tier2/       SharedTier (Redis) and SessionCache's side of it: the cross-replica miss
 //! ```
 
@@ -38,13 +39,15 @@ mod entry;
 mod memory;
 pub mod origin;
 mod policy;
+pub mod push;
 pub mod tier2;
 
 pub use entry::Entry;
 pub use origin::Origin;
 pub use policy::{metric_label, Directives, Lookup, Outcome, MISS_STATUS};
+pub use push::Push;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -96,6 +99,8 @@ pub struct SessionCache {
     metrics: Arc<Metrics>,
     /// Redis, when `[cache.shared]` is configured.
     shared: Option<Arc<SharedTier>>,
+    /// Change notifications, when `[notifications]` is configured.
+    push: OnceLock<Arc<dyn Push>>,
 }
 
 impl SessionCache {
@@ -118,7 +123,44 @@ impl SessionCache {
             clock,
             metrics,
             shared,
+            push: OnceLock::new(),
         })
+    }
+
+    /// Connects change notifications (once; later calls are ignored).
+    pub fn set_push(&self, push: Arc<dyn Push>) {
+        let _ = self.push.set(push);
+    }
+
+    /// Tells change notifications that a webinar's answer was read.
+    fn note_read(&self, key: &SessionKey) {
+        if key.kind == Kind::Webinars {
+            if let Some(push) = self.push.get() {
+                push.read(&key.event);
+            }
+        }
+    }
+
+    /// Tells change notifications that a webinar's answer was stored.
+    pub(in crate::cache) fn note_stored(&self, key: &SessionKey, entry: &Entry) {
+        if key.kind == Kind::Webinars && entry.body.is_some() {
+            if let Some(push) = self.push.get() {
+                push.stored(&key.event);
+            }
+        }
+    }
+
+    /// The freshness a live subscription gives an answer for `key` stored now.
+    fn push_for(&self, key: &SessionKey) -> Option<Duration> {
+        if key.kind != Kind::Webinars {
+            return None;
+        }
+        self.push.get()?.fresh_for(&key.event)
+    }
+
+    /// The longest freshness a pushed entry may have (for the shared tier's sanity check).
+    pub(in crate::cache) fn push_ttl(&self) -> Duration {
+        self.push.get().map_or(Duration::ZERO, |p| p.ttl())
     }
 
     /// The shared tier, when configured.
@@ -175,6 +217,7 @@ impl SessionCache {
             )?;
             Some(Lookup { entry, outcome })
         };
+        self.note_read(key);
         if let Some(lookup) = here(self) {
             return Some(lookup);
         }
@@ -199,6 +242,7 @@ impl SessionCache {
     /// directives accept (refreshed in the background). `None`: [`SessionCache::get`]
     /// has to ask Graph, join a call, or answer a remembered failure.
     pub fn cached(self: &Arc<Self>, key: &SessionKey, directives: Directives) -> Option<Lookup> {
+        self.note_read(key);
         let now = self.clock.now();
         let entry = self.memory.get(key)?;
         let outcome = servable(&entry, now, directives, self.settings.stale_if_error)?;
@@ -315,13 +359,15 @@ impl SessionCache {
         let purges = self.memory.purge_count();
         match self.origin.fetch(key, deadline).await {
             Ok(answer) => {
-                let entry = Arc::new(Entry::new(
+                let entry = Arc::new(Entry::with_push(
                     answer,
                     self.clock.now(),
                     &self.settings,
                     key.is_list(),
+                    self.push_for(key),
                 ));
                 self.memory.insert_unless_purged(key, entry.clone(), purges);
+                self.note_stored(key, &entry);
                 Ok(entry)
             }
             Err(e) => {
@@ -358,6 +404,10 @@ impl SessionCache {
                 self.purge_all();
                 (0, false)
             }
+            Purge::Refreshed { key, by } => {
+                let ours = self.shared.as_ref().is_some_and(|s| s.instance() == by);
+                (0, !ours && self.purge(key))
+            }
         }
     }
 
@@ -377,6 +427,51 @@ impl SessionCache {
     /// Drops everything.
     pub fn purge_all(&self) {
         self.memory.purge_all()
+    }
+
+    /// Asks Graph for `key` now, as a `no-cache` request would (joining a call already in
+    /// progress for it), and stores the answer: a change notification named it.
+    pub async fn refresh_now(self: &Arc<Self>, key: &SessionKey) -> Result<(), Arc<UpstreamError>> {
+        match self.join_or_start(key, Mode::Revalidate) {
+            Joined::Ready(_) => Ok(()),
+            Joined::Call { call, .. } => call.await.map(drop),
+        }
+    }
+
+    /// Whether `key` (this API version) is in memory.
+    pub fn is_cached(&self, key: &SessionKey) -> bool {
+        self.memory.get(key).is_some()
+    }
+
+    /// The API versions of `key` in this replica's memory.
+    pub fn cached_versions(&self, key: &SessionKey) -> Vec<SessionKey> {
+        [
+            crate::config::ApiVersion::V1,
+            crate::config::ApiVersion::Beta,
+        ]
+        .into_iter()
+        .map(|v| key.clone().with_version(v))
+        .filter(|k| self.is_cached(k))
+        .collect()
+    }
+
+    /// Ends the freshness of `key`'s entries (every version) without dropping them: the
+    /// next read asks Graph, and the old answer still stands in if Graph fails.
+    pub fn expire(&self, key: &SessionKey) -> usize {
+        let now = self.clock.now();
+        self.memory.rewrite_event(key.kind, &key.event, |k, entry| {
+            (k.session == key.session && entry.fresh_until > now).then(|| entry.expired_at(now))
+        })
+    }
+
+    /// A webinar's subscription lapsed: its entries fresh by it are fresh by `cache.ttl`
+    /// (from when they were stored) again. Returns how many.
+    pub fn unpush_event(&self, kind: Kind, event: &str) -> usize {
+        self.memory.rewrite_event(kind, event, |key, entry| {
+            entry
+                .push
+                .then(|| entry.unpushed(&self.settings, key.is_list()))
+        })
     }
 
     /// The gate in front of the origin (for the admin's view of it).

@@ -104,6 +104,7 @@ impl Lookup {
         let fwd_status = if entry.body.is_some() { 200 } else { 404 };
         const P: &str = "graph-session-proxy; ";
         let (head, number, tail) = match self.outcome {
+            Outcome::Hit if entry.push => ("hit; ttl=", entry.ttl(now), "; detail=push"),
             Outcome::Hit => ("hit; ttl=", entry.ttl(now), ""),
             Outcome::StaleWhileRevalidate => (
                 "fwd=stale; ttl=",

@@ -14,6 +14,7 @@ mod files;
 mod graph;
 mod limits;
 mod log;
+mod notifications;
 mod placeholders;
 mod server;
 pub mod tls_files;
@@ -32,6 +33,7 @@ pub use callers::{ApiKeySettings, CallerMode, CallersSettings, JwtAppSettings, J
 pub use graph::{Cloud, GraphSettings};
 pub use limits::{LimitOverrides, LimitSettings, Rate};
 pub use log::{LogFormat, LogSettings};
+pub use notifications::NotificationSettings;
 pub use server::ServerSettings;
 
 /// Why a configuration could not be used. Every variant names the offending key or file.
@@ -70,6 +72,9 @@ pub struct Settings {
     pub callers: CallersSettings,
     pub limits: LimitSettings,
     pub log: LogSettings,
+    /// Graph change notifications (absent: off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<NotificationSettings>,
 }
 
 /// What `validate` must check beyond the shape of the file.
@@ -102,6 +107,9 @@ const TEXT_KEYS: &[&str] = &[
     "callers.jwt.issuer",
     "callers.jwt.audience",
     "callers.jwt.jwks_url",
+    "notifications.notification_url",
+    "notifications.path",
+    "notifications.client_state",
 ];
 
 /// The environment variable that supplies the client secret.
@@ -193,6 +201,9 @@ impl Settings {
         if let Some(shared) = &mut self.cache.shared {
             shared.read_files()?;
         }
+        if let Some(notifications) = &mut self.notifications {
+            notifications.read_files()?;
+        }
         Ok(())
     }
 
@@ -207,6 +218,9 @@ impl Settings {
         self.limits.validate("limits.")?;
         self.callers.validate_limits(&self.limits)?;
         self.log.validate()?;
+        if let Some(notifications) = &self.notifications {
+            notifications.validate()?;
+        }
         if purpose == Purpose::Serve {
             if let Some(placeholder) = self.placeholders().into_iter().next() {
                 return Err(placeholder);

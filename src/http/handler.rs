@@ -82,9 +82,18 @@ pub fn caller_service(
                 )
             },
         ))
-        .service_fn(move |req| {
+        .service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            async move {
+                if let Some(n) = state.notifications.clone() {
+                    if req.uri().path() == n.path() {
+                        return Ok::<_, Infallible>(
+                            crate::http::notifications::receive(&state, &n, req).await,
+                        );
+                    }
+                }
+                Ok::<_, Infallible>(handle(&state, req).await)
+            }
         })
 }
 

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod error;
 pub mod handler;
 pub mod limits;
+mod notifications;
 pub mod routes;
 #[cfg(test)]
 mod tests;
@@ -15,6 +16,7 @@ use crate::cache::SessionCache;
 use crate::config::{ApiVersion, Settings};
 use crate::core::http::sha256_from_hex;
 use crate::http::limits::Limits;
+use crate::notify::Notifications;
 use crate::telemetry::Metrics;
 use crate::upstream::token::TokenProvider;
 
@@ -51,6 +53,8 @@ pub struct AppState {
     pub(crate) ready_requires_token: bool,
     /// SHA-256 of the admin token purges need, when configured.
     pub admin_token_sha256: Option<[u8; 32]>,
+    /// Graph change notifications (`[notifications]`), received on their path.
+    pub notifications: Option<Arc<Notifications>>,
 }
 
 impl AppState {
@@ -90,6 +94,7 @@ impl AppState {
                 .admin_token_sha256
                 .as_deref()
                 .and_then(sha256_from_hex),
+            notifications: None,
         }
     }
 

@@ -161,9 +161,24 @@ pub mod names {
     pub const RATE_LIMITED: &str = "graph_session_proxy_rate_limited_total";
     pub const LIMITED_CALLERS: &str = "graph_session_proxy_limited_callers";
     pub const CREDENTIAL_RELOADS: &str = "graph_session_proxy_credential_reloads_total";
+    pub const SUBSCRIPTIONS: &str = "graph_session_proxy_subscriptions";
+    pub const NOTIFICATIONS: &str = "graph_session_proxy_notifications_total";
+    pub const SUBSCRIPTION_CALLS: &str = "graph_session_proxy_subscription_calls_total";
 }
 
 const HELP: &[(&str, &str)] = &[
+    (
+        names::SUBSCRIPTIONS,
+        "Webinars known to change notifications, by state (active: this replica holds a live subscription; shared: another replica does; pending: being created; failed: polled by cache.ttl after a refusal, retried with backoff; capped: polled because max_subscriptions are in use).",
+    ),
+    (
+        names::NOTIFICATIONS,
+        "Change and lifecycle notification items (and requests) received, by outcome (refreshed, created, lifecycle, validation, unknown_subscription, bad_client_state, mismatch, malformed, too_large, flooded, refresh_failed).",
+    ),
+    (
+        names::SUBSCRIPTION_CALLS,
+        "Calls to Graph's /subscriptions, by operation (create, renew, reauthorize, delete) and outcome (ok or Graph's status).",
+    ),
     (
         names::CREDENTIAL_RELOADS,
         "Client secret or certificate files re-read after they changed, by outcome (ok, error).",

@@ -492,7 +492,7 @@ fn graph_request_id(header: Option<&HeaderValue>, client_request_id: &str) -> Op
 }
 
 /// Graph's `error.code`, or `unknown` when the body is not Graph's error shape.
-fn graph_error_code(body: &[u8]) -> String {
+pub(crate) fn graph_error_code(body: &[u8]) -> String {
     #[derive(Deserialize)]
     struct Envelope {
         error: Inner,

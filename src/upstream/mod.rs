@@ -7,4 +7,5 @@ pub mod error;
 pub mod gate;
 pub mod graph;
 pub mod list;
+pub mod subscriptions;
 pub mod token;

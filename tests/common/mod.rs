@@ -94,8 +94,22 @@ pub async fn spawn_proxy(
     oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
-    let proxy = Proxy::build(settings, clock.clone()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    spawn_proxy_on(listener, settings, clock).await
+}
+
+/// [`spawn_proxy`] on a listener already bound (whose address the settings may name).
+pub async fn spawn_proxy_on(
+    listener: TcpListener,
+    settings: &Settings,
+    clock: &Clock,
+) -> (
+    SocketAddr,
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let proxy = Proxy::build(settings, clock.clone()).unwrap();
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let admin = admin_listener.local_addr().unwrap();
@@ -113,15 +127,24 @@ impl Harness {
 
     /// `tweak` edits the settings after the simulator's address is known.
     pub async fn with(tweak: impl FnOnce(&mut Settings), sim_config: SimConfig) -> Harness {
+        Harness::with_addr(|s, _| tweak(s), sim_config).await
+    }
+
+    /// As [`Harness::with`]; `tweak` also gets the caller listener's address.
+    pub async fn with_addr(
+        tweak: impl FnOnce(&mut Settings, SocketAddr),
+        sim_config: SimConfig,
+    ) -> Harness {
         let clock = Clock::new();
         let sim = Simulator::new(sim_config, clock.clone());
         let sim_addr = sim.clone().spawn().await.unwrap();
         let mut settings = Settings::from_toml(&base_toml(), Purpose::Embedded).unwrap();
         settings.graph.base_url = Some(format!("http://{sim_addr}"));
         settings.auth.token_url = Some(format!("http://{sim_addr}/{{tenant}}/oauth2/v2.0/token"));
-        tweak(&mut settings);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        tweak(&mut settings, listener.local_addr().unwrap());
         settings.validate(Purpose::Embedded).unwrap();
-        let (addr, admin, stop, done) = spawn_proxy(&settings, &clock).await;
+        let (addr, admin, stop, done) = spawn_proxy_on(listener, &settings, &clock).await;
         Harness {
             proxy: addr,
             admin,

@@ -254,7 +254,9 @@ impl SessionCache {
         started_ms: u64,
         holder: Option<&str>,
     ) -> Result<Arc<Entry>, ()> {
-        let (entry, writer) = Entry::from_shared(record, &self.clock, &self.settings).ok_or(())?;
+        let (entry, writer) =
+            Entry::from_shared_with(record, &self.clock, &self.settings, self.push_ttl())
+                .ok_or(())?;
         let now = self.clock.now();
         let usable = entry.is_fresh(now)
             && match mode {
@@ -273,6 +275,7 @@ impl SessionCache {
         if usable {
             let entry = Arc::new(entry);
             self.memory.insert(key.clone(), entry.clone());
+            self.note_stored(key, &entry);
             return Ok(entry);
         }
         if entry.body.is_some() && now < entry.stale_until && self.memory.get(key).is_none() {

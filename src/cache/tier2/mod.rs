@@ -11,6 +11,7 @@
 //! gsp:gen                                       purge generation (INCR on every purge)
 //! gsp:purge                                     pub/sub channel of purges (and heartbeats)
 //! gsp:rl:{limit}:{bucket}                       a caller's rate-limit bucket (GCRA, rate.rs)
+//! gsp:sub:{webinar}                             its change-notification subscription (hash, claim.rs)
 //! ```
 //!
 //! Ids cannot contain `:` (routes allow `A-Z a-z 0-9 - _ . @ = +`), so keys parse one way.
@@ -40,11 +41,13 @@
 //! record.rs      an entry as stored in Redis
 //! rate.rs        a caller's rate limit, one GCRA step shared by every replica
 //! purge.rs       Purge: its broadcast, its removal from Redis, following other replicas'
+//! claim.rs       one notification subscription per webinar for all replicas (a lease)
 //! connection.rs  bounded commands, the failure pause, reconnection
 //! bridge.rs      SessionCache's side: the cross-replica miss, gate bridging
 //! ```
 
 mod bridge;
+mod claim;
 mod connection;
 mod protocol;
 mod purge;

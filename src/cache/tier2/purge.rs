@@ -21,6 +21,13 @@ pub enum Purge {
     Key(SessionKey),
     Event(Kind, String),
     All,
+    /// Replica `by` refreshed the session (a change notification) and stored it in Redis:
+    /// every other replica drops its copy (every version) and the event's list from memory.
+    /// Nothing is removed from Redis.
+    Refreshed {
+        key: SessionKey,
+        by: String,
+    },
 }
 
 impl Purge {
@@ -32,6 +39,10 @@ impl Purge {
             },
             Purge::Event(kind, event) => format!("e {kind} {event}"),
             Purge::All => "a".to_string(),
+            Purge::Refreshed { key, by } => match &key.session {
+                Some(session) => format!("r {by} {} {} {}", key.kind, key.event, session),
+                None => format!("r {by} {} {}", key.kind, key.event),
+            },
         }
     }
 
@@ -49,6 +60,10 @@ impl Purge {
                 Some(Purge::Event(kind(k)?, event.to_string()))
             }
             ["a"] => Some(Purge::All),
+            ["r", by, k, event, session] => Some(Purge::Refreshed {
+                key: SessionKey::new(kind(k)?, event, session).ok()?,
+                by: by.to_string(),
+            }),
             _ => None,
         }
     }
@@ -59,6 +74,9 @@ impl SharedTier {
     /// Returns whether Redis took it.
     pub async fn purge(&self, purge: &Purge) -> bool {
         let mut conn = self.link.conn();
+        if let Purge::Refreshed { .. } = purge {
+            return self.publish(purge).await;
+        }
         // First: stores from Graph calls that began before the purge are refused.
         let generation = self
             .link
@@ -105,9 +123,14 @@ impl SharedTier {
                 let pattern = format!("{}e:*", glob_escape(&self.prefix));
                 self.unlink_matching(&pattern).await
             }
+            Purge::Refreshed { .. } => true,
         };
-        let published = self
-            .link
+        generation && removed && self.publish(purge).await
+    }
+
+    async fn publish(&self, purge: &Purge) -> bool {
+        let mut conn = self.link.conn();
+        self.link
             .run(
                 "publish",
                 redis::cmd("PUBLISH")
@@ -116,8 +139,12 @@ impl SharedTier {
                     .query_async::<i64>(&mut conn),
             )
             .await
-            .is_ok();
-        generation && removed && published
+            .is_ok()
+    }
+
+    /// This replica's name in the purge channel.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     async fn unlink_matching(&self, pattern: &str) -> bool {
@@ -224,6 +251,10 @@ mod tests {
             Purge::Key(SessionKey::list(Kind::Townhalls, "e").unwrap()),
             Purge::Event(Kind::Townhalls, "e@t".to_string()),
             Purge::All,
+            Purge::Refreshed {
+                key: SessionKey::new(Kind::Webinars, "a@b", "s").unwrap(),
+                by: "replica-1".to_string(),
+            },
         ] {
             assert_eq!(Purge::decode(&purge.encode()), Some(purge));
         }

@@ -53,6 +53,7 @@ impl Entry {
                 .zip(self.raw_etag.to_str().ok())
                 .map(|(a, b)| [a.to_string(), b.to_string()]),
             writer: writer.map(str::to_string),
+            push: self.push,
         };
         let mut out = serde_json::to_vec(&header).ok()?;
         out.push(b'\n');
@@ -69,6 +70,17 @@ impl Entry {
         clock: &Clock,
         settings: &CacheSettings,
     ) -> Option<(Entry, Option<String>)> {
+        Entry::from_shared_with(record, clock, settings, Duration::ZERO)
+    }
+
+    /// [`Entry::from_shared`] where a change notification subscription may have made an
+    /// entry fresh for `push_ttl`.
+    pub fn from_shared_with(
+        record: &Bytes,
+        clock: &Clock,
+        settings: &CacheSettings,
+        push_ttl: Duration,
+    ) -> Option<(Entry, Option<String>)> {
         let split = record.iter().position(|b| *b == b'\n')?;
         let header: SharedHeader = serde_json::from_slice(&record[..split]).ok()?;
         let longest = settings
@@ -76,6 +88,7 @@ impl Entry {
             .max(settings.ttl_ended)
             .max(settings.list_ttl)
             .max(settings.negative_ttl)
+            .max(push_ttl)
             + settings.stale_while_revalidate.max(settings.stale_if_error);
         let plausible = header.v == 1
             && header.refresh_ms <= header.fresh_ms
@@ -134,6 +147,7 @@ impl Entry {
                 .filter(|id| request_id::is_usable(id.as_bytes()))
                 .and_then(|id| HeaderValue::from_str(&id).ok()),
             tier2: true,
+            push: header.push,
         };
         Some((entry, writer))
     }
@@ -158,6 +172,9 @@ struct SharedHeader {
     /// Fencing token of the lock the entry was fetched under.
     #[serde(default)]
     writer: Option<String>,
+    /// Fresh by a change notification subscription (`notifications.ttl`).
+    #[serde(default)]
+    push: bool,
 }
 
 /// How far in the future a shared entry's `stored_ms` may lie (clocks of replicas differ a

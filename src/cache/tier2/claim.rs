@@ -1,0 +1,148 @@
+//! One change-notification subscription per webinar for all replicas: its record in Redis
+//! (`gsp:sub:{webinar}`, a hash: `holder`, `lease_until`, `id`, `expires_ms`), claimed by
+//! one replica at a time under a lease it extends while it runs. The holder creates and
+//! renews the subscription and writes its id; every replica reads the id from here to
+//! accept the notifications that reach it. A replica that finds the lease lapsed (its
+//! holder died) takes over the subscription as it stands.
+
+use std::time::Duration;
+
+use crate::cache::tier2::{SharedTier, Unavailable};
+
+/// Takes or extends the lease (when nobody else holds a live one) and returns the record.
+/// KEYS[1] record; ARGV: me, now_ms, lease_until_ms, lease_ms.
+const CLAIM: &str = r#"
+local holder = redis.call('HGET', KEYS[1], 'holder')
+local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0') or 0
+local function record(state)
+  return {state, redis.call('HGET', KEYS[1], 'id') or '', redis.call('HGET', KEYS[1], 'expires_ms') or '0'}
+end
+if holder and holder ~= ARGV[1] and lease > tonumber(ARGV[2]) then
+  return record('other')
+end
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'lease_until', ARGV[3])
+local keep = (tonumber(redis.call('HGET', KEYS[1], 'expires_ms') or '0') or 0) - tonumber(ARGV[2])
+if keep < tonumber(ARGV[4]) then keep = tonumber(ARGV[4]) end
+redis.call('PEXPIRE', KEYS[1], math.floor(keep))
+return record('ours')
+"#;
+
+/// The holder writes the subscription it created or renewed. KEYS[1] record;
+/// ARGV: me, id, expires_ms, keep_ms.
+const RECORD: &str = r#"
+if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'expires_ms', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"#;
+
+/// Forgets the subscription if it is still `id` (any replica: Graph removed it). KEYS[1]
+/// record; ARGV: id.
+const FORGET: &str = r#"
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'id', '', 'expires_ms', '0')
+return 1
+"#;
+
+/// Deletes the record if we hold it (the webinar was unsubscribed). KEYS[1]; ARGV: me.
+const RELEASE: &str = r#"
+if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"#;
+
+/// What the record says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// This replica holds the lease (and must create or renew the subscription).
+    pub ours: bool,
+    /// The subscription's id, if one was recorded.
+    pub id: Option<String>,
+    /// When it expires (ms since the Unix epoch; 0 when none).
+    pub expires_ms: u64,
+}
+
+impl SharedTier {
+    fn claim_key(&self, webinar: &str) -> String {
+        format!("{}sub:{webinar}", self.prefix)
+    }
+
+    /// Takes (or extends) the webinar's lease for `lease` unless another replica holds a
+    /// live one; either way returns the recorded subscription.
+    pub async fn claim_subscription(
+        &self,
+        webinar: &str,
+        now_ms: u64,
+        lease: Duration,
+    ) -> Result<Claim, Unavailable> {
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let mut conn = self.link.conn();
+        let script = redis::Script::new(CLAIM);
+        let mut invocation = script.key(self.claim_key(webinar));
+        invocation
+            .arg(&self.instance)
+            .arg(now_ms)
+            .arg(now_ms.saturating_add(lease_ms))
+            .arg(lease_ms);
+        let (state, id, expires): (String, String, String) = self
+            .link
+            .run("claim", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(Claim {
+            ours: state == "ours",
+            id: (!id.is_empty()).then_some(id),
+            expires_ms: expires.parse().unwrap_or(0),
+        })
+    }
+
+    /// Records the subscription this replica (the lease holder) created or renewed.
+    pub async fn record_subscription(
+        &self,
+        webinar: &str,
+        id: &str,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> bool {
+        let keep = expires_ms.saturating_sub(now_ms).max(1);
+        let mut conn = self.link.conn();
+        let script = redis::Script::new(RECORD);
+        let mut invocation = script.key(self.claim_key(webinar));
+        invocation
+            .arg(&self.instance)
+            .arg(id)
+            .arg(expires_ms)
+            .arg(keep);
+        matches!(
+            self.link
+                .run("claim", invocation.invoke_async::<i64>(&mut conn))
+                .await,
+            Ok(1)
+        )
+    }
+
+    /// Forgets subscription `id` of the webinar (Graph removed it): its holder creates a
+    /// new one.
+    pub async fn forget_subscription(&self, webinar: &str, id: &str) -> bool {
+        let mut conn = self.link.conn();
+        let script = redis::Script::new(FORGET);
+        let mut invocation = script.key(self.claim_key(webinar));
+        invocation.arg(id);
+        matches!(
+            self.link
+                .run("claim", invocation.invoke_async::<i64>(&mut conn))
+                .await,
+            Ok(1)
+        )
+    }
+
+    /// Deletes the webinar's record if this replica holds it.
+    pub async fn release_subscription(&self, webinar: &str) {
+        let mut conn = self.link.conn();
+        let script = redis::Script::new(RELEASE);
+        let mut invocation = script.key(self.claim_key(webinar));
+        invocation.arg(&self.instance);
+        let _ = self
+            .link
+            .run("claim", invocation.invoke_async::<i64>(&mut conn))
+            .await;
+    }
+}
