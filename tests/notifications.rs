@@ -434,3 +434,30 @@ async fn two_replicas_share_one_subscription_and_a_notification_to_either_refres
     let (on_b_now, _) = body_of(&h, &on_b).await;
     assert_eq!(on_b_now, changed);
 }
+
+/// Graph calls (sessions, lists, subscriptions) for a day of 10 sessions and their list
+/// read every 5 minutes.
+async fn a_day_of_reads(h: &Harness) -> u64 {
+    let before = h.stats().graph_requests;
+    let list = format!("http://{}/sessions/webinars/{SEED_EVENT}", h.proxy);
+    for _ in 0..(24 * 12) {
+        for i in 0..10 {
+            let url = h.url("webinars", SEED_EVENT, &format!("gen-{i}"));
+            assert_eq!(h.get(&url).await.status(), 200);
+        }
+        assert_eq!(h.get(&list).await.status(), 200);
+        // Background refreshes and subscription steps run meanwhile.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        h.clock.advance(Duration::from_secs(300));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.stats().graph_requests - before
+}
+
+#[tokio::test]
+async fn push_saves_graph_calls() {
+    let polled = a_day_of_reads(&Harness::start().await).await;
+    let pushed = a_day_of_reads(&harness().await).await;
+    eprintln!("a day of 10 sessions and their list read every 5 minutes: {polled} Graph calls polled, {pushed} with change notifications");
+    assert!(pushed * 10 <= polled, "polled {polled}, pushed {pushed}");
+}

@@ -168,7 +168,7 @@ impl SubscriptionsApi {
         let token = tokio::time::timeout(self.timeout, self.tokens.token())
             .await
             .map_err(|_| SubscriptionError::local("tokenTimedOut"))?
-            .map_err(|e| SubscriptionError::local(format!("token: {e}")))?;
+            .map_err(|_| SubscriptionError::local("tokenUnavailable"))?;
         let mut request = self
             .http
             .request(method, url)
