@@ -461,3 +461,93 @@ async fn push_saves_graph_calls() {
     eprintln!("a day of 10 sessions and their list read every 5 minutes: {polled} Graph calls polled, {pushed} with change notifications");
     assert!(pushed * 10 <= polled, "polled {polled}, pushed {pushed}");
 }
+
+#[tokio::test]
+async fn an_idle_webinar_is_unsubscribed() {
+    let h = Harness::with_addr(
+        |s, addr| {
+            notifications_at(s, addr);
+            s.notifications.as_mut().unwrap().idle_unsubscribe = Duration::from_secs(3600);
+        },
+        SimConfig::default(),
+    )
+    .await;
+    subscribed(&h).await;
+    h.clock.advance(Duration::from_secs(3601));
+    until("the idle webinar unsubscribed", || {
+        h.sim.subscriptions().is_empty()
+    })
+    .await;
+    assert_eq!(h.stats().subscriptions_deleted, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let active = metric(
+        &h,
+        h.admin,
+        "graph_session_proxy_subscriptions",
+        "state=\"active\"",
+    )
+    .await;
+    assert_eq!(active, 0.0);
+}
+
+#[tokio::test]
+async fn beyond_max_subscriptions_the_least_recently_read_webinar_is_polled() {
+    let h = Harness::with_addr(
+        |s, addr| {
+            notifications_at(s, addr);
+            s.notifications.as_mut().unwrap().max_subscriptions = 1;
+        },
+        SimConfig::default(),
+    )
+    .await;
+    let a = subscribed(&h).await;
+    // A pushed entry for webinar A.
+    let (mut changed, _) = body_of(&h, &h.seed_url()).await;
+    changed["title"] = json!("Pushed");
+    h.sim
+        .change_session("webinars", SEED_EVENT, SEED_SESSION, changed.clone())
+        .await;
+    let mut pushed = false;
+    for _ in 0..50 {
+        let (body, status) = body_of(&h, &h.seed_url()).await;
+        if body == changed && status.contains("detail=push") {
+            pushed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(pushed);
+    // Webinar B, read just after A: no slot (A was read as recently).
+    let b_url = h.url("webinars", "other-webinar", "gen-1");
+    assert_eq!(h.get(&b_url).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(subscriptions(&h).len(), 1);
+    assert_eq!(subscriptions(&h)[0]["id"], a["id"]);
+    let capped = metric(
+        &h,
+        h.admin,
+        "graph_session_proxy_subscriptions",
+        "state=\"capped\"",
+    )
+    .await;
+    assert_eq!(capped, 1.0);
+    // Only B is read for two minutes: A's slot goes to B, A is polled again.
+    h.clock.advance(Duration::from_secs(120));
+    assert_eq!(h.get(&b_url).await.status(), 200);
+    until("B subscribed instead of A", || {
+        let subs = h.sim.subscriptions();
+        subs.len() == 1
+            && subs[0]["resource"]
+                .as_str()
+                .unwrap()
+                .contains("other-webinar")
+    })
+    .await;
+    assert_eq!(h.stats().subscriptions_deleted, 1);
+    let (body, status) = body_of(&h, &h.seed_url()).await;
+    assert_eq!(body, changed);
+    assert!(
+        !status.contains("push"),
+        "A is fresh by cache.ttl again: {status}"
+    );
+}
