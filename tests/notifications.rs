@@ -551,3 +551,44 @@ async fn beyond_max_subscriptions_the_least_recently_read_webinar_is_polled() {
         "A is fresh by cache.ttl again: {status}"
     );
 }
+
+#[tokio::test]
+async fn a_lapsed_subscription_puts_pushed_entries_back_on_cache_ttl() {
+    let h = Harness::with_addr(
+        |s, addr| {
+            notifications_at(s, addr);
+            let n = s.notifications.as_mut().unwrap();
+            n.lifetime = Duration::from_secs(3 * 3600);
+            n.renew_before = Duration::from_secs(600);
+        },
+        SimConfig::default(),
+    )
+    .await;
+    subscribed(&h).await;
+    let (mut changed, _) = body_of(&h, &h.seed_url()).await;
+    changed["title"] = json!("Pushed before the lapse");
+    h.sim
+        .change_session("webinars", SEED_EVENT, SEED_SESSION, changed.clone())
+        .await;
+    let mut pushed = false;
+    for _ in 0..50 {
+        let (body, status) = body_of(&h, &h.seed_url()).await;
+        if body == changed && status.contains("detail=push") {
+            pushed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(pushed);
+    // Past the subscription's end in one step (no renewal window seen): it lapsed, and the
+    // entry (pushed 6h) is fresh by cache.ttl (5 min) from when it was stored: stale now.
+    h.faults(Faults {
+        subscription_status: Some(503),
+        ..Faults::default()
+    });
+    h.clock.advance(Duration::from_secs(3 * 3600 + 60));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, status) = body_of(&h, &h.seed_url()).await;
+    assert!(!status.contains("detail=push"), "{status}");
+    assert!(!status.starts_with("graph-session-proxy; hit"), "{status}");
+}

@@ -151,7 +151,7 @@ impl SessionCache {
     }
 
     /// The freshness a live subscription gives an answer for `key` stored now.
-    fn push_for(&self, key: &SessionKey) -> Option<Duration> {
+    pub(in crate::cache) fn push_for(&self, key: &SessionKey) -> Option<Duration> {
         if key.kind != Kind::Webinars {
             return None;
         }

@@ -159,7 +159,11 @@ impl Notifications {
     /// The webinar is polled from now on: what a live subscription made fresh for
     /// `notifications.ttl` is fresh for `cache.ttl` again.
     pub(super) fn not_live(&self, w: &Webinar, cache: &SessionCache, phase: Phase) {
-        let was_live = w.is_live(self.clock.wall_ms());
+        // Not `is_live`: a subscription that just lapsed made entries fresh by push too.
+        let was_live = {
+            let s = w.sub();
+            matches!(s.phase, Phase::Active | Phase::Shared) && s.id.is_some()
+        };
         {
             let mut s = w.sub();
             s.phase = phase;

@@ -257,6 +257,14 @@ impl SessionCache {
         let (entry, writer) =
             Entry::from_shared_with(record, &self.clock, &self.settings, self.push_ttl())
                 .ok_or(())?;
+        // Stored while a subscription was live, which is no longer: fresh by cache.ttl.
+        let entry = if entry.push && self.push_for(key).is_none() {
+            let mut polled = entry.unpushed(&self.settings, key.is_list());
+            polled.tier2 = true;
+            polled
+        } else {
+            entry
+        };
         let now = self.clock.now();
         let usable = entry.is_fresh(now)
             && match mode {
