@@ -86,6 +86,18 @@ async fn body_of(h: &Harness, url: &str) -> (Value, String) {
     (r.json().await.unwrap(), status)
 }
 
+/// Whether the seed session is served as `changed`, fresh by push, within about a second.
+async fn served_pushed(h: &Harness, changed: &Value) -> bool {
+    for _ in 0..50 {
+        let (body, status) = body_of(h, &h.seed_url()).await;
+        if body == *changed && status.contains("detail=push") {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 /// The first read of a webinar session, and the subscription it brings.
 async fn subscribed(h: &Harness) -> Value {
     body_of(h, &h.seed_url()).await;
@@ -507,16 +519,7 @@ async fn beyond_max_subscriptions_the_least_recently_read_webinar_is_polled() {
     h.sim
         .change_session("webinars", SEED_EVENT, SEED_SESSION, changed.clone())
         .await;
-    let mut pushed = false;
-    for _ in 0..50 {
-        let (body, status) = body_of(&h, &h.seed_url()).await;
-        if body == changed && status.contains("detail=push") {
-            pushed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(pushed);
+    assert!(served_pushed(&h, &changed).await);
     // Webinar B, read just after A: no slot (A was read as recently).
     let b_url = h.url("webinars", "other-webinar", "gen-1");
     assert_eq!(h.get(&b_url).await.status(), 200);
@@ -570,16 +573,7 @@ async fn a_lapsed_subscription_puts_pushed_entries_back_on_cache_ttl() {
     h.sim
         .change_session("webinars", SEED_EVENT, SEED_SESSION, changed.clone())
         .await;
-    let mut pushed = false;
-    for _ in 0..50 {
-        let (body, status) = body_of(&h, &h.seed_url()).await;
-        if body == changed && status.contains("detail=push") {
-            pushed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(pushed);
+    assert!(served_pushed(&h, &changed).await);
     // Past the subscription's end in one step (no renewal window seen): it lapsed, and the
     // entry (pushed 6h) is fresh by cache.ttl (5 min) from when it was stored: stale now.
     h.faults(Faults {
