@@ -20,8 +20,10 @@ use crate::core::http::{bearer_token, json_response};
 use crate::core::request_id;
 use crate::http::error::error_response;
 use crate::http::routes;
+use crate::http::status;
 use crate::http::AppState;
 use crate::telemetry::names;
+use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -88,23 +90,31 @@ async fn answer<B>(state: &AppState, req: &Request<B>, request_id: &str) -> Resp
             }
         }
         (&Method::GET, "/metrics") => metrics(state),
-        (&Method::DELETE, p) if p == "/cache" || p.starts_with("/cache/") => {
-            if !authorized(state, req.headers()) {
-                let mut r = error_response(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    "the admin token is required: Authorization: Bearer <admin token>",
+        (&Method::GET | &Method::HEAD, "/status" | "/status.json") => {
+            if !page_authorized(state, req.headers()) {
+                return unauthorized(
+                    "the admin token is required: Authorization: Bearer <admin token> (or, from a browser, any user name with the admin token as password)",
+                    Some("Basic realm=\"graph-session-proxy-admin\", charset=\"UTF-8\""),
                     request_id,
                 );
-                r.headers_mut().insert(
-                    http::header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"graph-session-proxy-admin\""),
+            }
+            if path == "/status" {
+                status::html(state)
+            } else {
+                status::json(state)
+            }
+        }
+        (&Method::DELETE, p) if p == "/cache" || p.starts_with("/cache/") => {
+            if !authorized(state, req.headers()) {
+                return unauthorized(
+                    "the admin token is required: Authorization: Bearer <admin token>",
+                    None,
+                    request_id,
                 );
-                return r;
             }
             purge(state, p, request_id).await
         }
-        (_, "/healthz" | "/readyz" | "/metrics") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/status" | "/status.json") => {
             let mut r = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "methodNotAllowed",
@@ -124,6 +134,32 @@ async fn answer<B>(state: &AppState, req: &Request<B>, request_id: &str) -> Resp
     }
 }
 
+/// 401 with the admin realm's challenges: `Bearer`, after `first` when given.
+fn unauthorized(
+    message: &str,
+    first: Option<&'static str>,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
+    let mut r = error_response(
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        message,
+        request_id,
+    );
+    let headers = r.headers_mut();
+    if let Some(first) = first {
+        headers.append(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(first),
+        );
+    }
+    headers.append(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"graph-session-proxy-admin\""),
+    );
+    r
+}
+
 /// `Authorization: Bearer <admin token>`, checked against its configured SHA-256 in
 /// constant time.
 fn authorized(state: &AppState, headers: &http::HeaderMap) -> bool {
@@ -135,6 +171,33 @@ fn authorized(state: &AppState, headers: &http::HeaderMap) -> bool {
         .and_then(|v| bearer_token(v).ok());
     presented.is_some_and(|token| {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        bool::from(digest.ct_eq(expected))
+    })
+}
+
+/// The status page's check: the admin token as a bearer token, or (so that a browser can
+/// ask for it) as the password of HTTP Basic authentication, any user name.
+fn page_authorized(state: &AppState, headers: &http::HeaderMap) -> bool {
+    if authorized(state, headers) {
+        return true;
+    }
+    let Some(expected) = &state.admin_token_sha256 else {
+        return true;
+    };
+    let password = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("basic").then_some(rest.trim())
+        })
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .and_then(|raw| {
+            let colon = raw.iter().position(|b| *b == b':')?;
+            Some(raw[colon + 1..].to_vec())
+        });
+    password.is_some_and(|password| {
+        let digest: [u8; 32] = Sha256::digest(&password).into();
         bool::from(digest.ct_eq(expected))
     })
 }

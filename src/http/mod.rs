@@ -8,6 +8,7 @@ pub mod handler;
 pub mod limits;
 mod notifications;
 pub mod routes;
+pub mod status;
 #[cfg(test)]
 mod tests;
 
@@ -55,6 +56,8 @@ pub struct AppState {
     pub admin_token_sha256: Option<[u8; 32]>,
     /// Graph change notifications (`[notifications]`), received on their path.
     pub notifications: Option<Arc<Notifications>>,
+    /// `cache.max_bytes`, for the status page.
+    pub(crate) max_bytes: u64,
 }
 
 impl AppState {
@@ -95,6 +98,7 @@ impl AppState {
                 .as_deref()
                 .and_then(sha256_from_hex),
             notifications: None,
+            max_bytes: settings.cache.max_bytes.as_u64(),
         }
     }
 

@@ -12,8 +12,10 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogFormat, LogSettings};
 
 mod batch;
+mod pulse;
 
 pub use batch::{BatchGuard, BatchWriter};
+pub use pulse::{Pulse, Recent, GRAPH_OUTCOMES, WINDOW as PULSE_WINDOW};
 
 /// A log field for an error's `#[source]` chain, read by people: the causes' own texts
 /// joined by `: ` (`invalid_client (AADSTS7000215)`), `-` when there is none. Never Rust's
@@ -92,6 +94,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     /// Tells this instance's handles apart in [`REQUEST_HANDLES`].
     id: u64,
+    /// The last 15 minutes, for the status page.
+    pulse: Pulse,
 }
 
 /// One series of the per-request metrics: the label values (static strings, told apart by
@@ -130,9 +134,16 @@ thread_local! {
     /// The request counter and latency histogram of each series this thread recorded:
     /// a hit costs one hash of pointers instead of building two registry keys.
     static REQUEST_HANDLES: std::cell::RefCell<
-        std::collections::HashMap<RequestSeries, (metrics::Counter, metrics::Histogram), rustc_hash::FxBuildHasher>,
+        std::collections::HashMap<RequestSeries, SeriesHandles, rustc_hash::FxBuildHasher>,
     > = std::cell::RefCell::default();
 }
+
+/// What one request series records into.
+type SeriesHandles = (
+    metrics::Counter,
+    metrics::Histogram,
+    Arc<pulse::CallerPulse>,
+);
 
 static NEXT_METRICS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -287,6 +298,7 @@ impl Metrics {
             recorder,
             handle,
             id,
+            pulse: Pulse::new(),
         }
     }
 
@@ -333,20 +345,28 @@ impl Metrics {
             labels: labels.map(|(_, v)| v as *const str),
             caller: caller.clone(),
         };
+        debug_assert!(labels[1].0 == "status" && labels[3].0 == "cache");
+        let cache_label = labels[3].1;
+        let server_error = labels[1].1 == "5xx";
         REQUEST_HANDLES.with(|cache| {
             let mut cache = cache.borrow_mut();
-            if let Some((counter, histogram)) = cache.get(&series) {
+            if let Some((counter, histogram, pulse)) = cache.get(&series) {
                 counter.increment(1);
                 histogram.record(seconds);
+                self.pulse
+                    .request(cache_label, server_error, seconds, pulse);
                 return;
             }
             let (counter, histogram) = self.request_handles(labels, caller);
+            let pulse = self.pulse.caller(caller);
             counter.increment(1);
             histogram.record(seconds);
+            self.pulse
+                .request(cache_label, server_error, seconds, &pulse);
             if cache.len() >= MAX_CACHED_SERIES {
                 cache.clear();
             }
-            cache.insert(series, (counter, histogram));
+            cache.insert(series, (counter, histogram, pulse));
         });
     }
 
@@ -379,6 +399,11 @@ impl Metrics {
             &METADATA,
         );
         (counter, histogram)
+    }
+
+    /// The last 15 minutes of requests and Graph calls.
+    pub fn pulse(&self) -> &Pulse {
+        &self.pulse
     }
 
     /// Folds recorded histogram samples into their buckets. Without it samples pile up

@@ -443,6 +443,7 @@ impl GraphClient {
                 Some(status.as_u16()),
             ),
         };
+        self.metrics.pulse().graph(label);
         let status = status.map_or_else(|| "none".to_string(), |s| s.to_string());
         self.metrics
             .counter(

@@ -33,6 +33,8 @@ pub(super) struct Connection {
     /// Redis is left alone until then after a failure (real time).
     pause_until: Mutex<Option<std::time::Instant>>,
     consecutive_timeouts: AtomicU32,
+    /// The last failed step: when, which, why (for the status page).
+    last_error: Mutex<Option<(std::time::SystemTime, &'static str, String)>>,
 }
 
 impl Connection {
@@ -80,6 +82,7 @@ impl Connection {
             retry_interval: settings.retry_interval,
             metrics,
             healthy: AtomicBool::new(true),
+            last_error: Mutex::new(None),
             pause_until: Mutex::new(None),
             consecutive_timeouts: AtomicU32::new(0),
         })
@@ -102,6 +105,8 @@ impl Connection {
     }
 
     fn failed(&self, op: &'static str, why: &str, timed_out: bool) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::SystemTime::now(), op, why.to_string()));
         *self.pause_until.lock().unwrap_or_else(|e| e.into_inner()) =
             std::time::Instant::now().checked_add(self.retry_interval);
         self.metrics
@@ -144,6 +149,14 @@ impl Connection {
         if !self.healthy.swap(true, Ordering::Relaxed) {
             tracing::info!("shared cache (Redis) reachable again");
         }
+    }
+
+    /// The last failed step: when, which, why.
+    pub(super) fn last_error(&self) -> Option<(std::time::SystemTime, &'static str, String)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether the last Redis command worked.

@@ -101,6 +101,11 @@ impl SharedTier {
     pub fn lock_ttl(&self) -> Duration {
         self.lock_ttl
     }
+    /// The last failed Redis step: when, which operation, why.
+    pub fn last_error(&self) -> Option<(std::time::SystemTime, &'static str, String)> {
+        self.link.last_error()
+    }
+
     /// Whether the last Redis command worked.
     pub fn is_up(&self) -> bool {
         self.link.is_up()

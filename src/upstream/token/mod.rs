@@ -38,6 +38,8 @@ pub struct CachedToken {
     expires_at: Instant,
     /// Identifies the token for [`TokenProvider::invalidate`].
     serial: u64,
+    /// When the token was asked for (its age on the status page).
+    obtained_at: Instant,
 }
 
 impl CachedToken {
@@ -87,6 +89,26 @@ pub struct TokenProvider {
     background: Flight<()>,
     serial: AtomicU64,
     metrics: Arc<Metrics>,
+    /// The last failed token request (when, the caller-safe text, the AADSTS code), kept
+    /// until a later success, for the status page.
+    last_error: std::sync::Mutex<Option<TokenTrouble>>,
+}
+
+/// A failed token request, as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct TokenTrouble {
+    pub at: std::time::SystemTime,
+    pub message: String,
+    pub aadsts: Option<String>,
+}
+
+/// The token in use, as the status page shows it.
+#[derive(Debug, Clone, Default)]
+pub struct TokenState {
+    /// How long ago the token in use was obtained, and how long it has left.
+    pub age: Option<Duration>,
+    pub expires_in: Option<Duration>,
+    pub last_error: Option<TokenTrouble>,
 }
 
 /// After a failed token request, callers get that failure for this long without a new
@@ -136,6 +158,7 @@ impl TokenProvider {
             failed: Recent::new(),
             background: Flight::new(|| ()),
             serial: AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
         })
     }
 
@@ -232,6 +255,7 @@ impl TokenProvider {
             Ok(token) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
                 self.failed.forget();
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 Ok(token)
             }
             Err(e) => {
@@ -247,6 +271,14 @@ impl TokenProvider {
                     _ => tracing::warn!(error = %e, cause = %Causes(&*e), "token request failed"),
                 }
                 self.failed.remember(e.clone(), now + pause);
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(TokenTrouble {
+                    at: self.clock.wall(),
+                    message: e.caller_message(),
+                    aadsts: match &*e {
+                        TokenError::Refused { aadsts, .. } => aadsts.clone(),
+                        _ => None,
+                    },
+                });
                 Err(e)
             }
         }
@@ -257,6 +289,25 @@ impl TokenProvider {
         let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
         if guard.as_ref().is_some_and(|t| t.serial == token.serial) {
             *guard = None;
+        }
+    }
+
+    /// The token in use and the last failure since the last success.
+    pub fn state(&self) -> TokenState {
+        let now = self.clock.now();
+        let current = self.current();
+        TokenState {
+            age: current
+                .as_ref()
+                .map(|t| now.saturating_duration_since(t.obtained_at)),
+            expires_in: current
+                .as_ref()
+                .map(|t| t.expires_at.saturating_duration_since(now)),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 
@@ -310,6 +361,7 @@ impl TokenProvider {
             secret: response.access_token,
             refresh_at: started + refresh_after,
             expires_at: started + lifetime,
+            obtained_at: started,
             serial,
         }))
     }
