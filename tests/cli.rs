@@ -354,7 +354,7 @@ fn sha256_hex(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text))
 }
 
-/// The shipped file with its caller key digest set, as the README's steps say.
+/// The shipped file with its caller key digest set, as the steps of docs/operations.md say.
 fn shipped_with_a_key(name: &str, key: &str) -> PathBuf {
     write(name, &example().replace(&"0".repeat(64), &sha256_hex(key)))
 }
@@ -552,10 +552,11 @@ async fn demo_listens_where_it_is_told() {
     assert_eq!(answer.unwrap().unwrap().status(), 200, "{url}");
 }
 
-/// The README's last step, as a process: the shipped file with a caller key digest, the
-/// identity and secret from the environment, `graph-session-proxy --config FILE` (serve
-/// is the default). The shipped `ready_requires_token = true` makes `/readyz` 200 only
-/// once the simulator accepted the secret from the environment.
+/// The last step of connecting to a real tenant (docs/operations.md), as a process: the
+/// shipped file with a caller key digest, the identity and secret from the environment,
+/// `graph-session-proxy --config FILE` (serve is the default). The shipped
+/// `ready_requires_token = true` makes `/readyz` 200 only once the simulator accepted the
+/// secret from the environment.
 #[tokio::test]
 async fn the_shipped_file_serves_with_the_secret_from_the_environment() {
     use graph_session_proxy::sim::{SimConfig, Simulator};
@@ -627,7 +628,7 @@ async fn the_shipped_file_serves_with_the_secret_from_the_environment() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
 
-/// The demo's printed curl lines, run as printed, answer what the README's "Try it" says:
+/// The demo's printed curl lines, run as printed, answer what the README's tour says:
 /// a miss then `hit; ttl=300` counting down, the town hall by `x-api-key`, the 25-session list, a JSON
 /// 401 without a key, the simulator's stats.
 #[tokio::test]

@@ -29,7 +29,12 @@ fn cited(text: &str) -> Vec<String> {
         }
     }
     for word in text.split(|c: char| c.is_whitespace() || "`'\"(),;<>[]|*".contains(c)) {
-        let word = word.trim_end_matches(['.', ':']);
+        // A named path may carry a `#heading` fragment: the path is what must exist.
+        let word = word
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(['.', ':']);
         let root_file = matches!(
             word,
             "README.md" | "ARCHITECTURE.md" | "Cargo.toml" | "Cargo.lock"
