@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Checks the monitoring pack, offline once its tools are installed; exits non-zero on any
+# defect:
+#   - promtool check rules prometheus-rules.yaml       (syntax, PromQL, templates)
+#   - promtool test rules prometheus-rules.test.yaml   (every alert fires on synthetic
+#                                                       series, and stays silent when it should)
+#   - prometheusrule.yaml's spec.groups equal prometheus-rules.yaml's groups, and promtool
+#     checks those too
+#   - grafana-dashboard.json against Grafana's dashboard schema (check_dashboard.py, with
+#     grafana-foundation-sdk from PyPI) and what provisioning needs
+# promtool comes from Debian's `prometheus` package, installed when missing (as .ci/test
+# installs redis-server); PyYAML and grafana-foundation-sdk from PyPI when missing.
+# That every metric the rules and panels name exists in /metrics is tests/monitoring.rs.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "validate.sh: promtool not found; installing Debian's prometheus package for it" >&2
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
+  else
+    echo "validate.sh: install promtool (Prometheus's tools), then run this again" >&2
+    exit 1
+  fi
+fi
+if ! python3 -c 'import yaml' 2>/dev/null; then
+  echo "installing PyYAML"
+  python3 -m pip install --quiet PyYAML
+fi
+if ! python3 -c 'import grafana_foundation_sdk' 2>/dev/null; then
+  echo "installing grafana-foundation-sdk"
+  python3 -m pip install --quiet grafana-foundation-sdk
+fi
+
+status=0
+promtool check rules prometheus-rules.yaml || status=1
+promtool test rules prometheus-rules.test.yaml || status=1
+
+spec_groups=$(mktemp --suffix=.yaml)
+trap 'rm -f "$spec_groups"' EXIT
+python3 - "$spec_groups" <<'PY' || status=1
+import sys, yaml
+with open("prometheus-rules.yaml") as f:
+    plain = yaml.safe_load(f)
+with open("prometheusrule.yaml") as f:
+    docs = [d for d in yaml.safe_load_all(f) if d]
+errors = []
+if len(docs) != 1:
+    errors.append(f"prometheusrule.yaml holds {len(docs)} documents, want 1")
+rule = docs[0]
+if (rule.get("apiVersion"), rule.get("kind")) != ("monitoring.coreos.com/v1", "PrometheusRule"):
+    errors.append("prometheusrule.yaml is not a monitoring.coreos.com/v1 PrometheusRule")
+if not rule.get("metadata", {}).get("name"):
+    errors.append("prometheusrule.yaml has no metadata.name")
+if set(rule.get("spec", {})) != {"groups"}:
+    errors.append(f"prometheusrule.yaml spec has {sorted(rule.get('spec', {}))}, want only groups")
+groups = rule.get("spec", {}).get("groups")
+if groups != plain["groups"]:
+    errors.append("prometheusrule.yaml spec.groups differ from prometheus-rules.yaml groups: edit both")
+    for a, b in zip(plain["groups"], groups or []):
+        for ra, rb in zip(a.get("rules", []), b.get("rules", [])):
+            if ra != rb:
+                errors.append(f"  first difference in rule {ra.get('alert') or ra.get('record')}")
+                break
+with open(sys.argv[1], "w") as f:
+    yaml.safe_dump({"groups": groups or []}, f)
+for e in errors:
+    print("ERROR", e)
+if errors:
+    sys.exit(1)
+print(f"INFO prometheusrule.yaml: the same {sum(len(g['rules']) for g in groups)} rules as prometheus-rules.yaml")
+PY
+promtool check rules "$spec_groups" || status=1
+
+python3 check_dashboard.py grafana-dashboard.json || status=1
+
+if [[ $status -eq 0 ]]; then
+  echo "OK: monitoring pack valid"
+else
+  echo "FAILED"
+fi
+exit $status
