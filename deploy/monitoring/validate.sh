@@ -7,7 +7,8 @@
 #   - prometheusrule.yaml's spec.groups equal prometheus-rules.yaml's groups, and promtool
 #     checks those too
 #   - grafana-dashboard.json against Grafana's dashboard schema (check_dashboard.py, with
-#     grafana-foundation-sdk from PyPI) and what provisioning needs
+#     grafana-foundation-sdk from PyPI) and what provisioning needs; its panel queries
+#     parsed by promtool
 # promtool comes from Debian's `prometheus` package, installed when missing (as .ci/test
 # installs redis-server); PyYAML and grafana-foundation-sdk from PyPI when missing.
 # That every metric the rules and panels name exists in /metrics is tests/monitoring.rs.
@@ -76,6 +77,31 @@ PY
 promtool check rules "$spec_groups" || status=1
 
 python3 check_dashboard.py grafana-dashboard.json || status=1
+
+# The dashboard's queries are PromQL too: each becomes a recording rule (Grafana's
+# variables replaced by what they expand to) so that promtool parses it.
+panel_rules=$(mktemp --suffix=.yaml)
+trap 'rm -f "$spec_groups" "$panel_rules"' EXIT
+python3 - "$panel_rules" <<'PY' || status=1
+import json, sys, yaml
+with open("grafana-dashboard.json") as f:
+    dashboard = json.load(f)
+expand = {"$__rate_interval": "2m", "$__interval": "1m", "$__range": "6h", "$job": ".+", "$instance": ".+"}
+rules = []
+for panel in dashboard["panels"]:
+    for target in panel.get("targets", []):
+        expr = target["expr"]
+        for var, value in expand.items():
+            expr = expr.replace(var, value)
+        if "$" in expr:
+            print(f"ERROR panel {panel['title']!r}: unknown variable in {target['expr']!r}")
+            sys.exit(1)
+        rules.append({"record": f"dashboard:panel_{panel['id']}:{target['refId']}", "expr": expr})
+with open(sys.argv[1], "w") as f:
+    yaml.safe_dump({"groups": [{"name": "grafana-dashboard.json", "rules": rules}]}, f)
+print(f"INFO grafana-dashboard.json: {len(rules)} panel queries for promtool")
+PY
+promtool check rules "$panel_rules" || status=1
 
 if [[ $status -eq 0 ]]; then
   echo "OK: monitoring pack valid"
