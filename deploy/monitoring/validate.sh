@@ -8,7 +8,8 @@
 #     checks those too
 #   - grafana-dashboard.json against Grafana's dashboard schema (check_dashboard.py, with
 #     grafana-foundation-sdk from PyPI) and what provisioning needs; its panel queries
-#     parsed by promtool
+#     parsed by promtool; and the dashboard against @grafana/schema's TypeScript types
+#     (tsc, from npm)
 # promtool comes from Debian's `prometheus` package, installed when missing (as .ci/test
 # installs redis-server); PyYAML and grafana-foundation-sdk from PyPI when missing.
 # That every metric the rules and panels name exists in /metrics is tests/monitoring.rs.
@@ -102,6 +103,49 @@ with open(sys.argv[1], "w") as f:
 print(f"INFO grafana-dashboard.json: {len(rules)} panel queries for promtool")
 PY
 promtool check rules "$panel_rules" || status=1
+
+# And against the TypeScript types Grafana publishes for its dashboard JSON (@grafana/schema
+# from npm, compiled by tsc --strict): the dashboard becomes one object literal of type
+# Dashboard, so a misspelt or unknown field, a missing required one, or a value of the wrong
+# type or outside an enum is a compile error. Installed under target/ when missing; SKIP
+# without npm.
+npm_dir="${MONITORING_NPM_DIR:-../../target/monitoring-npm}"
+if command -v npm >/dev/null 2>&1; then
+  if [[ ! -x "$npm_dir/node_modules/.bin/tsc" || ! -d "$npm_dir/node_modules/@grafana/schema" ]]; then
+    echo "installing @grafana/schema and typescript under $npm_dir"
+    mkdir -p "$npm_dir"
+    npm install --prefix "$npm_dir" --silent --no-audit --no-fund --no-save \
+      @grafana/schema@13.2.3 typescript@5.9.3 || status=1
+  fi
+  {
+    cat <<'TS'
+import type { Dashboard } from '@grafana/schema';
+// JSON holds an enum's value, never a TypeScript enum member: the schema with each string
+// enum read as the union of its values.
+type Json<T> = T extends string
+  ? `${T}`
+  : T extends number | boolean | null | undefined
+    ? T
+    : T extends Array<infer U>
+      ? Array<Json<U>>
+      : T extends object
+        ? { [K in keyof T]: Json<T[K]> }
+        : T;
+TS
+    printf 'export const dashboard: Json<Dashboard> = '
+    cat grafana-dashboard.json
+    printf ';\n'
+  } >"$npm_dir/grafana-dashboard.ts"
+  if "$npm_dir/node_modules/.bin/tsc" --noEmit --strict --skipLibCheck --module esnext \
+    --moduleResolution bundler "$npm_dir/grafana-dashboard.ts"; then
+    echo "INFO grafana-dashboard.json is a Dashboard of @grafana/schema (tsc --strict)"
+  else
+    echo "ERROR grafana-dashboard.json does not fit @grafana/schema's Dashboard type (line numbers: $npm_dir/grafana-dashboard.ts)"
+    status=1
+  fi
+else
+  echo "SKIP npm not found: grafana-dashboard.json not checked against @grafana/schema"
+fi
 
 if [[ $status -eq 0 ]]; then
   echo "OK: monitoring pack valid"
