@@ -230,7 +230,9 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()
          \x20 # no key: 401 with a JSON error\n\
          \x20 curl -si '{base}/sessions/webinars/{event}/{session}'\n\n\
          \x20 # what the simulated Graph was asked\n\
-         \x20 curl -s 'http://{sim_addr}/_sim/stats'\n",
+         \x20 curl -s 'http://{sim_addr}/_sim/stats'\n\n\
+         \x20 # the status page is http://{admin_bound}/status in a browser; its numbers as JSON\n\
+         \x20 curl -s 'http://{admin_bound}/status.json'\n",
         event = sim::SEED_EVENT,
         session = sim::SEED_SESSION,
         th_event = sim::TOWNHALL_EVENT,
