@@ -145,7 +145,9 @@ impl Notifications {
         self.count("validation", 1);
     }
 
-    /// A notification body: parsed now (so garbage is refused), acted on later.
+    /// A notification body: parsed now (so garbage is refused) and its items' `clientState`
+    /// checked now (so that a sender without the secret can neither fill the queue nor
+    /// make this replica look its subscription up in the shared tier), acted on later.
     pub fn accept(&self, body: &[u8]) -> Answer {
         let batch: Batch = match serde_json::from_slice(body) {
             Ok(batch) => batch,
@@ -156,10 +158,21 @@ impl Notifications {
                 );
             }
         };
-        if batch.value.is_empty() {
+        let mut items = batch.value;
+        let offered = items.len();
+        items.retain(|item| self.client_state_matches(item.client_state.as_deref()));
+        let forged = offered - items.len();
+        if forged > 0 {
+            self.count("bad_client_state", forged as u64);
+            tracing::warn!(
+                items = forged,
+                "notification items with a wrong clientState; ignored"
+            );
+        }
+        if items.is_empty() {
             return Answer::Accepted;
         }
-        match self.queue.try_send(batch.value) {
+        match self.queue.try_send(items) {
             Ok(()) => Answer::Accepted,
             Err(_) => {
                 self.count("flooded", 1);
@@ -221,15 +234,15 @@ impl Notifications {
                 .resource
                 .as_deref()
                 .or(item.resource_data.as_ref().and_then(|d| d.id.as_deref()));
+            // Checked in `accept` already; kept here so that no other way in skips it.
+            if !self.client_state_matches(item.client_state.as_deref()) {
+                self.count("bad_client_state", 1);
+                continue;
+            }
             let Some(w) = self.owner(&item.subscription_id, resource, cache).await else {
                 self.count("unknown_subscription", 1);
                 continue;
             };
-            if !self.client_state_matches(item.client_state.as_deref()) {
-                self.count("bad_client_state", 1);
-                tracing::warn!(webinar = %w.id, "a notification for our subscription carried a wrong clientState; ignored");
-                continue;
-            }
             if let Some(event) = item.lifecycle_event.as_deref() {
                 self.count("lifecycle", 1);
                 self.lifecycle(&w, &item.subscription_id, event, cache)
