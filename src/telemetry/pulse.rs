@@ -3,7 +3,10 @@
 //! page wants "now": requests per second, the hit ratio and latency percentiles of the
 //! last minute, and a sparkline. A hit pays a few relaxed atomic additions here.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -53,9 +56,11 @@ pub const GRAPH_OUTCOMES: [&str; 7] = [
     "too_large",
 ];
 
-/// The `cache` labels of requests answered without asking Graph.
-const SERVED_FROM_CACHE: [&str; 6] = [
+/// The `cache` labels of requests answered without a Graph call of their own (as the
+/// monitoring pack's hit ratio counts them: `collapsed` waited on another request's call).
+const SERVED_FROM_CACHE: [&str; 7] = [
     "hit",
+    "collapsed",
     "stale_while_revalidate",
     "stale_if_error",
     "max_stale",
@@ -63,7 +68,7 @@ const SERVED_FROM_CACHE: [&str; 6] = [
     "graph_budget",
 ];
 /// The `cache` labels of requests Graph was asked for.
-const ASKED_GRAPH: [&str; 3] = ["miss", "collapsed", "revalidated"];
+const ASKED_GRAPH: [&str; 2] = ["miss", "revalidated"];
 
 /// Most callers counted by name; later names are counted under [`OTHER_CALLERS`].
 const MAX_CALLERS: usize = 1_000;
@@ -113,11 +118,11 @@ impl Default for CallerPulse {
 impl CallerPulse {
     fn add(&self, second: u64, rotation: &Mutex<()>) {
         let (epoch, count) = &self.slots[(second % RECENT) as usize];
-        if epoch.load(Relaxed) != second + 1 {
+        if epoch.load(Acquire) != second + 1 {
             let _turn = rotation.lock().unwrap_or_else(|e| e.into_inner());
-            if epoch.load(Relaxed) != second + 1 {
+            if epoch.load(Acquire) != second + 1 {
                 count.store(0, Relaxed);
-                epoch.store(second + 1, Relaxed);
+                epoch.store(second + 1, Release);
             }
         }
         count.fetch_add(1, Relaxed);
@@ -127,7 +132,7 @@ impl CallerPulse {
         self.slots
             .iter()
             .filter(|(epoch, _)| {
-                let e = epoch.load(Relaxed);
+                let e = epoch.load(Acquire);
                 e != 0 && e - 1 + RECENT > now && e - 1 <= now
             })
             .map(|(_, count)| count.load(Relaxed))
@@ -183,11 +188,13 @@ impl Pulse {
     fn second(&self) -> (u64, &Second) {
         let now = self.started.elapsed().as_secs();
         let slot = &self.seconds[(now % WINDOW) as usize];
-        if slot.epoch.load(Relaxed) != now + 1 {
+        // The epoch is published with Release after the clear, and read with Acquire, so
+        // an addition that sees the new second is never undone by its clear.
+        if slot.epoch.load(Acquire) != now + 1 {
             let _turn = self.rotation.lock().unwrap_or_else(|e| e.into_inner());
-            if slot.epoch.load(Relaxed) != now + 1 {
+            if slot.epoch.load(Acquire) != now + 1 {
                 slot.clear();
-                slot.epoch.store(now + 1, Relaxed);
+                slot.epoch.store(now + 1, Release);
             }
         }
         (now, slot)
@@ -245,7 +252,7 @@ impl Pulse {
     fn held(&self, from: u64, to: u64) -> impl Iterator<Item = &Second> {
         (from..=to).filter_map(move |s| {
             let slot = &self.seconds[(s % WINDOW) as usize];
-            (slot.epoch.load(Relaxed) == s + 1).then_some(slot)
+            (slot.epoch.load(Acquire) == s + 1).then_some(slot)
         })
     }
 
@@ -354,13 +361,14 @@ mod tests {
         }
         pulse.request("miss", false, 0.030, &bob);
         pulse.request("none", true, 0.001, &bob);
+        pulse.request("collapsed", false, 0.030, &bob);
         pulse.graph("ok");
         pulse.graph("throttled");
         pulse.graph("something new");
         let r = pulse.recent();
         assert_eq!(
             (r.requests, r.hits, r.misses, r.server_errors),
-            (10, 8, 1, 1)
+            (11, 9, 1, 1)
         );
         assert_eq!(r.graph, [1, 0, 1, 1, 0, 0, 0]);
         let p50 = r.p50.unwrap();
@@ -369,7 +377,7 @@ mod tests {
         assert!((0.02..=0.05).contains(&p99), "{p99}");
         assert_eq!(
             pulse.busiest(5),
-            vec![(Arc::from("alice"), 8), (Arc::from("bob"), 2)]
+            vec![(Arc::from("alice"), 8), (Arc::from("bob"), 3)]
         );
         assert_eq!(pulse.busiest(1).len(), 1);
         let line = pulse.sparkline(90);

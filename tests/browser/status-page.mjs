@@ -3,10 +3,12 @@
 //   node status-page.mjs <status url> <screenshot.png> [<gate state to wait for> <ms>]
 //
 // Loads the page and prints one JSON line ("loaded": what the page shows, console and page
-// errors so far). With a gate state, it then waits (the page reloads itself by its
-// <meta refresh>; nothing here reloads it) until #gate-state shows that state, and prints a
-// second line ("waited": how long it took, the page's values, every error seen).
+// errors so far). With a gate state, it then reads a line from stdin (the test closed the
+// gate), and from that moment waits (the page reloads itself by its <meta refresh>;
+// nothing here reloads it) until #gate-state shows that state, and prints a second line
+// ("waited": how long after the closure, the page's values, every error seen).
 import { chromium } from 'playwright-core';
+import { createInterface } from 'node:readline';
 
 const [url, screenshot, waitFor, withinMs] = process.argv.slice(2);
 const browser = await chromium.launch({
@@ -39,6 +41,9 @@ try {
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify({ step: 'loaded', status: response.status(), csp: response.headers()['content-security-policy'] ?? null, shows: first, errors }));
   if (waitFor) {
+    const input = createInterface({ input: process.stdin });
+    await new Promise((resolve) => input.once('line', resolve));
+    input.close();
     const started = Date.now();
     let seen = null;
     while (Date.now() - started < Number(withinMs)) {

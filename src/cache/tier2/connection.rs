@@ -106,7 +106,7 @@ impl Connection {
 
     fn failed(&self, op: &'static str, why: &str, timed_out: bool) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((std::time::SystemTime::now(), op, why.to_string()));
+            Some((std::time::SystemTime::now(), op, shown(why)));
         *self.pause_until.lock().unwrap_or_else(|e| e.into_inner()) =
             std::time::Instant::now().checked_add(self.retry_interval);
         self.metrics
@@ -207,6 +207,30 @@ impl Connection {
     }
 }
 
+/// An error text as the status page may show it: at most 200 characters, and any
+/// `scheme://user:password@` credentials in it replaced by `[redacted]`.
+fn shown(why: &str) -> String {
+    let text: String = why.chars().take(200).collect();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(scheme) = rest.find("://") {
+        let (head, tail) = rest.split_at(scheme + 3);
+        out.push_str(head);
+        let authority = tail
+            .find(|c: char| c == '/' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..authority].rfind('@') {
+            Some(at) => {
+                out.push_str("[redacted]");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// TCP keepalive and a user timeout, so a connection whose peer vanished (failover, NAT
 /// timeout) fails instead of waiting forever.
 fn tcp_settings(timeout: Duration) -> redis::io::tcp::TcpSettings {
@@ -223,4 +247,18 @@ fn tcp_settings(timeout: Duration) -> redis::io::tcp::TcpSettings {
     #[cfg(not(target_os = "linux"))]
     let _ = timeout;
     settings
+}
+
+#[cfg(test)]
+mod shown_tests {
+    #[test]
+    fn credentials_are_redacted_and_texts_bounded() {
+        assert_eq!(
+            super::shown("connect to rediss://default:s3cret@cache:6380/0 failed"),
+            "connect to rediss://[redacted]@cache:6380/0 failed"
+        );
+        assert_eq!(super::shown("timed out"), "timed out");
+        assert_eq!(super::shown("redis://host:6379"), "redis://host:6379");
+        assert_eq!(super::shown(&"x".repeat(500)).len(), 200);
+    }
 }

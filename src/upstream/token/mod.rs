@@ -90,7 +90,7 @@ pub struct TokenProvider {
     serial: AtomicU64,
     metrics: Arc<Metrics>,
     /// The last failed token request (when, the caller-safe text, the AADSTS code), kept
-    /// until a later success, for the status page.
+    /// after later successes too (a flapping refresh stays visible), for the status page.
     last_error: std::sync::Mutex<Option<TokenTrouble>>,
 }
 
@@ -255,7 +255,6 @@ impl TokenProvider {
             Ok(token) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
                 self.failed.forget();
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 Ok(token)
             }
             Err(e) => {
@@ -292,7 +291,7 @@ impl TokenProvider {
         }
     }
 
-    /// The token in use and the last failure since the last success.
+    /// The token in use and the last failure (the token's age tells whether it came after).
     pub fn state(&self) -> TokenState {
         let now = self.clock.now();
         let current = self.current();
