@@ -88,6 +88,7 @@ async fn answer<B>(state: &AppState, req: &Request<B>, request_id: &str) -> Resp
             }
         }
         (&Method::GET, "/metrics") => metrics(state),
+        (_, "/openapi.json") => crate::http::openapi::answer(method, request_id),
         (&Method::DELETE, p) if p == "/cache" || p.starts_with("/cache/") => {
             if !authorized(state, req.headers()) {
                 let mut r = error_response(
