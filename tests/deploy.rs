@@ -389,7 +389,13 @@ fn dockerfile_matches_the_manifests() {
     assert!(instructions
         .iter()
         .any(|l| l.contains("cargo build --release --locked")));
-    for dir in ["Cargo.toml Cargo.lock", "src", "benches", "config"] {
+    for dir in [
+        "Cargo.toml Cargo.lock",
+        "src",
+        "benches",
+        "config",
+        "docs/openapi.yaml",
+    ] {
         assert!(
             instructions
                 .iter()

@@ -89,7 +89,8 @@ async fn answer<B>(state: &AppState, req: &Request<B>, request_id: &str) -> Resp
                 )
             }
         }
-        (&Method::GET, "/metrics") => metrics(state),
+        (&Method::GET | &Method::HEAD, "/metrics") => metrics(state),
+        (_, "/openapi.json") => crate::http::openapi::answer(method, request_id),
         (&Method::GET | &Method::HEAD, "/status" | "/status.json") => {
             if !page_authorized(state, req.headers()) {
                 return unauthorized(
@@ -113,6 +114,18 @@ async fn answer<B>(state: &AppState, req: &Request<B>, request_id: &str) -> Resp
                 );
             }
             purge(state, p, request_id).await
+        }
+        // Purges are DELETE only: anything else on their paths is a 405, not a 404.
+        (_, p) if p == "/cache" || p.starts_with("/cache/") => {
+            let mut r = error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "methodNotAllowed",
+                "purges take DELETE only",
+                request_id,
+            );
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("DELETE"));
+            r
         }
         (_, "/healthz" | "/readyz" | "/metrics" | "/status" | "/status.json") => {
             let mut r = error_response(

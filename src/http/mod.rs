@@ -7,6 +7,7 @@ pub mod error;
 pub mod handler;
 pub mod limits;
 mod notifications;
+pub mod openapi;
 pub mod routes;
 pub mod status;
 #[cfg(test)]

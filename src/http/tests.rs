@@ -474,3 +474,5 @@ async fn overloaded_and_draining() {
 
 /// The limit phase: request rates and Graph budgets.
 mod limits;
+/// `GET /openapi.json` on the admin listener.
+mod openapi;
