@@ -97,6 +97,15 @@ async fn a_closed_gate_and_a_refused_token_show() {
     assert!((58..=60).contains(&left), "{left}");
     assert!(s["gate"]["until"].as_str().unwrap().ends_with('Z'));
     assert!(s["gate"]["reason"].as_str().unwrap().contains("429"));
+    let closure = &s["gate"]["last_closure"];
+    assert!(
+        closure["why"]
+            .as_str()
+            .unwrap()
+            .contains("asked to wait 60s"),
+        "{closure}"
+    );
+    assert!(closure["at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(s["graph"]["outcomes"]["throttled"], 1);
     assert_eq!(s["requests"]["server_errors"], 1);
 }

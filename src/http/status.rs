@@ -57,9 +57,7 @@ pub fn snapshot(state: &AppState) -> Value {
     };
     let now = state.cache.now();
     let wall = SystemTime::now();
-    let gate = state.cache.gate();
-    let gate_state = gate.describe(now);
-    let closed = gate.closed_for(now);
+    let gate = state.cache.gate().view(now);
     let (entries, bytes) = state.cache.usage();
     let shared = state.cache.shared().map(|shared| {
         json!({
@@ -105,17 +103,19 @@ pub fn snapshot(state: &AppState) -> Value {
             })),
         },
         "gate": {
-            "state": gate_state,
-            "closed_for_seconds": closed.map(|(left, _)| left.as_secs_f64().ceil() as u64),
-            "until": closed.map(|(left, _)| rfc3339(wall + left)),
-            "reason": match (gate_state, closed) {
-                (_, Some((_, true))) | ("throttled", _) =>
-                    Some("Graph answered 429 (or 503 with Retry-After): waiting as it asked"),
-                (_, Some((_, false))) | ("circuit_open", _) =>
-                    Some("Graph kept failing (graph.circuit_failures in a row): cooling down"),
-                ("probing", _) => Some("one probe call is testing whether Graph answers again"),
-                _ => None,
-            },
+            "state": gate.state,
+            "closed_for_seconds": gate.closed_for.map(|left| left.as_secs_f64().ceil() as u64),
+            "until": gate.closed_for.map(|left| rfc3339(wall + left)),
+            "reason": gate.closed_for.map(|_| if gate.throttled {
+                "Graph answered 429 (or 503 with Retry-After): waiting as it asked"
+            } else {
+                "Graph kept failing (graph.circuit_failures in a row): cooling down"
+            }).or((gate.state == "probing").then_some(
+                "one probe call is testing whether Graph answers again",
+            )),
+            "last_closure": gate.last_closure.map(|(ago, why)| json!({
+                "at": rfc3339(wall - ago), "why": why,
+            })),
         },
         "shared": shared,
         "cache": {
@@ -330,7 +330,7 @@ pub fn html(state: &AppState) -> Response<Full<Bytes>> {
         page,
         "<section id=\"gate\"><h2>Graph gate</h2><dl>\
 <dt>State</dt><dd id=\"gate-state\" class=\"{gate_class}\">{}</dd>\
-<dt>Closed until</dt><dd id=\"gate-until\">{}</dd><dt>Why</dt><dd>{}</dd></dl></section>",
+<dt>Closed until</dt><dd id=\"gate-until\">{}</dd><dt>Why</dt><dd>{}</dd><dt>Last closed</dt><dd id=\"gate-last\">{}</dd></dl></section>",
         text(&gate["state"]),
         match gate["until"].as_str() {
             Some(until) => format!(
@@ -341,6 +341,14 @@ pub fn html(state: &AppState) -> Response<Full<Bytes>> {
             None => "—".to_string(),
         },
         text(&gate["reason"]),
+        match gate["last_closure"].as_object() {
+            None => "never".to_string(),
+            Some(c) => format!(
+                "{}: {}",
+                c.get("at").map_or_else(|| "—".to_string(), text),
+                c.get("why").map_or_else(|| "—".to_string(), text),
+            ),
+        },
     );
 
     let shared = &s["shared"];

@@ -65,6 +65,21 @@ pub struct Gate {
     /// Bumped whenever a report closes (or extends) the gate, so the closure can be
     /// published to other replicas at once.
     closures: tokio::sync::watch::Sender<u64>,
+    /// When and why the gate last closed, for the status page (written under `state`).
+    last_closure: Mutex<Option<(Instant, String)>>,
+}
+
+/// The gate as the status page shows it, read under one lock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateView {
+    /// As [`Gate::describe`].
+    pub state: &'static str,
+    /// Time left while closed.
+    pub closed_for: Option<Duration>,
+    /// Whether a throttle (not the circuit) closed it.
+    pub throttled: bool,
+    /// How long ago and why it last closed.
+    pub last_closure: Option<(Duration, String)>,
 }
 
 impl Gate {
@@ -77,6 +92,7 @@ impl Gate {
             cooldown,
             probe_timeout,
             closures: tokio::sync::watch::Sender::new(0),
+            last_closure: Mutex::new(None),
         }
     }
 
@@ -169,6 +185,19 @@ impl Gate {
             (Report::Failed, State::Closed { .. }) => return,
         };
         let closed = matches!(next, State::Closed { .. });
+        if closed {
+            let why = match report {
+                Report::Throttled(wait) => format!(
+                    "Graph throttled (429, or 503 with Retry-After) and asked to wait {}",
+                    crate::telemetry::Wait(wait)
+                ),
+                _ => format!(
+                    "Graph kept failing (5xx, timeouts, connection errors): circuit open for {}",
+                    crate::telemetry::Wait(self.cooldown)
+                ),
+            };
+            self.note_closure(now, why);
+        }
         *state = next;
         drop(state);
         if closed {
@@ -180,6 +209,20 @@ impl Gate {
     /// (through the shared tier). A probe in flight here is left to report.
     pub fn close_for(&self, now: Instant, wait: Duration, throttled: bool) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*state, State::Probing { .. }) {
+            self.note_closure(
+                now,
+                format!(
+                    "another replica saw Graph {} (shared tier): closed for {}",
+                    if throttled {
+                        "throttle"
+                    } else {
+                        "keep failing"
+                    },
+                    crate::telemetry::Wait(wait)
+                ),
+            );
+        }
         *state = match *state {
             State::Open { .. } => State::Closed {
                 until: now + wait,
@@ -194,6 +237,41 @@ impl Gate {
             },
             probing @ State::Probing { .. } => probing,
         };
+    }
+
+    fn note_closure(&self, now: Instant, why: String) {
+        *self.last_closure.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, why));
+    }
+
+    /// State, time left and the last closure, consistent with each other.
+    pub fn view(&self, now: Instant) -> GateView {
+        let state = *self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let last_closure = self
+            .last_closure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(at, why)| (now.saturating_duration_since(*at), why.clone()));
+        let (name, closed_for, throttled) = match state {
+            State::Open { .. } => ("open", None, false),
+            State::Probing { throttled, .. } => ("probing", None, throttled),
+            State::Closed { until, throttled } if now >= until => ("probing", None, throttled),
+            State::Closed { until, throttled } => (
+                if throttled {
+                    "throttled"
+                } else {
+                    "circuit_open"
+                },
+                Some(until - now),
+                throttled,
+            ),
+        };
+        GateView {
+            state: name,
+            closed_for,
+            throttled,
+            last_closure,
+        }
     }
 
     /// Time left and whether throttled, while the gate is closed.
@@ -226,6 +304,30 @@ mod tests {
 
     fn gate() -> Gate {
         Gate::new(3, Duration::from_secs(30), Duration::from_secs(10))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_view_says_when_and_why_the_gate_closed() {
+        let g = gate();
+        let t0 = Instant::now();
+        assert_eq!(g.view(t0).state, "open");
+        assert_eq!(g.view(t0).last_closure, None);
+        g.report(t0, Report::Throttled(Duration::from_secs(60)));
+        let v = g.view(t0 + Duration::from_secs(10));
+        assert_eq!(v.state, "throttled");
+        assert_eq!(v.closed_for, Some(Duration::from_secs(50)));
+        let (ago, why) = v.last_closure.unwrap();
+        assert_eq!(ago, Duration::from_secs(10));
+        assert!(why.contains("asked to wait 60s"), "{why}");
+        let later = g.view(t0 + Duration::from_secs(61));
+        assert_eq!((later.state, later.closed_for), ("probing", None));
+        let g = gate();
+        for _ in 0..3 {
+            g.report(t0, Report::Failed);
+        }
+        let v = g.view(t0);
+        assert_eq!(v.state, "circuit_open");
+        assert!(v.last_closure.unwrap().1.contains("circuit open for 30s"));
     }
 
     #[tokio::test(start_paused = true)]
