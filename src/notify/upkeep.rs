@@ -70,8 +70,10 @@ impl Notifications {
             .iter()
             .filter(|w| {
                 let phase = w.sub().phase;
+                // A create in flight holds a slot whatever phase it started from.
                 phase == Phase::Active
-                    || (phase == Phase::Pending && w.busy.load(Ordering::Acquire))
+                    || (matches!(phase, Phase::Pending | Phase::Failed | Phase::Capped)
+                        && w.busy.load(Ordering::Acquire))
             })
             .count();
         let real_now = tokio::time::Instant::now();
