@@ -90,7 +90,7 @@ async fn answer<B>(state: &AppState, req: &Request<B>, request_id: &str) -> Resp
             }
         }
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(state),
-        (_, "/openapi.json") => crate::http::openapi::answer(method, request_id),
+        (&Method::GET | &Method::HEAD, "/openapi.json") => crate::http::openapi::answer(request_id),
         (&Method::GET | &Method::HEAD, "/status" | "/status.json") => {
             if !page_authorized(state, req.headers()) {
                 return unauthorized(
@@ -127,7 +127,7 @@ async fn answer<B>(state: &AppState, req: &Request<B>, request_id: &str) -> Resp
                 .insert(ALLOW, HeaderValue::from_static("DELETE"));
             r
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/status" | "/status.json") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/status" | "/status.json" | "/openapi.json") => {
             let mut r = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "methodNotAllowed",

@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
-use http::{Method, Response, StatusCode};
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
 use http_body_util::Full;
 
 use crate::http::error::error_response;
@@ -23,19 +23,8 @@ static JSON: LazyLock<Result<Bytes, String>> = LazyLock::new(|| {
         .map_err(|e| e.to_string())
 });
 
-/// The answer to `method /openapi.json`: the document for GET and HEAD, else 405.
-pub fn answer(method: &Method, request_id: &str) -> Response<Full<Bytes>> {
-    if method != Method::GET && method != Method::HEAD {
-        let mut r = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "methodNotAllowed",
-            "only GET and HEAD",
-            request_id,
-        );
-        r.headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return r;
-    }
+/// The answer to `GET /openapi.json` (other methods are the admin router's 405).
+pub fn answer(request_id: &str) -> Response<Full<Bytes>> {
     match &*JSON {
         Ok(json) => {
             let mut r = Response::new(Full::new(json.clone()));
