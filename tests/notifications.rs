@@ -594,3 +594,31 @@ async fn a_lapsed_subscription_puts_pushed_entries_back_on_cache_ttl() {
     assert!(!status.contains("detail=push"), "{status}");
     assert!(!status.starts_with("graph-session-proxy; hit"), "{status}");
 }
+
+#[tokio::test]
+async fn a_subscription_granted_less_than_renew_before_is_renewed_halfway_not_on_every_tick() {
+    let h = harness().await;
+    // Graph grants 30 minutes, whatever the proxy asks (23 h); renew_before is 2 h.
+    h.faults(Faults {
+        subscription_granted_secs: Some(1800),
+        ..Faults::default()
+    });
+    let sub = subscribed(&h).await;
+    assert!(expires(&sub) <= h.clock.wall() + Duration::from_secs(1800));
+    // The upkeep loop looks every 250 ms: two seconds are eight looks, none a renewal.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.stats().subscriptions_renewed, 0, "{:?}", h.stats());
+    // Halfway through the 30 minutes: renewed once (for another 30).
+    h.clock.advance(Duration::from_secs(15 * 60 + 1));
+    assert_eq!(h.get(&h.seed_url()).await.status(), 200);
+    until("the renewal halfway", || {
+        h.stats().subscriptions_renewed == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.stats().subscriptions_renewed, 1, "{:?}", h.stats());
+    let renewed = subscriptions(&h).remove(0);
+    assert_eq!(renewed["id"], sub["id"]);
+    assert!(expires(&renewed) > h.clock.wall() + Duration::from_secs(1700));
+    assert_eq!(h.stats().subscriptions_created, 1);
+}

@@ -192,6 +192,23 @@ impl Notifications {
             .increment(1);
     }
 
+    /// After Graph granted a subscription until `expires_ms`: when it may next be renewed.
+    /// Normally `renew_before` its end (no wait: 0); when Graph granted less than
+    /// `renew_before`, halfway through what it granted, not on every tick.
+    fn next_renewal(&self, w: &Webinar, expires_ms: u64) -> u64 {
+        let now = self.clock.wall_ms();
+        let left = expires_ms.saturating_sub(now);
+        if left > self.settings.renew_before.as_millis() as u64 {
+            return 0;
+        }
+        tracing::debug!(
+            webinar = %w.id,
+            granted = %humantime::format_duration(Duration::from_millis(left)),
+            "Graph granted the subscription less than notifications.renew_before; renewing it halfway through"
+        );
+        now.saturating_add(left / 2)
+    }
+
     /// A failed step: backoff, and a log line once per incident.
     fn failed(&self, w: &Webinar, op: &'static str, e: &SubscriptionError, phase: Option<Phase>) {
         let now = self.clock.wall_ms();
@@ -261,12 +278,14 @@ impl Notifications {
                         .await;
                 }
                 tracing::info!(webinar = %w.id, subscription = %sub.id, expires = %humantime::format_rfc3339_seconds(sub.expires), "subscribed to the webinar's session changes");
+                let retry_ms = self.next_renewal(w, expires_ms);
                 let mut s = w.sub();
                 s.phase = Phase::Active;
                 s.id = Some(sub.id);
                 s.expires_ms = expires_ms;
                 s.failures = 0;
                 s.logged = false;
+                s.retry_ms = retry_ms;
                 s.claim_at = tokio::time::Instant::now() + CLAIM_EVERY;
             }
             Err(e) => {
@@ -296,11 +315,12 @@ impl Notifications {
                         .await;
                 }
                 tracing::debug!(webinar = %w.id, subscription = %id, "renewed the change notification subscription");
+                let retry_ms = self.next_renewal(w, expires_ms);
                 let mut s = w.sub();
                 s.expires_ms = expires_ms;
                 s.failures = 0;
                 s.logged = false;
-                s.retry_ms = 0;
+                s.retry_ms = retry_ms;
             }
             Err(e) if e.is_gone() => {
                 self.called("renew", Err(&e));

@@ -149,6 +149,9 @@ pub struct Faults {
     pub subscription_status: Option<u16>,
     /// ...this many times (absent: until cleared).
     pub subscription_status_count: Option<u32>,
+    /// Subscriptions are created and renewed until at most this many seconds from now,
+    /// whatever was asked (the answer's `expirationDateTime` says until when).
+    pub subscription_granted_secs: Option<u64>,
 }
 
 /// Counts of what the simulator was asked.

@@ -267,7 +267,10 @@ impl Simulator {
                 "Subscription expiration can only be 1440 minutes in the future.",
             ));
         }
-        Ok(at)
+        match lock(&self.state.faults).subscription_granted_secs {
+            Some(granted) => Ok(at.min(now + Duration::from_secs(granted))),
+            None => Ok(at),
+        }
     }
 
     /// The `subscription_status` fault, consumed under the lock like `graph_status`.
