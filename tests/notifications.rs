@@ -622,3 +622,60 @@ async fn a_subscription_granted_less_than_renew_before_is_renewed_halfway_not_on
     assert!(expires(&renewed) > h.clock.wall() + Duration::from_secs(1700));
     assert_eq!(h.stats().subscriptions_created, 1);
 }
+
+#[tokio::test]
+async fn a_subscription_record_lost_with_redis_is_written_again_not_made_twice() {
+    let mut redis = RedisServer::start();
+    let redis_url = redis.url();
+    let h = Harness::with_addr(
+        move |s, addr| {
+            notifications_at(s, addr);
+            s.cache.shared = Some(SharedSettings {
+                redis_url: Some(redis_url.into()),
+                retry_interval: Duration::from_millis(200),
+                timeout: Duration::from_secs(2),
+                ..SharedSettings::default()
+            });
+        },
+        SimConfig::default(),
+    )
+    .await;
+    let b = h.another_instance().await;
+    let sub = subscribed(&h).await;
+    body_of(&h, &b.url("webinars", SEED_EVENT, SEED_SESSION)).await;
+    let record = format!("gsp:sub:{SEED_EVENT}");
+    let id_in_redis = |redis: &RedisServer| -> Option<String> {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        redis::cmd("HGET")
+            .arg(&record)
+            .arg("id")
+            .query(&mut conn)
+            .unwrap()
+    };
+    assert_eq!(id_in_redis(&redis).as_deref(), sub["id"].as_str());
+    // Redis restarts empty (no persistence): the record is gone, the subscription lives.
+    redis.stop();
+    redis.resume();
+    assert_eq!(id_in_redis(&redis), None);
+    // Within a few claims (every 5 s), a replica that knows the subscription records it.
+    for _ in 0..150 {
+        if id_in_redis(&redis).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(id_in_redis(&redis).as_deref(), sub["id"].as_str());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = h.stats();
+    assert_eq!(subscription_posts(&h), 1, "no second create: {stats:?}");
+    assert_eq!(stats.subscription_refusals, 0, "{stats:?}");
+    // And it is renewed when due, the same one.
+    h.clock.advance(Duration::from_secs(21 * 3600 + 60));
+    assert_eq!(h.get(&h.seed_url()).await.status(), 200);
+    until("the renewal", || h.stats().subscriptions_renewed >= 1).await;
+    let subs = subscriptions(&h);
+    assert_eq!(subs.len(), 1);
+    assert_eq!(subs[0]["id"], sub["id"]);
+    assert!(expires(&subs[0]) > h.clock.wall() + Duration::from_secs(20 * 3600));
+}

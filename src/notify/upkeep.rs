@@ -293,7 +293,7 @@ impl Notifications {
                 self.failed(w, "create", &e, Some(Phase::Failed));
                 if let Some(shared) = &self.shared {
                     // Let another replica try (its own validation may work).
-                    shared.release_subscription(&w.id).await;
+                    shared.release_subscription(&w.id, LEASE).await;
                 }
                 let _ = cache;
             }
@@ -348,12 +348,21 @@ impl Notifications {
             w.sub().claim_at = next;
             return;
         };
-        let (phase, local_id) = {
+        let (phase, local_id, local_expires) = {
             let s = w.sub();
-            (s.phase, s.id.clone())
+            (s.phase, s.id.clone(), s.expires_ms)
         };
         let live = claim.id.is_some() && claim.expires_ms > now;
-        if claim.ours && !live {
+        if let (true, Some(id), true) = (claim.fresh, &local_id, local_expires > now) {
+            // The record is gone (Redis restarted or evicted it) while the subscription this
+            // replica knows lives on at Graph, which refuses a second one (409) until it
+            // lapses: recorded again, ours to renew.
+            shared
+                .record_subscription(&w.id, id, local_expires, now)
+                .await;
+            tracing::info!(webinar = %w.id, subscription = %id, "the shared tier had lost the webinar's subscription record; recorded it again");
+            w.sub().phase = Phase::Active;
+        } else if claim.ours && !live {
             // Removed (another replica was told), or the old holder's lapsed: make a new one.
             self.not_live(w, cache, Phase::Pending);
             self.wake.notify_one();
@@ -393,7 +402,7 @@ impl Notifications {
                 }
             }
             if let Some(shared) = &self.shared {
-                shared.release_subscription(&w.id).await;
+                shared.release_subscription(&w.id, LEASE).await;
             }
         }
     }

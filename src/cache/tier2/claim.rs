@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use crate::cache::tier2::{SharedTier, Unavailable};
 
-/// Takes or extends the lease (when nobody else holds a live one) and returns the record.
+/// Takes or extends the lease (when nobody else holds a live one) and returns the record:
+/// `other`, `ours`, or `new` (ours, and no subscription was ever recorded: none made yet,
+/// or the record lost with Redis's data; a forgotten or released one is recorded as `''`).
 /// KEYS[1] record; ARGV: me, now_ms, lease_until_ms, lease_ms.
 const CLAIM: &str = r#"
 local holder = redis.call('HGET', KEYS[1], 'holder')
@@ -24,7 +26,8 @@ redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'lease_until', ARGV[3])
 local keep = (tonumber(redis.call('HGET', KEYS[1], 'expires_ms') or '0') or 0) - tonumber(ARGV[2])
 if keep < tonumber(ARGV[4]) then keep = tonumber(ARGV[4]) end
 redis.call('PEXPIRE', KEYS[1], math.floor(keep))
-return record('ours')
+if redis.call('HEXISTS', KEYS[1], 'id') == 1 then return record('ours') end
+return record('new')
 "#;
 
 /// The holder writes the subscription it created or renewed. KEYS[1] record;
@@ -44,10 +47,14 @@ redis.call('HSET', KEYS[1], 'id', '', 'expires_ms', '0')
 return 1
 "#;
 
-/// Deletes the record if we hold it (the webinar was unsubscribed). KEYS[1]; ARGV: me.
+/// Gives up the lease if we hold it (the webinar was unsubscribed, or our create failed):
+/// no holder and no subscription, kept for a lease so that a replica that knew the old id
+/// does not take it for a record Redis lost. KEYS[1]; ARGV: me, lease_ms.
 const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
-return redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'holder', '', 'lease_until', '0', 'id', '', 'expires_ms', '0')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 "#;
 
 /// What the record says.
@@ -55,6 +62,9 @@ return redis.call('DEL', KEYS[1])
 pub struct Claim {
     /// This replica holds the lease (and must create or renew the subscription).
     pub ours: bool,
+    /// There was no record before this claim (it is ours): a subscription this replica
+    /// knows of may still be live at Graph, its record lost (Redis restarted or evicted it).
+    pub fresh: bool,
     /// The subscription's id, if one was recorded.
     pub id: Option<String>,
     /// When it expires (ms since the Unix epoch; 0 when none).
@@ -88,7 +98,8 @@ impl SharedTier {
             .run("claim", invocation.invoke_async(&mut conn))
             .await?;
         Ok(Claim {
-            ours: state == "ours",
+            ours: state == "ours" || state == "new",
+            fresh: state == "new",
             id: (!id.is_empty()).then_some(id),
             expires_ms: expires.parse().unwrap_or(0),
         })
@@ -134,12 +145,15 @@ impl SharedTier {
         )
     }
 
-    /// Deletes the webinar's record if this replica holds it.
-    pub async fn release_subscription(&self, webinar: &str) {
+    /// Gives up the webinar's lease and subscription if this replica holds them (the
+    /// record says so for `lease`, then goes).
+    pub async fn release_subscription(&self, webinar: &str, lease: Duration) {
         let mut conn = self.link.conn();
         let script = redis::Script::new(RELEASE);
         let mut invocation = script.key(self.claim_key(webinar));
-        invocation.arg(&self.instance);
+        invocation
+            .arg(&self.instance)
+            .arg(lease.as_millis().max(1) as u64);
         let _ = self
             .link
             .run("claim", invocation.invoke_async::<i64>(&mut conn))
