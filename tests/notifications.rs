@@ -26,6 +26,25 @@ async fn harness() -> Harness {
     Harness::with_addr(notifications_at, SimConfig::default()).await
 }
 
+/// A proxy with notifications and a shared tier in `redis` (`another_instance()` shares both).
+async fn shared_harness(redis: &RedisServer) -> Harness {
+    let redis_url = redis.url();
+    let h = Harness::with_addr(
+        move |s, addr| {
+            notifications_at(s, addr);
+            s.cache.shared = Some(SharedSettings {
+                redis_url: Some(redis_url.into()),
+                retry_interval: Duration::from_millis(200),
+                timeout: Duration::from_secs(2),
+                ..SharedSettings::default()
+            });
+        },
+        SimConfig::default(),
+    )
+    .await;
+    h
+}
+
 /// Waits (real time, up to 5 s) for `check` to hold.
 async fn until(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..500 {
@@ -387,20 +406,7 @@ async fn town_halls_are_polled_without_a_subscription() {
 #[tokio::test]
 async fn two_replicas_share_one_subscription_and_a_notification_to_either_refreshes_both() {
     let redis = RedisServer::start();
-    let redis_url = redis.url();
-    let h = Harness::with_addr(
-        move |s, addr| {
-            notifications_at(s, addr);
-            s.cache.shared = Some(SharedSettings {
-                redis_url: Some(redis_url.into()),
-                retry_interval: Duration::from_millis(200),
-                timeout: Duration::from_secs(2),
-                ..SharedSettings::default()
-            });
-        },
-        SimConfig::default(),
-    )
-    .await;
+    let h = shared_harness(&redis).await;
     let b = h.another_instance().await;
     let sub = subscribed(&h).await;
     let on_b = b.url("webinars", SEED_EVENT, SEED_SESSION);
@@ -626,20 +632,7 @@ async fn a_subscription_granted_less_than_renew_before_is_renewed_halfway_not_on
 #[tokio::test]
 async fn a_subscription_record_lost_with_redis_is_written_again_not_made_twice() {
     let mut redis = RedisServer::start();
-    let redis_url = redis.url();
-    let h = Harness::with_addr(
-        move |s, addr| {
-            notifications_at(s, addr);
-            s.cache.shared = Some(SharedSettings {
-                redis_url: Some(redis_url.into()),
-                retry_interval: Duration::from_millis(200),
-                timeout: Duration::from_secs(2),
-                ..SharedSettings::default()
-            });
-        },
-        SimConfig::default(),
-    )
-    .await;
+    let h = shared_harness(&redis).await;
     let b = h.another_instance().await;
     let sub = subscribed(&h).await;
     body_of(&h, &b.url("webinars", SEED_EVENT, SEED_SESSION)).await;
