@@ -41,7 +41,7 @@ fn ratio(part: u64, whole: u64) -> Option<f64> {
 pub fn snapshot(state: &AppState) -> Value {
     let pulse = state.metrics.pulse();
     let recent = pulse.recent();
-    let per_second = |n: u64| n as f64 / recent.seconds as f64;
+    let per_second = |n: u64| n as f64 / recent.span;
     let graph_total: u64 = recent.graph.iter().sum();
     let outcomes: serde_json::Map<String, Value> = GRAPH_OUTCOMES
         .iter()

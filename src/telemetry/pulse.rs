@@ -159,6 +159,9 @@ impl Default for Pulse {
 pub struct Recent {
     /// Seconds covered (less than [`RECENT`] just after start).
     pub seconds: u64,
+    /// The time those seconds span to this instant (the current second is partial), at
+    /// least one second: what rates divide by.
+    pub span: f64,
     pub requests: u64,
     pub hits: u64,
     pub misses: u64,
@@ -258,10 +261,12 @@ impl Pulse {
 
     /// The last [`RECENT`] seconds.
     pub fn recent(&self) -> Recent {
-        let now = self.started.elapsed().as_secs();
+        let elapsed = self.started.elapsed();
+        let now = elapsed.as_secs();
         let from = now.saturating_sub(RECENT - 1);
         let mut r = Recent {
             seconds: now - from + 1,
+            span: (elapsed.as_secs_f64() - from as f64).max(1.0),
             requests: 0,
             hits: 0,
             misses: 0,
@@ -383,6 +388,22 @@ mod tests {
         let line = pulse.sparkline(90);
         assert_eq!(line.len(), 90);
         assert!(line[89] > 0.0 && line[..89].iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn rates_divide_by_the_time_spanned_not_by_whole_seconds() {
+        let mut pulse = Pulse::new();
+        // 90.5 s after start: the last minute is seconds 31..=90, of which 90 is half gone.
+        let Some(started) = Instant::now().checked_sub(std::time::Duration::from_millis(90_500))
+        else {
+            return; // a machine up for less than 90 s
+        };
+        pulse.started = started;
+        let r = pulse.recent();
+        assert_eq!(r.seconds, 60);
+        assert!((59.45..59.9).contains(&r.span), "{}", r.span);
+        // Just after start: at least a second.
+        assert_eq!(Pulse::new().recent().span, 1.0);
     }
 
     #[test]
