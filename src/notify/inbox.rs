@@ -208,7 +208,7 @@ impl Notifications {
         let (webinar, _) = parse_resource(resource?)?;
         let w = self.webinar(webinar)?;
         let claim = shared
-            .claim_subscription(&w.id, self.clock.wall_ms(), super::upkeep::LEASE)
+            .read_subscription(&w.id, self.clock.wall_ms())
             .await
             .ok()?;
         let _ = cache;

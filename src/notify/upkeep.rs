@@ -272,9 +272,18 @@ impl Notifications {
             Ok(sub) => {
                 self.called("create", Ok(()));
                 let expires_ms = ms(sub.expires);
+                // Not recorded: another replica took the lease of a record Redis lost
+                // meanwhile; claimed again at once, to record it when that lease is given up.
+                let mut recorded = true;
                 if let Some(shared) = &self.shared {
-                    shared
-                        .record_subscription(&w.id, &sub.id, expires_ms, self.clock.wall_ms())
+                    recorded = shared
+                        .record_subscription(
+                            &w.id,
+                            &sub.id,
+                            expires_ms,
+                            self.clock.wall_ms(),
+                            LEASE,
+                        )
                         .await;
                 }
                 tracing::info!(webinar = %w.id, subscription = %sub.id, expires = %humantime::format_rfc3339_seconds(sub.expires), "subscribed to the webinar's session changes");
@@ -286,7 +295,12 @@ impl Notifications {
                 s.failures = 0;
                 s.logged = false;
                 s.retry_ms = retry_ms;
-                s.claim_at = tokio::time::Instant::now() + CLAIM_EVERY;
+                s.claim_at = tokio::time::Instant::now()
+                    + if recorded {
+                        CLAIM_EVERY
+                    } else {
+                        Duration::ZERO
+                    };
             }
             Err(e) => {
                 self.called("create", Err(&e));
@@ -311,7 +325,7 @@ impl Notifications {
                 let expires_ms = ms(sub.expires);
                 if let Some(shared) = &self.shared {
                     shared
-                        .record_subscription(&w.id, &id, expires_ms, self.clock.wall_ms())
+                        .record_subscription(&w.id, &id, expires_ms, self.clock.wall_ms(), LEASE)
                         .await;
                 }
                 tracing::debug!(webinar = %w.id, subscription = %id, "renewed the change notification subscription");
@@ -358,10 +372,15 @@ impl Notifications {
             // replica knows lives on at Graph, which refuses a second one (409) until it
             // lapses: recorded again, ours to renew.
             shared
-                .record_subscription(&w.id, id, local_expires, now)
+                .record_subscription(&w.id, id, local_expires, now, LEASE)
                 .await;
             tracing::info!(webinar = %w.id, subscription = %id, "the shared tier had lost the webinar's subscription record; recorded it again");
             w.sub().phase = Phase::Active;
+            w.sub().claim_at = tokio::time::Instant::now() + CLAIM_EVERY;
+            // Renewed at once: what this replica knew may be out of date (Graph removed or
+            // another replica deleted it meanwhile); a 404 makes a new one.
+            self.renew(w, cache).await;
+            return;
         } else if claim.ours && !live {
             // Removed (another replica was told), or the old holder's lapsed: make a new one.
             self.not_live(w, cache, Phase::Pending);

@@ -3,7 +3,10 @@
 //! one replica at a time under a lease it extends while it runs. The holder creates and
 //! renews the subscription and writes its id; every replica reads the id from here to
 //! accept the notifications that reach it. A replica that finds the lease lapsed (its
-//! holder died) takes over the subscription as it stands.
+//! holder died) takes over the subscription as it stands. A record without an `id` field
+//! has none recorded yet, or was lost with Redis's data (claimed as `new`: a replica that
+//! knows a live subscription records it again); one recorded as none is `id = ''`
+//! (Graph removed it, or it was released after an unsubscribe).
 
 use std::time::Duration;
 
@@ -30,10 +33,13 @@ if redis.call('HEXISTS', KEYS[1], 'id') == 1 then return record('ours') end
 return record('new')
 "#;
 
-/// The holder writes the subscription it created or renewed. KEYS[1] record;
-/// ARGV: me, id, expires_ms, keep_ms.
+/// The holder writes the subscription it created or renewed; when the record is gone
+/// (lost with Redis's data meanwhile) it writes it anew, with its lease. KEYS[1] record;
+/// ARGV: me, id, expires_ms, keep_ms, lease_until_ms.
 const RECORD: &str = r#"
-if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if holder and holder ~= ARGV[1] then return 0 end
+if not holder then redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'lease_until', ARGV[5]) end
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'expires_ms', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
@@ -47,14 +53,26 @@ redis.call('HSET', KEYS[1], 'id', '', 'expires_ms', '0')
 return 1
 "#;
 
-/// Gives up the lease if we hold it (the webinar was unsubscribed, or our create failed):
-/// no holder and no subscription, kept for a lease so that a replica that knew the old id
-/// does not take it for a record Redis lost. KEYS[1]; ARGV: me, lease_ms.
+/// Gives up the lease if we hold it. A subscription recorded (the webinar was
+/// unsubscribed) is recorded as none (`''`) for a lease, so that a replica that knew its
+/// id does not take the record for one Redis lost; after a failed create, when none was
+/// ever recorded, none is written, and a replica that knows a live one may still record it.
+/// KEYS[1]; ARGV: me, lease_ms.
 const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'holder', '', 'lease_until', '0', 'id', '', 'expires_ms', '0')
+redis.call('HSET', KEYS[1], 'holder', '', 'lease_until', '0')
+if redis.call('HEXISTS', KEYS[1], 'id') == 1 then
+  redis.call('HSET', KEYS[1], 'id', '', 'expires_ms', '0')
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
+"#;
+
+/// The record as it stands, taking nothing. KEYS[1]; ARGV: me, now_ms.
+const READ: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 'holder', 'lease_until', 'id', 'expires_ms')
+local ours = r[1] == ARGV[1] and (tonumber(r[2] or '0') or 0) > tonumber(ARGV[2])
+return {ours and 'ours' or 'other', r[3] or '', r[4] or '0'}
 "#;
 
 /// What the record says.
@@ -105,13 +123,37 @@ impl SharedTier {
         })
     }
 
-    /// Records the subscription this replica (the lease holder) created or renewed.
+    /// The webinar's record, without taking its lease (a notification's lookup).
+    pub async fn read_subscription(
+        &self,
+        webinar: &str,
+        now_ms: u64,
+    ) -> Result<Claim, Unavailable> {
+        let mut conn = self.link.conn();
+        let script = redis::Script::new(READ);
+        let mut invocation = script.key(self.claim_key(webinar));
+        invocation.arg(&self.instance).arg(now_ms);
+        let (state, id, expires): (String, String, String) = self
+            .link
+            .run("claim", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(Claim {
+            ours: state == "ours",
+            fresh: false,
+            id: (!id.is_empty()).then_some(id),
+            expires_ms: expires.parse().unwrap_or(0),
+        })
+    }
+
+    /// Records the subscription this replica (the lease holder) created or renewed, and
+    /// takes the lease for `lease` if the record was lost meanwhile.
     pub async fn record_subscription(
         &self,
         webinar: &str,
         id: &str,
         expires_ms: u64,
         now_ms: u64,
+        lease: Duration,
     ) -> bool {
         let keep = expires_ms.saturating_sub(now_ms).max(1);
         let mut conn = self.link.conn();
@@ -121,7 +163,8 @@ impl SharedTier {
             .arg(&self.instance)
             .arg(id)
             .arg(expires_ms)
-            .arg(keep);
+            .arg(keep)
+            .arg(now_ms.saturating_add(lease.as_millis().max(1) as u64));
         matches!(
             self.link
                 .run("claim", invocation.invoke_async::<i64>(&mut conn))
