@@ -296,7 +296,8 @@ impl Pulse {
     /// Requests per second in each of the last 15 minutes' `points` equal steps, oldest
     /// first (steps before the start count nothing).
     pub fn sparkline(&self, points: u64) -> Vec<f64> {
-        let now = self.started.elapsed().as_secs();
+        let elapsed = self.started.elapsed();
+        let now = elapsed.as_secs();
         let step = (WINDOW / points.max(1)).max(1);
         (0..points)
             .rev()
@@ -305,7 +306,13 @@ impl Pulse {
                 to.map_or(0.0, |to| {
                     let from = to.saturating_sub(step - 1);
                     let n: u64 = self.held(from, to).map(|s| s.requests.load(Relaxed)).sum();
-                    n as f64 / (to - from + 1) as f64
+                    // The newest step ends now, within its last second.
+                    let span = if back == 0 {
+                        (elapsed.as_secs_f64() - from as f64).max(1.0)
+                    } else {
+                        (to - from + 1) as f64
+                    };
+                    n as f64 / span
                 })
             })
             .collect()
