@@ -266,7 +266,7 @@ impl Pulse {
         let from = now.saturating_sub(RECENT - 1);
         let mut r = Recent {
             seconds: now - from + 1,
-            span: (elapsed.as_secs_f64() - from as f64).max(1.0),
+            span: span_since(elapsed, from),
             requests: 0,
             hits: 0,
             misses: 0,
@@ -308,7 +308,7 @@ impl Pulse {
                     let n: u64 = self.held(from, to).map(|s| s.requests.load(Relaxed)).sum();
                     // The newest step ends now, within its last second.
                     let span = if back == 0 {
-                        (elapsed.as_secs_f64() - from as f64).max(1.0)
+                        span_since(elapsed, from)
                     } else {
                         (to - from + 1) as f64
                     };
@@ -333,6 +333,12 @@ impl Pulse {
         all.truncate(most);
         all
     }
+}
+
+/// The time from the start of second `from` to `elapsed` (which falls within a partial
+/// second), at least one second: what a rate over seconds `from..=now` divides by.
+fn span_since(elapsed: std::time::Duration, from: u64) -> f64 {
+    (elapsed.as_secs_f64() - from as f64).max(1.0)
 }
 
 /// The `q` quantile of bucket counts, interpolated linearly within its bucket.

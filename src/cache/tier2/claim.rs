@@ -80,13 +80,26 @@ return {ours and 'ours' or 'other', r[3] or '', r[4] or '0'}
 pub struct Claim {
     /// This replica holds the lease (and must create or renew the subscription).
     pub ours: bool,
-    /// There was no record before this claim (it is ours): a subscription this replica
-    /// knows of may still be live at Graph, its record lost (Redis restarted or evicted it).
+    /// Ours, and no subscription was ever recorded (no `id` field): a subscription this
+    /// replica knows of may still be live at Graph, its record lost (Redis restarted or
+    /// evicted it).
     pub fresh: bool,
     /// The subscription's id, if one was recorded.
     pub id: Option<String>,
     /// When it expires (ms since the Unix epoch; 0 when none).
     pub expires_ms: u64,
+}
+
+impl Claim {
+    /// From a script's answer: `other`, `ours` or `new`; the id (`''`: none); its expiry.
+    fn of((state, id, expires): (String, String, String)) -> Claim {
+        Claim {
+            ours: state == "ours" || state == "new",
+            fresh: state == "new",
+            id: (!id.is_empty()).then_some(id),
+            expires_ms: expires.parse().unwrap_or(0),
+        }
+    }
 }
 
 impl SharedTier {
@@ -111,16 +124,11 @@ impl SharedTier {
             .arg(now_ms)
             .arg(now_ms.saturating_add(lease_ms))
             .arg(lease_ms);
-        let (state, id, expires): (String, String, String) = self
+        let answer = self
             .link
             .run("claim", invocation.invoke_async(&mut conn))
             .await?;
-        Ok(Claim {
-            ours: state == "ours" || state == "new",
-            fresh: state == "new",
-            id: (!id.is_empty()).then_some(id),
-            expires_ms: expires.parse().unwrap_or(0),
-        })
+        Ok(Claim::of(answer))
     }
 
     /// The webinar's record, without taking its lease (a notification's lookup).
@@ -133,16 +141,11 @@ impl SharedTier {
         let script = redis::Script::new(READ);
         let mut invocation = script.key(self.claim_key(webinar));
         invocation.arg(&self.instance).arg(now_ms);
-        let (state, id, expires): (String, String, String) = self
+        let answer = self
             .link
             .run("claim", invocation.invoke_async(&mut conn))
             .await?;
-        Ok(Claim {
-            ours: state == "ours",
-            fresh: false,
-            id: (!id.is_empty()).then_some(id),
-            expires_ms: expires.parse().unwrap_or(0),
-        })
+        Ok(Claim::of(answer))
     }
 
     /// Records the subscription this replica (the lease holder) created or renewed, and
