@@ -8,7 +8,10 @@
 //! knows a live subscription records it again); one recorded as none is `id = ''`
 //! (Graph removed it, or it was released after an unsubscribe).
 
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use redis::Script;
 
 use crate::cache::tier2::{SharedTier, Unavailable};
 
@@ -75,6 +78,13 @@ local ours = r[1] == ARGV[1] and (tonumber(r[2] or '0') or 0) > tonumber(ARGV[2]
 return {ours and 'ours' or 'other', r[3] or '', r[4] or '0'}
 "#;
 
+// Built once (`Script::new` hashes the code).
+static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
+static RECORD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RECORD));
+static FORGET_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FORGET));
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
+static READ_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(READ));
+
 /// What the record says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
@@ -117,7 +127,7 @@ impl SharedTier {
     ) -> Result<Claim, Unavailable> {
         let lease_ms = lease.as_millis().max(1) as u64;
         let mut conn = self.link.conn();
-        let script = redis::Script::new(CLAIM);
+        let script = &*CLAIM_SCRIPT;
         let mut invocation = script.key(self.claim_key(webinar));
         invocation
             .arg(&self.instance)
@@ -138,7 +148,7 @@ impl SharedTier {
         now_ms: u64,
     ) -> Result<Claim, Unavailable> {
         let mut conn = self.link.conn();
-        let script = redis::Script::new(READ);
+        let script = &*READ_SCRIPT;
         let mut invocation = script.key(self.claim_key(webinar));
         invocation.arg(&self.instance).arg(now_ms);
         let answer = self
@@ -160,7 +170,7 @@ impl SharedTier {
     ) -> bool {
         let keep = expires_ms.saturating_sub(now_ms).max(1);
         let mut conn = self.link.conn();
-        let script = redis::Script::new(RECORD);
+        let script = &*RECORD_SCRIPT;
         let mut invocation = script.key(self.claim_key(webinar));
         invocation
             .arg(&self.instance)
@@ -180,7 +190,7 @@ impl SharedTier {
     /// new one.
     pub async fn forget_subscription(&self, webinar: &str, id: &str) -> bool {
         let mut conn = self.link.conn();
-        let script = redis::Script::new(FORGET);
+        let script = &*FORGET_SCRIPT;
         let mut invocation = script.key(self.claim_key(webinar));
         invocation.arg(id);
         matches!(
@@ -195,7 +205,7 @@ impl SharedTier {
     /// record says so for `lease`, then goes).
     pub async fn release_subscription(&self, webinar: &str, lease: Duration) {
         let mut conn = self.link.conn();
-        let script = redis::Script::new(RELEASE);
+        let script = &*RELEASE_SCRIPT;
         let mut invocation = script.key(self.claim_key(webinar));
         invocation
             .arg(&self.instance)

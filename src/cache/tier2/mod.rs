@@ -16,8 +16,8 @@
 //!
 //! Ids cannot contain `:` (routes allow `A-Z a-z 0-9 - _ . @ = +`), so keys parse one way.
 //!
-//! One round trip decides a miss: [`LOOKUP`] returns the entry, the gate and the purge
-//! generation, and takes the key's lock when nothing is stored and nobody holds it
+//! One round trip decides a miss: [`protocol::LOOKUP`] returns the entry, the gate and the
+//! purge generation, and takes the key's lock when nothing is stored and nobody holds it
 //! (atomically, so no replica can store between another's look and its lock). The holder
 //! renews its lock while Graph answers, stores the answer only if no purge happened
 //! meanwhile, then releases it; the others poll until the entry appears, or, when the lock
@@ -54,7 +54,7 @@ mod purge;
 mod rate;
 mod record;
 
-pub use protocol::{Holder, Look, LookMode, SharedGate, LOOKUP};
+pub use protocol::{Holder, Look, LookMode, SharedGate};
 pub use purge::Purge;
 
 use std::sync::Arc;
@@ -63,7 +63,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::cache::tier2::connection::Connection;
-use crate::cache::tier2::protocol::{parse_gate, CLOSE_GATE, MAX_GATE, PUT, RENEW, UNLOCK};
+use crate::cache::tier2::protocol::{
+    parse_gate, CLOSE_GATE_SCRIPT, LOOKUP_SCRIPT, MAX_GATE, PUT_SCRIPT, RENEW_SCRIPT, UNLOCK_SCRIPT,
+};
 use crate::config::SharedSettings;
 use crate::core::model::SessionKey;
 use crate::telemetry::{names, Metrics};
@@ -131,7 +133,7 @@ impl SharedTier {
             _ => uuid::Uuid::new_v4().to_string(),
         };
         let mut conn = self.link.conn();
-        let script = redis::Script::new(LOOKUP);
+        let script = &*LOOKUP_SCRIPT;
         let mut invocation = script.key(self.entry_key(key));
         invocation
             .key(self.lock_key(key))
@@ -202,7 +204,7 @@ impl SharedTier {
         }
         let mut conn = self.link.conn();
         let px = keep.as_millis().clamp(1, u64::MAX as u128) as u64;
-        let script = redis::Script::new(PUT);
+        let script = &*PUT_SCRIPT;
         let mut invocation = script.key(self.entry_key(key));
         invocation
             .key(self.generation_key())
@@ -228,7 +230,7 @@ impl SharedTier {
     /// Keeps our lock while Graph is still answering. False when it is no longer ours.
     pub async fn renew(&self, key: &SessionKey, token: &str) -> bool {
         let mut conn = self.link.conn();
-        let script = redis::Script::new(RENEW);
+        let script = &*RENEW_SCRIPT;
         let mut invocation = script.key(self.lock_key(key));
         invocation
             .arg(token)
@@ -245,7 +247,7 @@ impl SharedTier {
     /// behind would make other replicas wait for its expiry.
     pub async fn unlock(&self, key: &SessionKey, token: &str) {
         let mut conn = self.link.conn();
-        let script = redis::Script::new(UNLOCK);
+        let script = &*UNLOCK_SCRIPT;
         let mut invocation = script.key(self.lock_key(key));
         invocation.arg(token);
         if let Ok(Err(e)) =
@@ -262,7 +264,7 @@ impl SharedTier {
             return;
         }
         let mut conn = self.link.conn();
-        let script = redis::Script::new(CLOSE_GATE);
+        let script = &*CLOSE_GATE_SCRIPT;
         let mut invocation = script.key(self.gate_key());
         // The key lasts exactly as long as the gate: its life is the gate.
         invocation

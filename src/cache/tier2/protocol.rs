@@ -1,9 +1,11 @@
 //! The shared tier's protocol: the Lua scripts that make each step atomic, what a lookup
 //! returns (holder, gate) and how it is parsed, and the key layout under the prefix.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
+use redis::Script;
 
 use crate::cache::tier2::SharedTier;
 use crate::core::model::SessionKey;
@@ -53,6 +55,13 @@ pub(super) const CLOSE_GATE: &str = r"
 if redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1";
+
+// `redis::Script::new` hashes the code (SHA-1) each time: each script is built once.
+pub(super) static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
+pub(super) static PUT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PUT));
+pub(super) static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
+pub(super) static UNLOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(UNLOCK));
+pub(super) static CLOSE_GATE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLOSE_GATE));
 
 /// Longest a gate read from Redis may close Graph here, whatever it says.
 pub(super) const MAX_GATE: Duration = Duration::from_secs(24 * 3600);

@@ -6,7 +6,10 @@
 //! gsp:rl:{limit}:{bucket}    theoretical arrival time (µs since the epoch), PX = until the bucket is full again
 //! ```
 
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use redis::Script;
 
 use super::{SharedTier, Unavailable};
 
@@ -28,6 +31,9 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_ta
 return {1, 0}
 ";
 
+// Built once (`Script::new` hashes the code).
+static GCRA_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GCRA));
+
 impl SharedTier {
     /// Charges one unit to `bucket`'s `limit`, which admits one per `interval` with a
     /// bucket of `burst`: `Ok(None)` admitted, `Ok(Some(wait))` refused for `wait`.
@@ -39,7 +45,7 @@ impl SharedTier {
         burst: u32,
     ) -> Result<Option<Duration>, Unavailable> {
         let mut conn = self.link.conn();
-        let script = redis::Script::new(GCRA);
+        let script = &*GCRA_SCRIPT;
         let mut invocation = script.key(format!("{}rl:{limit}:{bucket}", self.prefix));
         invocation
             .arg(
