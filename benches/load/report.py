@@ -17,8 +17,8 @@ TARGET_PEER = 1.5     # proxy throughput >= 1.5x the better of nginx and Varnish
 TARGET_CEILING = {"proxy": 0.8, "proxy_keys": 0.75, "proxy_jwt": 0.7}
 TARGET_MEMORY = 1.25  # RSS <= 1.25x the body bytes + 30 MiB
 # What the cache's weigher adds to each entry's body (src/cache/entry.rs ENTRY_OVERHEAD),
-# besides the key's ids and Graph's request id, which it counts as they are.
-ENTRY_OVERHEAD = 1100
+# besides the key's ids, the validators and Graph's request id, which it counts as they are.
+ENTRY_OVERHEAD = 860
 MIB = 1024 * 1024
 
 
@@ -374,7 +374,7 @@ def main():
     if "cache_bytes_overhead_per_entry" in memory:
         w(f"| `cache_bytes` beyond the bodies | {memory['cache_bytes_overhead_per_entry']:,.0f} B per entry "
           f"({memory['cache_bytes_over_body']:.3f}× the bodies): {ENTRY_OVERHEAD} B of bookkeeping "
-          "plus the key's ids and Graph's request id |")
+          "plus the key's ids, the validators and Graph's request id |")
     w("")
 
     try:

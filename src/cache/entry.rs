@@ -12,23 +12,32 @@ use crate::config::CacheSettings;
 use crate::core::model::SessionKey;
 use crate::upstream::graph::{Fetched, GraphAnswer};
 
-/// What an entry holds beyond its body, key ids and Graph's request id, as measured
-/// (`benches/load/compare.sh`'s memory round: 100,000 cached sessions grow the RSS by
-/// ~1,140 B each beyond those): moka's node, deques and timer wheel slot, the `Arc<Entry>`
-/// with its validators and windows, the allocator's headers. Counted, so that
+/// What an entry holds beyond its buffer (body, validators, Graph's request id) and key
+/// ids, as measured (`benches/load/compare.sh`'s memory round: 100,000 cached sessions
+/// grow the RSS by ~860 B each beyond those): moka's node, deques and timer wheel slot,
+/// the key, the `Arc<Entry>` with its windows, the allocator's headers. Counted, so that
 /// `cache.max_bytes` bounds the memory the cache really takes.
-pub const ENTRY_OVERHEAD: usize = 1_100;
+pub const ENTRY_OVERHEAD: usize = 860;
 
 /// One cached Graph answer.
+///
+/// Its bytes are one allocation (`buf`): Graph's body exactly as sent, then the session's
+/// validator, Graph's body's validator (when the two differ) and Graph's request id. The
+/// session (Graph's body, or the object Graph wrapped in it), each validator and the id
+/// are ranges of it, handed out as reference-counted slices: one copy of each body, no
+/// allocation per validator.
 #[derive(Debug)]
 pub struct Entry {
+    buf: Bytes,
+    /// Graph's body: `buf[..raw_len]`.
+    raw_len: u32,
     /// The session JSON; `None` when Graph said 404.
-    pub body: Option<Bytes>,
-    /// Strong validator derived from the body.
-    pub etag: HeaderValue,
-    /// Graph's body exactly as sent (for the Graph-compatible routes) and its validator.
-    pub raw: Bytes,
-    pub raw_etag: HeaderValue,
+    body: Option<Span>,
+    /// Strong validator derived from the session.
+    etag: Span,
+    /// Strong validator of Graph's body (the Graph-compatible routes serve that).
+    raw_etag: Span,
+    graph_request_id: Option<Span>,
     /// When Graph answered (the proxy's clock).
     pub stored_at: Instant,
     /// Fresh until then.
@@ -39,12 +48,49 @@ pub struct Entry {
     pub stale_until: Instant,
     /// From then on a read triggers a background refresh while the entry is still fresh.
     pub refresh_from: Instant,
-    pub graph_request_id: Option<HeaderValue>,
     /// Loaded from the shared tier (Redis) rather than from Graph by this replica.
     pub tier2: bool,
     /// Fresh for `notifications.ttl`: a live change-notification subscription covers it.
     pub push: bool,
 }
+
+/// A range of [`Entry`]'s buffer. Bodies are bounded far below 4 GiB (`MAX_BODY`, the list
+/// page limit), so 32-bit offsets hold them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    fn of(start: usize, len: usize) -> Span {
+        Span {
+            start: u32::try_from(start).unwrap_or(u32::MAX),
+            len: u32::try_from(len).unwrap_or(0),
+        }
+    }
+
+    fn range(self) -> std::ops::Range<usize> {
+        let start = self.start as usize;
+        start..start + self.len as usize
+    }
+}
+
+/// An entry's bytes before they are assembled into one buffer.
+pub(super) struct Parts<'a> {
+    /// Graph's body exactly as sent.
+    pub raw: &'a [u8],
+    /// Where the session lies in `raw`; `None` for a 404.
+    pub session: Option<std::ops::Range<usize>>,
+    /// The session's and Graph's body's validators, when already known (the shared tier
+    /// carries them); computed otherwise.
+    pub etags: Option<(&'a [u8], &'a [u8])>,
+    /// Graph's request id, already checked to be a header value.
+    pub graph_request_id: Option<&'a [u8]>,
+}
+
+/// Length of `"<32 hex digits>"`.
+const ETAG_LEN: usize = 34;
 
 /// An `endDateTime` further back than this marks a session as over (for `smart_ttl`).
 const ENDED_AFTER: Duration = Duration::from_secs(3600);
@@ -70,9 +116,9 @@ impl Entry {
         push: Option<Duration>,
     ) -> Entry {
         let mut pushed = false;
-        let (body, raw, fresh_for, stale_for) = match answer.fetched {
+        let (parts, fresh_for, stale_for) = match &answer.fetched {
             Fetched::Found { session, raw } => {
-                let polled = Entry::polled_for(&session, settings, list);
+                let polled = Entry::polled_for(session, settings, list);
                 let fresh_for = match push {
                     Some(push) if push > polled => {
                         pushed = true;
@@ -80,33 +126,40 @@ impl Entry {
                     }
                     _ => polled,
                 };
-                (Some(session), raw, fresh_for, settings.stale_if_error)
+                (
+                    Parts {
+                        raw,
+                        session: Some(within(raw, session)),
+                        etags: None,
+                        graph_request_id: None,
+                    },
+                    fresh_for,
+                    settings.stale_if_error,
+                )
             }
-            Fetched::NotFound => (None, Bytes::new(), settings.negative_ttl, Duration::ZERO),
+            Fetched::NotFound => (
+                Parts {
+                    raw: b"",
+                    session: None,
+                    etags: None,
+                    graph_request_id: None,
+                },
+                settings.negative_ttl,
+                Duration::ZERO,
+            ),
         };
-        let etag = etag_of(body.as_deref().unwrap_or(b""));
-        // Unwrapped or not, the session shares `raw`'s memory; only its validator differs.
-        let raw_etag = if raw.len() == body.as_ref().map_or(0, Bytes::len) {
-            etag.clone()
-        } else {
-            etag_of(&raw)
-        };
-        let mut entry = Entry {
-            body,
-            raw,
-            raw_etag,
-            etag,
-            stored_at: now,
-            fresh_until: now,
-            revalidate_until: now,
-            stale_until: now,
-            refresh_from: now,
-            graph_request_id: answer
-                .graph_request_id
-                .and_then(|id| HeaderValue::from_str(&id).ok()),
-            tier2: false,
-            push: pushed,
-        };
+        let graph_request_id = answer
+            .graph_request_id
+            .as_deref()
+            .filter(|id| HeaderValue::from_str(id).is_ok());
+        let mut entry = Entry::assemble(
+            Parts {
+                graph_request_id: graph_request_id.map(str::as_bytes),
+                ..parts
+            },
+            now,
+        );
+        entry.push = pushed;
         entry.set_windows(fresh_for, stale_for, settings);
         if pushed {
             // Notifications keep it fresh: no refresh ahead of its end.
@@ -115,19 +168,133 @@ impl Entry {
         entry
     }
 
+    /// One buffer of `parts` (validators computed when not given), stored at `now`; its
+    /// windows all end at `now` until set.
+    pub(super) fn assemble(parts: Parts<'_>, now: Instant) -> Entry {
+        let session = parts.session.clone().unwrap_or(0..0);
+        let body = &parts.raw[session.clone()];
+        let computed;
+        let (etag, raw_etag): (&[u8], &[u8]) = match parts.etags {
+            Some(etags) => etags,
+            None => {
+                let etag = etag_text(body);
+                // Unwrapped or not, the session shares Graph's bytes; only its validator
+                // differs when Graph wrapped it.
+                let raw_etag = (body.len() != parts.raw.len()).then(|| etag_text(parts.raw));
+                computed = (etag, raw_etag);
+                (
+                    &computed.0[..],
+                    computed.1.as_ref().map_or(&computed.0[..], |t| &t[..]),
+                )
+            }
+        };
+        let id = parts.graph_request_id.unwrap_or(b"");
+        let shared_etag = etag == raw_etag;
+        let mut buf = Vec::with_capacity(
+            parts.raw.len() + etag.len() + if shared_etag { 0 } else { raw_etag.len() } + id.len(),
+        );
+        buf.extend_from_slice(parts.raw);
+        let etag_span = Span::of(buf.len(), etag.len());
+        buf.extend_from_slice(etag);
+        let raw_etag_span = if shared_etag {
+            etag_span
+        } else {
+            let span = Span::of(buf.len(), raw_etag.len());
+            buf.extend_from_slice(raw_etag);
+            span
+        };
+        let id_span = parts.graph_request_id.map(|_| {
+            let span = Span::of(buf.len(), id.len());
+            buf.extend_from_slice(id);
+            span
+        });
+        Entry {
+            buf: Bytes::from(buf),
+            raw_len: Span::of(0, parts.raw.len()).len,
+            body: parts.session.map(|s| Span::of(s.start, s.len())),
+            etag: etag_span,
+            raw_etag: raw_etag_span,
+            graph_request_id: id_span,
+            stored_at: now,
+            fresh_until: now,
+            revalidate_until: now,
+            stale_until: now,
+            refresh_from: now,
+            tier2: false,
+            push: false,
+        }
+    }
+
+    /// The same bytes with other windows (a reference count, no copy).
+    fn with_windows_of(&self) -> Entry {
+        Entry {
+            buf: self.buf.clone(),
+            ..*self
+        }
+    }
+
+    /// The session JSON (a slice of Graph's body); `None` when Graph said 404.
+    pub fn body(&self) -> Option<Bytes> {
+        self.body.map(|span| self.slice(span))
+    }
+
+    /// The session's bytes, borrowed.
+    pub fn body_bytes(&self) -> Option<&[u8]> {
+        self.body.map(|span| &self.buf[span.range()])
+    }
+
+    pub fn has_body(&self) -> bool {
+        self.body.is_some()
+    }
+
+    /// Graph's body exactly as sent (for the Graph-compatible routes).
+    pub fn raw(&self) -> Bytes {
+        self.buf.slice(..self.raw_len as usize)
+    }
+
+    pub fn raw_bytes(&self) -> &[u8] {
+        &self.buf[..self.raw_len as usize]
+    }
+
+    /// Where the session lies in Graph's body: `(start, length)`.
+    pub fn session_span(&self) -> Option<(usize, usize)> {
+        self.body
+            .map(|span| (span.start as usize, span.len as usize))
+    }
+
+    /// The session's `ETag`.
+    pub fn etag(&self) -> HeaderValue {
+        self.header(self.etag)
+    }
+
+    /// Graph's body's `ETag`.
+    pub fn raw_etag(&self) -> HeaderValue {
+        self.header(self.raw_etag)
+    }
+
+    /// Graph's `request-id`, as it answered.
+    pub fn graph_request_id(&self) -> Option<HeaderValue> {
+        self.graph_request_id.map(|span| self.header(span))
+    }
+
+    fn slice(&self, span: Span) -> Bytes {
+        self.buf.slice(span.range())
+    }
+
+    fn header(&self, span: Span) -> HeaderValue {
+        // ok: only validators and checked header values are stored at these ranges.
+        HeaderValue::from_maybe_shared(self.slice(span))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"\""))
+    }
+
     /// The entry as polling would have stored it: for a webinar whose subscription lapsed.
     pub(super) fn unpushed(&self, settings: &CacheSettings, list: bool) -> Entry {
-        let fresh_for = self.body.as_ref().map_or(settings.negative_ttl, |b| {
+        let fresh_for = self.body_bytes().map_or(settings.negative_ttl, |b| {
             Entry::polled_for(b, settings, list)
         });
         let mut entry = Entry {
-            body: self.body.clone(),
-            raw: self.raw.clone(),
-            raw_etag: self.raw_etag.clone(),
-            etag: self.etag.clone(),
-            graph_request_id: self.graph_request_id.clone(),
             push: false,
-            ..*self
+            ..self.with_windows_of()
         };
         let stale_for = self.stale_until - self.fresh_until;
         entry.set_windows(fresh_for, stale_for, settings);
@@ -138,11 +305,6 @@ impl Entry {
     pub(super) fn expired_at(&self, now: Instant) -> Entry {
         let fresh_until = now.max(self.stored_at);
         Entry {
-            body: self.body.clone(),
-            raw: self.raw.clone(),
-            raw_etag: self.raw_etag.clone(),
-            etag: self.etag.clone(),
-            graph_request_id: self.graph_request_id.clone(),
             fresh_until,
             refresh_from: fresh_until,
             revalidate_until: self
@@ -152,7 +314,7 @@ impl Entry {
                 .stale_until
                 .min(fresh_until + (self.stale_until - self.fresh_until)),
             push: false,
-            ..*self
+            ..self.with_windows_of()
         }
     }
 
@@ -200,19 +362,36 @@ impl Entry {
     pub(super) fn weight(&self, key: &SessionKey) -> u32 {
         let bytes = key.event.len()
             + key.session.as_ref().map_or(0, |s| s.len())
-            + self.raw.len()
-            + self.graph_request_id.as_ref().map_or(0, HeaderValue::len)
+            + self.buf.len()
             + ENTRY_OVERHEAD;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 }
 
+/// Where `part` (a slice of `whole`'s memory) lies in `whole`; all of it when it is not a
+/// slice of it.
+fn within(whole: &[u8], part: &[u8]) -> std::ops::Range<usize> {
+    let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+    if start <= whole.len() && part.len() <= whole.len() - start {
+        start..start + part.len()
+    } else {
+        0..whole.len()
+    }
+}
+
 /// `"<32 hex digits of SHA-256>"`.
-pub fn etag_of(body: &[u8]) -> HeaderValue {
+fn etag_text(body: &[u8]) -> [u8; ETAG_LEN] {
     let digest = Sha256::digest(body);
-    let tag = format!("\"{}\"", hex::encode(&digest[..16]));
-    // ok: quotes and hex digits are always a valid header value.
-    HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
+    let mut tag = [b'"'; ETAG_LEN];
+    // ok: 16 bytes are 32 hex digits, which fit between the quotes.
+    let _ = hex::encode_to_slice(&digest[..16], &mut tag[1..ETAG_LEN - 1]);
+    tag
+}
+
+/// `"<32 hex digits of SHA-256>"`.
+#[cfg(test)]
+pub fn etag_of(body: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(&etag_text(body)).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
 /// Whether the session's `endDateTime` (a plain RFC 3339 string, or Graph's

@@ -143,7 +143,7 @@ impl SessionCache {
 
     /// Tells change notifications that a webinar's answer was stored.
     pub(in crate::cache) fn note_stored(&self, key: &SessionKey, entry: &Entry) {
-        if key.kind == Kind::Webinars && entry.body.is_some() {
+        if key.kind == Kind::Webinars && entry.has_body() {
             if let Some(push) = self.push.get() {
                 push.stored(&key.event);
             }
@@ -231,7 +231,7 @@ impl SessionCache {
         }
         let now = self.clock.now();
         let entry = self.memory.get(key)?;
-        (entry.body.is_some() && now < entry.stale_until).then_some(Lookup {
+        (entry.has_body() && now < entry.stale_until).then_some(Lookup {
             entry,
             outcome: Outcome::GraphBudget,
         })
@@ -307,7 +307,7 @@ impl SessionCache {
         let now = self.clock.now();
         self.memory
             .get(key)
-            .filter(|entry| entry.body.is_some() && now < entry.stale_until)
+            .filter(|entry| entry.has_body() && now < entry.stale_until)
             .map(|entry| Lookup {
                 entry,
                 outcome: Outcome::StaleIfError,
@@ -622,7 +622,7 @@ mod tests {
         }
         assert_eq!(calls(&origin), 1);
         assert!(entries.iter().all(|e| Arc::ptr_eq(e, &entries[0])));
-        assert_eq!(entries[0].body.as_deref(), Some(&b"{\"n\":1}"[..]));
+        assert_eq!(entries[0].body_bytes(), Some(&b"{\"n\":1}"[..]));
         let later = cache.get(&key(), Directives::default()).await.unwrap();
         assert_eq!(later.outcome, Outcome::Hit);
         assert_eq!(calls(&origin), 1);
@@ -672,7 +672,7 @@ mod tests {
         );
         let fresh = cache.get(&key(), Directives::default()).await.unwrap();
         assert_eq!(fresh.outcome, Outcome::Hit);
-        assert_eq!(fresh.entry.body.as_deref(), Some(&b"{\"n\":2}"[..]));
+        assert_eq!(fresh.entry.body_bytes(), Some(&b"{\"n\":2}"[..]));
         assert_eq!(calls(&origin), 2);
     }
 

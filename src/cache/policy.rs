@@ -101,7 +101,7 @@ impl Lookup {
     /// since every answer carries one.
     pub fn cache_status(&self, now: Instant) -> HeaderValue {
         let entry = &self.entry;
-        let fwd_status = if entry.body.is_some() { 200 } else { 404 };
+        let fwd_status = if entry.has_body() { 200 } else { 404 };
         const P: &str = "graph-session-proxy; ";
         let (head, number, tail) = match self.outcome {
             Outcome::Hit if entry.push => ("hit; ttl=", entry.ttl(now), "; detail=push"),
@@ -148,7 +148,7 @@ pub(super) fn servable(
     }
     if let Some(max_stale) = directives.max_stale {
         let limit = max_stale.min(stale_if_error);
-        if entry.body.is_some() && now <= entry.fresh_until + limit {
+        if entry.has_body() && now <= entry.fresh_until + limit {
             return Some(Outcome::MaxStale);
         }
     }

@@ -352,14 +352,11 @@ fn respond(
     let cache_status = lookup.cache_status(now);
     log.cache = Some(cache_status.clone());
     log.outcome = Some(lookup.outcome);
-    log.graph_request_id = lookup.entry.graph_request_id.clone();
     let entry = &lookup.entry;
+    log.graph_request_id = entry.graph_request_id();
     let (body, etag) = match log.style {
-        Style::Proxy => (entry.body.clone(), &entry.etag),
-        Style::Graph => (
-            entry.body.as_ref().map(|_| entry.raw.clone()),
-            &entry.raw_etag,
-        ),
+        Style::Proxy => (entry.body(), entry.etag()),
+        Style::Graph => (entry.has_body().then(|| entry.raw()), entry.raw_etag()),
     };
     let (request_id, client_request_id) = (ids.request_id(), ids.client_request_id());
     let mut response = match body {
@@ -369,7 +366,7 @@ fn respond(
         None => {
             ProxyError::SessionNotFound.to_response_in(log.style, request_id, client_request_id)
         }
-        Some(body) if !if_none_match(headers, etag) => {
+        Some(body) if !if_none_match(headers, &etag) => {
             let mut response = Response::new(Full::new(body));
             response.headers_mut().insert(CONTENT_TYPE, JSON);
             response
@@ -383,11 +380,11 @@ fn respond(
     let out = response.headers_mut();
     out.insert(CACHE_STATUS, cache_status);
     out.insert(AGE, HeaderValue::from(entry.age(now)));
-    if entry.body.is_some() {
-        out.insert(ETAG, etag.clone());
+    if entry.has_body() {
+        out.insert(ETAG, etag);
     }
-    if let Some(id) = &entry.graph_request_id {
-        out.insert(X_GRAPH_REQUEST_ID, id.clone());
+    if let Some(id) = log.graph_request_id.clone() {
+        out.insert(X_GRAPH_REQUEST_ID, id);
     }
     response
 }

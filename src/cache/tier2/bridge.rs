@@ -286,7 +286,7 @@ impl SessionCache {
             self.note_stored(key, &entry);
             return Ok(entry);
         }
-        if entry.body.is_some() && now < entry.stale_until && self.memory.get(key).is_none() {
+        if entry.has_body() && now < entry.stale_until && self.memory.get(key).is_none() {
             let mut entry = entry;
             entry.tier2 = false;
             self.memory.insert(key.clone(), Arc::new(entry));

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::cache::entry::{etag_of, Entry};
+use crate::cache::entry::{Entry, Parts};
 use crate::config::CacheSettings;
 use crate::core::clock::Clock;
 use crate::core::request_id;
@@ -23,16 +23,7 @@ impl Entry {
             .wall_ms()
             .saturating_sub(now.saturating_duration_since(self.stored_at).as_millis() as u64);
         let offset = |t: Instant| t.saturating_duration_since(self.stored_at).as_millis() as u64;
-        let session = match &self.body {
-            None => None,
-            Some(body) => {
-                let start = (body.as_ptr() as usize).checked_sub(self.raw.as_ptr() as usize)?;
-                if start + body.len() > self.raw.len() {
-                    return None;
-                }
-                Some([start, body.len()])
-            }
-        };
+        let session = self.session_span().map(|(start, len)| [start, len]);
         let header = SharedHeader {
             v: 1,
             stored_ms,
@@ -42,22 +33,20 @@ impl Entry {
             refresh_ms: offset(self.refresh_from),
             session,
             graph_request_id: self
-                .graph_request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+                .graph_request_id()
+                .and_then(|v| v.to_str().ok().map(str::to_string)),
             etags: self
-                .etag
+                .etag()
                 .to_str()
                 .ok()
-                .zip(self.raw_etag.to_str().ok())
+                .zip(self.raw_etag().to_str().ok())
                 .map(|(a, b)| [a.to_string(), b.to_string()]),
             writer: writer.map(str::to_string),
             push: self.push,
         };
         let mut out = serde_json::to_vec(&header).ok()?;
         out.push(b'\n');
-        out.extend_from_slice(&self.raw);
+        out.extend_from_slice(self.raw_bytes());
         Some(out)
     }
 
@@ -99,11 +88,9 @@ impl Entry {
         if !plausible {
             return None;
         }
-        let raw = record.slice(split + 1..);
-        let body = match header.session {
-            Some([start, len]) if start.checked_add(len)? <= raw.len() => {
-                Some(raw.slice(start..start + len))
-            }
+        let raw = &record[split + 1..];
+        let session = match header.session {
+            Some([start, len]) if start.checked_add(len)? <= raw.len() => Some(start..start + len),
             Some(_) => return None,
             None => None,
         };
@@ -111,44 +98,35 @@ impl Entry {
         let age = Duration::from_millis(clock.wall_ms().saturating_sub(header.stored_ms));
         let stored_at = now.checked_sub(age).unwrap_or(now);
         let at = |ms: u64| stored_at + Duration::from_millis(ms);
-        // The validators as the storing replica computed them (no hashing on this path).
-        let (etag, raw_etag) = match header.etags.as_ref().and_then(|[a, b]| {
-            Some((
-                HeaderValue::from_str(a).ok()?,
-                HeaderValue::from_str(b).ok()?,
-            ))
-        }) {
-            Some(etags) => etags,
-            None => {
-                let etag = etag_of(body.as_deref().unwrap_or(b""));
-                let raw_etag = if raw.len() == body.as_ref().map_or(0, Bytes::len) {
-                    etag.clone()
-                } else {
-                    etag_of(&raw)
-                };
-                (etag, raw_etag)
-            }
-        };
-        let writer = header.writer;
-        let entry = Entry {
-            body,
-            etag,
-            raw,
-            raw_etag,
+        // The validators as the storing replica computed them (no hashing on this path),
+        // when they are header values; computed again otherwise.
+        let etags = header.etags.as_ref().and_then(|[a, b]| {
+            (HeaderValue::from_str(a).is_ok() && HeaderValue::from_str(b).is_ok())
+                .then_some((a.as_bytes(), b.as_bytes()))
+        });
+        // Another replica (or whoever can write to Redis) wrote it: held to the same
+        // rule as Graph's own header.
+        let graph_request_id = header
+            .graph_request_id
+            .as_deref()
+            .filter(|id| request_id::is_usable(id.as_bytes()) && HeaderValue::from_str(id).is_ok());
+        // Copied out of the record: the entry keeps Graph's bytes, not the header line.
+        let mut entry = Entry::assemble(
+            Parts {
+                raw,
+                session,
+                etags,
+                graph_request_id: graph_request_id.map(str::as_bytes),
+            },
             stored_at,
-            fresh_until: at(header.fresh_ms),
-            revalidate_until: at(header.revalidate_ms),
-            stale_until: at(header.stale_ms),
-            refresh_from: at(header.refresh_ms),
-            // Another replica (or whoever can write to Redis) wrote it: held to the same
-            // rule as Graph's own header.
-            graph_request_id: header
-                .graph_request_id
-                .filter(|id| request_id::is_usable(id.as_bytes()))
-                .and_then(|id| HeaderValue::from_str(&id).ok()),
-            tier2: true,
-            push: header.push,
-        };
+        );
+        entry.fresh_until = at(header.fresh_ms);
+        entry.revalidate_until = at(header.revalidate_ms);
+        entry.stale_until = at(header.stale_ms);
+        entry.refresh_from = at(header.refresh_ms);
+        entry.tier2 = true;
+        entry.push = header.push;
+        let writer = header.writer;
         Some((entry, writer))
     }
 }
@@ -209,16 +187,16 @@ mod tests {
         let (back, writer) = Entry::from_shared(&record, &clock, &settings).unwrap();
         assert_eq!(writer.as_deref(), Some("token-1"));
         assert!(back.tier2);
-        assert_eq!(back.body.as_deref(), Some(&br#"{"id":"s1","n":1.50}"#[..]));
-        assert_eq!(back.raw, raw);
-        assert_eq!(back.etag, entry.etag);
-        assert_eq!(back.raw_etag, entry.raw_etag);
+        assert_eq!(back.body_bytes(), Some(&br#"{"id":"s1","n":1.50}"#[..]));
+        assert_eq!(back.raw(), raw);
+        assert_eq!(back.etag(), entry.etag());
+        assert_eq!(back.raw_etag(), entry.raw_etag());
         let now = clock.now();
         assert_eq!(back.age(now), 100);
         assert_eq!(back.ttl(now), 200);
         assert_eq!(back.keep_for(), entry.keep_for());
         assert_eq!(back.refresh_from - back.stored_at, Duration::from_secs(240));
-        assert_eq!(back.graph_request_id.unwrap(), "rid");
+        assert_eq!(back.graph_request_id().unwrap(), "rid");
         // A 404 round-trips as a 404; garbage is a miss, never a panic.
         let gone = Entry::new(
             GraphAnswer {
@@ -234,7 +212,7 @@ mod tests {
             &clock,
             &settings,
         );
-        assert!(back.unwrap().0.body.is_none());
+        assert!(!back.unwrap().0.has_body());
         let header = |fields: &str| {
             Bytes::from(format!(
                 "{{\"v\":1,{fields},\"session\":null,\"graph_request_id\":null}}\n{{}}"
