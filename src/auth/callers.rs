@@ -161,7 +161,9 @@ impl JwtCallers {
         }
         // Read before verifying: a refetch meanwhile only makes the memory end sooner.
         let key_set_at = self.verifier.key_set_fetched_at();
-        let claims = self.verifier.verify(token).await?;
+        // Boxed: verifying may fetch the key set, a large future that would otherwise be
+        // part of (and copied with) every request's future, remembered tokens included.
+        let claims = Box::pin(self.verifier.verify(token)).await?;
         let exp = claims.exp;
         let caller = jwt_caller(&self.apps, claims)?;
         if let Some(at) = key_set_at {

@@ -182,11 +182,13 @@ async fn answer<B: hyper::body::Body>(
     caller.authorize(&key)?;
     let directives = directives(req.headers());
     limit_requests(state, &caller).await?;
+    // The paths past a memory hit are boxed: their futures (Graph, the shared tier)
+    // would otherwise be part of, and copied with, every request's future.
     let lookup = match state.cache.cached(&key, directives) {
         Some(hit) => hit,
         None => match graph_budget(state, &caller, &key, directives).await {
-            None => lookup(state, &key, directives, log).await?,
-            Some(spent) => without_graph(state, &caller, &key, directives, spent).await?,
+            None => Box::pin(lookup(state, &key, directives, log)).await?,
+            Some(spent) => Box::pin(without_graph(state, &caller, &key, directives, spent)).await?,
         },
     };
     Ok(respond(state, req.headers(), &key, &lookup, log, ids))

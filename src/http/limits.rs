@@ -182,9 +182,9 @@ impl Limits {
         let Some(rate) = rate else { return Ok(()) };
         if let Some(shared) = &self.shared {
             let interval = Duration::from_secs(u64::from(rate.window_secs)) / rate.quota.max(1);
-            match shared
-                .charge(limit.name(), &caller.bucket, interval, rate.burst)
-                .await
+            // Boxed: a Redis round trip's future would otherwise be part of (and copied
+            // with) every request's future, whether limits are configured or not.
+            match Box::pin(shared.charge(limit.name(), &caller.bucket, interval, rate.burst)).await
             {
                 Ok(None) => return Ok(()),
                 Ok(Some(wait)) => return Err(Refusal { limit, rate, wait }),
