@@ -191,7 +191,7 @@ async fn answer<B: hyper::body::Body>(
             Some(spent) => Box::pin(without_graph(state, &caller, &key, directives, spent)).await?,
         },
     };
-    Ok(respond(state, req.headers(), &key, &lookup, log, ids))
+    Ok(respond(state, req, &key, &lookup, log, ids))
 }
 
 /// Admission: not draining, a concurrency permit (held until the answer is built), sane
@@ -342,9 +342,9 @@ async fn lookup(
 /// The served lookup as an answer: the body in the request's contract (Graph-style
 /// callers get Graph's bytes exactly as sent, envelope and all), a 404 for what Graph
 /// does not have, a 304 for a matching `If-None-Match`; with Cache-Status, Age, ETag.
-fn respond(
+fn respond<B>(
     state: &AppState,
-    headers: &http::HeaderMap,
+    req: &Request<B>,
     key: &SessionKey,
     lookup: &Lookup,
     log: &mut AccessLog,
@@ -354,8 +354,18 @@ fn respond(
     let cache_status = lookup.cache_status(now);
     log.cache = Some(cache_status.clone());
     log.outcome = Some(lookup.outcome);
+    let headers = req.headers();
     let entry = &lookup.entry;
-    log.graph_request_id = entry.graph_request_id();
+    // Over HTTP/1 the id may be a slice of the entry's buffer: it is written and dropped.
+    // HTTP/2's HPACK table keeps the header values it indexes (`etag` it never does) for
+    // as long as the connection lives: a slice would keep the whole entry, evicted or not,
+    // outside `cache.max_bytes`. It gets a copy of its own.
+    log.graph_request_id = entry.graph_request_id().map(|id| match req.version() {
+        http::Version::HTTP_2 | http::Version::HTTP_3 => {
+            HeaderValue::from_bytes(id.as_bytes()).unwrap_or(id)
+        }
+        _ => id,
+    });
     let (body, etag) = match log.style {
         Style::Proxy => (entry.body(), entry.etag()),
         Style::Graph => (entry.has_body().then(|| entry.raw()), entry.raw_etag()),

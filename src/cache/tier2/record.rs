@@ -14,8 +14,7 @@ use crate::core::request_id;
 
 impl Entry {
     /// The entry as stored in the shared tier: a JSON header line with its freshness as
-    /// wall-clock times, then Graph's bytes. `None` when the session is not a slice of
-    /// Graph's body (never the case for what [`Entry::new`] builds).
+    /// wall-clock times, then Graph's bytes. `None` only if the header cannot be written.
     /// `writer`: the fencing token of the lock this entry was fetched under.
     pub fn to_shared(&self, clock: &Clock, writer: Option<&str>) -> Option<Vec<u8>> {
         let now = clock.now();
