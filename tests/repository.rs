@@ -147,7 +147,7 @@ fn benchmarks_write_results_under_target_unless_recording() {
     assert_eq!(results_dir(Some("0")), "target/bench-results");
     assert_eq!(results_dir(Some("1")), "benches/results");
     // No script writes a tracked results file by its literal path.
-    for script in ["compare.sh", "tier2.sh"] {
+    for script in ["compare.sh", "tier2.sh", "instructions.sh"] {
         let text = std::fs::read_to_string(root().join("benches/load").join(script)).unwrap();
         for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
             assert!(
