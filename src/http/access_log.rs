@@ -45,6 +45,8 @@ impl AccessLog {
         status: StatusCode,
         started: Instant,
     ) {
+        // One clock read for the line and the metrics.
+        let elapsed = started.elapsed();
         tracing::info!(
             target: "graph_session_proxy::access",
             request_id,
@@ -53,7 +55,7 @@ impl AccessLog {
             kind = self.kind.unwrap_or("-"),
             status = status.as_u16(),
             cache = self.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-            latency_ms = format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
+            latency_ms = %Millis(elapsed),
             graph_request_id = self.graph_request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
             "request"
         );
@@ -83,7 +85,40 @@ impl AccessLog {
                 ("cache", cache),
             ],
             &caller,
-            started.elapsed().as_secs_f64(),
+            elapsed.as_secs_f64(),
         );
+    }
+}
+
+/// A duration as milliseconds with three decimals (`1.235`), rounded to the microsecond:
+/// integer arithmetic, not float formatting, on every access line.
+struct Millis(std::time::Duration);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let micros = (self.0.as_nanos() + 500) / 1000;
+        write!(f, "{}.{:03}", micros / 1000, micros % 1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn latency_reads_as_milliseconds_with_three_decimals() {
+        for (nanos, text) in [
+            (0, "0.000"),
+            (499, "0.000"),
+            (500, "0.001"),
+            (1_234_567, "1.235"),
+            (12_000_000, "12.000"),
+            (3_600_000_000_000, "3600000.000"),
+        ] {
+            assert_eq!(Millis(Duration::from_nanos(nanos)).to_string(), text);
+            let float = format!("{:.3}", Duration::from_nanos(nanos).as_secs_f64() * 1000.0);
+            assert_eq!(float, text, "as the float formatting read");
+        }
     }
 }
