@@ -130,6 +130,11 @@ fn decoded_key(kind: Kind, event: &str, session: Option<&str>) -> Result<Session
 /// One percent-decoding (borrowed when there is nothing to decode); anything that is not
 /// UTF-8 afterwards is refused.
 fn decode_id<'a>(raw: &'a str, what: &'static str) -> Result<Cow<'a, str>, ProxyError> {
+    // Most ids are sent as they are: nothing to decode, and already UTF-8 (a `&str`). The
+    // check is a memchr; the decoder's byte-by-byte pass and the UTF-8 check are not.
+    if !raw.contains('%') {
+        return Ok(Cow::Borrowed(raw));
+    }
     percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| ProxyError::InvalidId(what))
