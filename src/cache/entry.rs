@@ -25,8 +25,8 @@ pub const ENTRY_OVERHEAD: usize = 860;
 /// validator, Graph's body's validator (when the two differ) and Graph's request id. The
 /// session (Graph's body, or the object Graph wrapped in it), each validator and the id
 /// are ranges of it, handed out as reference-counted slices: one copy of each body, no
-/// allocation per validator.
-#[derive(Debug)]
+/// allocation per validator. A clone shares the buffer (a reference count, no copy).
+#[derive(Debug, Clone)]
 pub struct Entry {
     buf: Bytes,
     /// Graph's body: `buf[..raw_len]`.
@@ -210,7 +210,7 @@ impl Entry {
         });
         Entry {
             buf: Bytes::from(buf),
-            raw_len: Span::of(0, parts.raw.len()).len,
+            raw_len: u32::try_from(parts.raw.len()).unwrap_or(0),
             body: parts.session.map(|s| Span::of(s.start, s.len())),
             etag: etag_span,
             raw_etag: raw_etag_span,
@@ -222,14 +222,6 @@ impl Entry {
             refresh_from: now,
             tier2: false,
             push: false,
-        }
-    }
-
-    /// The same bytes with other windows (a reference count, no copy).
-    fn with_windows_of(&self) -> Entry {
-        Entry {
-            buf: self.buf.clone(),
-            ..*self
         }
     }
 
@@ -294,7 +286,7 @@ impl Entry {
         });
         let mut entry = Entry {
             push: false,
-            ..self.with_windows_of()
+            ..self.clone()
         };
         let stale_for = self.stale_until - self.fresh_until;
         entry.set_windows(fresh_for, stale_for, settings);
@@ -314,7 +306,7 @@ impl Entry {
                 .stale_until
                 .min(fresh_until + (self.stale_until - self.fresh_until)),
             push: false,
-            ..self.with_windows_of()
+            ..self.clone()
         }
     }
 
